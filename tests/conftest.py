@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random models, a tokenizer and SAEs built in-process (no downloads)."""
+
+import os
+
+import pytest
+import torch
+
+from corrsteer_pl.tiny import tiny_model, tiny_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session", params=["llama", "gemma2"])
+def model(request):
+    return tiny_model(request.param, num_layers=3)
+
+
+@pytest.fixture(scope="session")
+def llama():
+    return tiny_model("llama", num_layers=3)
+
+
+PROMPTS = ["the quick brown fox", "A. red", "Answer: even odd apple river", "seven"]
+
+
+@pytest.fixture()
+def batch(tokenizer):
+    """Left-padded prompts of different lengths."""
+    return tokenizer(PROMPTS, return_tensors="pt", padding=True)
