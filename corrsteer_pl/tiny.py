@@ -95,18 +95,40 @@ def build_tiny_checkpoint(
     hidden: int = 64,
     sae_layers: tuple[int, ...] = (0, 1),
     d_sae: int = 256,
-    threshold: float = 0.5,
+    firing_rate: float = 0.1,
     seed: int = 0,
 ) -> Path:
-    """Writes `model/` (HF folder with tokenizer) and `saes/layer_{L}/` (sae-lens format) once; reuses them after."""
+    """Writes `model/` (HF folder with tokenizer) and `saes/layer_{L}/` (sae-lens format) once; reuses them after.
+
+    Each SAE feature's threshold is set so that it fires on about `firing_rate` of the tiny
+    model's positions over a small corpus: random SAEs with realistic sparsity.
+    """
     folder = Path(folder)
     done = folder / "COMPLETE"
     if done.exists():
         return folder
-    model = tiny_model(arch, num_layers, hidden, seed)
+    model, tokenizer = tiny_model(arch, num_layers, hidden, seed), tiny_tokenizer()
     model.save_pretrained(folder / "model")
-    tiny_tokenizer().save_pretrained(folder / "model")
+    tokenizer.save_pretrained(folder / "model")
+    activations = _layer_outputs(model, tokenizer, sae_layers)
     for layer in sae_layers:
-        random_sae(hidden, d_sae, layer, seed + 1 + layer, threshold).save_model(folder / "saes" / f"layer_{layer}")
+        sae = random_sae(hidden, d_sae, layer, seed + 1 + layer)
+        with torch.no_grad():
+            pre = activations[layer] @ sae.W_enc  # (positions, d_sae); b_enc and b_dec are zero
+            sae.threshold.copy_(torch.quantile(pre, 1 - firing_rate, dim=0).clamp_min(0))
+        sae.save_model(folder / "saes" / f"layer_{layer}")
     done.touch()
     return folder
+
+
+def _layer_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, layers: tuple[int, ...]) -> dict:
+    """Residual-stream vectors (positions, d) after each layer, over the tokenizer's corpus."""
+    from corrsteer_pl.hooks import LayerHooks
+
+    seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    record = {layer: (lambda h, m, layer=layer: seen[layer].append(h[m])) for layer in layers}
+    words = _CORPUS.split()
+    texts = [" ".join(words[i : i + 12]) for i in range(0, len(words), 3)]
+    with torch.no_grad(), LayerHooks(model, record, positions="all"):
+        model(**tokenizer(texts, return_tensors="pt", padding=True))
+    return {layer: torch.cat(seen[layer]) for layer in layers}

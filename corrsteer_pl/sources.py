@@ -1,0 +1,32 @@
+"""Where models and SAEs come from: hub ids, local folders, or built-in offline stand-ins."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TINY_RANDOM = "tiny-random"
+"""A tiny random Llama with random JumpReLU SAEs on layers 0 and 1, built on first use (tests, smoke runs)."""
+
+
+def cache_dir() -> Path:
+    """Where generated models and SAEs live: $CORRSTEER_CACHE, else ~/.cache/corrsteer-pl."""
+    return Path(os.environ.get("CORRSTEER_CACHE", Path.home() / ".cache" / "corrsteer-pl"))
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A path or hub id that `from_pretrained` accepts; builds the offline stand-ins on first use."""
+    if name_or_path == TINY_RANDOM:
+        from corrsteer_pl.tiny import build_tiny_checkpoint
+
+        return str(build_tiny_checkpoint(cache_dir() / TINY_RANDOM) / "model")
+    return name_or_path
+
+
+def resolve_sae(source: str, sae_id: str | None) -> tuple[str, str | None]:
+    """(local folder or release, sae_id) for `load_sae`; `tiny-random` + `layer_L` maps into the cache."""
+    if source == TINY_RANDOM:
+        from corrsteer_pl.tiny import build_tiny_checkpoint
+
+        return str(build_tiny_checkpoint(cache_dir() / TINY_RANDOM) / "saes" / (sae_id or "")), None
+    return source, sae_id

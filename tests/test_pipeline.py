@@ -1,0 +1,110 @@
+"""train.py end to end on the tiny config: fit exports and logs; test compares; errors are one line."""
+
+import glob
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from corrsteer_pl.cli import main
+from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.tiny import random_sae
+
+TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One tiny fit, shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("fit")
+    main(["fit", *TINY, "--trainer.default_root_dir", str(root)])
+    return root
+
+
+def _events(root):
+    (path,) = glob.glob(f"{root}/lightning_logs/*/events.out.tfevents.*")
+    events = EventAccumulator(path, size_guidance={"histograms": 0, "images": 0, "tensors": 0, "scalars": 0})
+    events.Reload()
+    return events
+
+
+def test_fit_writes_a_reloadable_export_with_statistics(fitted):
+    steering = SteeringVectors.load(fitted / "steered")
+    assert sorted(steering.layers) == [0, 1], "variant A steers the top feature of every SAE layer"
+    assert steering.info["samples_seen"] == 58 and steering.info["task"] == "synthetic"
+    stats = load_file(fitted / "steered" / "statistics.safetensors")
+    assert stats["layer.0.n"].item() == 58
+    assert (fitted / "steered" / "lm_eval_steer.pt").exists()
+
+
+def test_fit_logs_scalars_histograms_text_and_figures_to_tensorboard(fitted):
+    tags = _events(fitted).Tags()
+    assert {"calibration/samples_seen", "calibration/positive_rate", "samples_per_s"} <= set(tags["scalars"])
+    assert tags["histograms"] == ["r/layer_0", "r/layer_1"]
+    assert tags["images"] == ["r_distribution/layer_0", "r_distribution/layer_1"]
+    assert "selection/text_summary" in tags["tensors"]
+    text = _events(fitted).Tensors("selection/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| layer | feature | r | coefficient | activation frequency |" in text
+
+
+def test_calibration_checkpoint_leaves_out_model_and_sae_weights(fitted):
+    checkpoint = fitted / "checkpoints" / "last.ckpt"
+    assert checkpoint.stat().st_size < 1_000_000
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["state_dict"] == {}
+    assert any("CorrelationCallback" in key for key in state["callbacks"])
+
+
+def test_test_compares_unsteered_and_steered_with_side_effect_ratio(fitted):
+    cli = main(["test", *TINY, "--trainer.default_root_dir", str(fitted)])
+    metrics = cli.trainer.callback_metrics
+    for name in ("accuracy_unsteered", "accuracy_steered", "better", "worse", "ser", "samples"):
+        assert f"test/{name}" in metrics
+    n = len(cli.datamodule.examples("test"))
+    assert metrics["test/samples"] == n
+    changed = metrics["test/better"] + metrics["test/worse"]
+    assert metrics["test/accuracy_steered"] - metrics["test/accuracy_unsteered"] == pytest.approx(
+        float((metrics["test/better"] - metrics["test/worse"]) / n)
+    )
+    if changed > 0:
+        assert metrics["test/ser"] == pytest.approx(float(metrics["test/worse"] / changed))
+
+
+def test_variant_p_records_validation_scores_per_layer(tmp_path):
+    main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P"])
+    info = json.loads((tmp_path / "steered" / "steering.json").read_text())["info"]
+    assert set(info["validation"]) == {"unsteered", "layer_0", "layer_1"}
+    kept = {entry["layer"] for entry in json.loads((tmp_path / "steered" / "steering.json").read_text())["layers"]}
+    assert kept == {
+        int(k[6:]) for k, v in info["validation"].items() if k != "unsteered" and v > info["validation"]["unsteered"]
+    }
+
+
+def _error(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    message = str(exit_info.value.code) if isinstance(exit_info.value.code, str) else capsys.readouterr().err
+    return message.strip()
+
+
+def test_unknown_task_is_one_line_naming_the_flag(tmp_path, capsys):
+    message = _error(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--data.task", "nope"], capsys)
+    assert "unknown task 'nope'" in message and "--data.task" in message and "\n" not in message
+
+
+def test_unknown_config_key_is_refused_before_anything_runs(tmp_path, capsys):
+    message = _error(["fit", *TINY, "--model.learning_rate", "3"], capsys)
+    assert "learning_rate" in message
+
+
+@pytest.mark.parametrize(
+    ("d_in", "layer", "expected"),
+    [(32, 0, "has d_in=32 but the model's hidden size is 64"), (64, 5, "reads layer 5")],
+)
+def test_an_sae_that_does_not_fit_the_model_is_named(tmp_path, capsys, d_in, layer, expected):
+    random_sae(d_in, 16, layer).save_model(tmp_path / "sae")
+    saes = json.dumps([{"source": str(tmp_path / "sae")}])
+    message = _error(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--model.saes", saes], capsys)
+    assert expected in message and str(tmp_path / "sae") in message and "\n" not in message
