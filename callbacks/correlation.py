@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 
 from corrsteer_pl.selection import Selection, Variant, select_features
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.stats import CorrelationStats, save_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 from corrsteer_pl.tensorboard import log_selection
 
@@ -107,17 +105,10 @@ class CorrelationCallback(L.Callback):
             folder = Path(self.export_dir or Path(trainer.default_root_dir) / "steered")
             model = pl_module.lm if self.include_model else None
             steering.save(folder, model=model, tokenizer=pl_module.tokenizer if model is not None else None)
-            save_file(self._flat_state(), folder / STATS_FILE)
+            save_layer_stats(self.stats, folder / STATS_FILE)
             log_selection(trainer, self.stats, self.selection)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-
-    def _flat_state(self) -> dict[str, torch.Tensor]:
-        return {
-            f"layer.{layer}.{name}": t.detach().cpu().contiguous()
-            for layer, stats in self.stats.items()
-            for name, t in stats.state_dict().items()
-        }
 
     # -- checkpointing --------------------------------------------------------------------
 

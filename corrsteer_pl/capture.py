@@ -78,7 +78,8 @@ class FeatureCapture:
             self._counts[layer] = torch.zeros(batch, device=acts.device)
         # Our own accumulators (not the model's hidden state) may be updated in place.
         if self.pooling == "max":
-            self._pooled[layer].index_reduce_(0, rows, acts, "amax", include_self=True)
+            index = rows.unsqueeze(1).expand_as(acts)
+            self._pooled[layer].scatter_reduce_(0, index, acts, "amax", include_self=True)
         else:
             self._pooled[layer].index_add_(0, rows, acts)
         self._counts[layer].index_add_(0, rows, torch.ones_like(rows, dtype=torch.float))

@@ -36,6 +36,7 @@ def main(args: list[str] | None = None) -> CorrSteerCLI | None:
             TaskDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
             args=args,
         )
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,9 @@ from transformers import AutoTokenizer
 
 from corrsteer_pl.sources import resolve_model
 from corrsteer_pl.tasks import SPLITS, Example, Split, Task, get_task
+
+# val_dataloader() is empty during fit on purpose (see there): not a mistake worth a warning.
+warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
 
 
 class ShardedBatches:
@@ -110,6 +114,10 @@ class TaskDataModule(L.LightningDataModule):
             if self._tokenizer.pad_token is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
         return self._tokenizer
+
+    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict:
+        # Only tensors move; the batch's (frozen) Example records stay as they are.
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def examples(self, split: Split) -> list[Example]:
         """The (limited) examples of a split; loaded once."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -31,7 +33,7 @@ class SAESpec:
     """One SAE: a local sae-lens folder, or a sae-lens release with an id inside it."""
 
     source: str
-    """Local folder (cfg.json + sae_weights.safetensors), a release such as gemma-scope-2b-pt-res-canonical, or tiny-random."""
+    """Local sae-lens folder, a release such as gemma-scope-2b-pt-res-canonical, or tiny-random."""
     sae_id: str | None = None
     """Id inside the release, e.g. layer_12/width_16k/canonical (None for a local folder)."""
 
@@ -116,10 +118,6 @@ class CorrSteerModule(L.LightningModule):
     def configure_optimizers(self) -> list:
         return []  # calibration has nothing to optimise
 
-    def transfer_batch_to_device(self, batch: dict[str, Any], device: torch.device, dataloader_idx: int) -> dict:
-        # Only tensors move; the batch's Example records stay as they are.
-        return {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {}  # frozen LM and SAE weights are reloaded from their sources
 
@@ -191,12 +189,13 @@ class CorrSteerModule(L.LightningModule):
 
     # -- validate / test: unsteered vs steered --------------------------------------------
 
+    def _steering_dir(self) -> Path:
+        return Path(self.hparams.steering_path or Path(self.trainer.default_root_dir) / "steered")
+
     def _load_steering(self) -> None:
         if self.steering is not None:
             return
-        from pathlib import Path
-
-        path = Path(self.hparams.steering_path or Path(self.trainer.default_root_dir) / "steered")
+        path = self._steering_dir()
         if not (path / "steering.json").exists():
             raise FileNotFoundError(
                 f"no steering export at {path}: run `train.py fit` with this config first, or set --model.steering_path"
@@ -222,8 +221,11 @@ class CorrSteerModule(L.LightningModule):
         self._compare_step(batch)
 
     def _log_comparison(self, stage: str) -> None:
-        values = {f"{stage}/{name}": value.float() for name, value in self.comparison.compute().items()}
-        self.log_dict(values, sync_dist=False)
+        results = self.comparison.compute()  # already summed over ranks
+        self.log_dict({f"{stage}/{name}": value.float() for name, value in results.items()})
+        if self.trainer.is_global_zero:
+            summary = {name: float(value) for name, value in results.items()} | {"task": self.task.name}
+            (self._steering_dir() / f"{stage}_comparison.json").write_text(json.dumps(summary, indent=2))
         self.comparison.reset()
 
     def on_validation_epoch_end(self) -> None:

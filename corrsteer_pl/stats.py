@@ -4,8 +4,11 @@
 merged exactly across shards, and summed across processes; `pearson_corrcoef` is the one-shot form.
 """
 
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 # A feature (or the label) counts as constant when std <= _REL_STD * max(|mean|, tiny).
@@ -269,3 +272,26 @@ class CorrelationStats:
         for key in _STATE_KEYS:
             setattr(self, key, getattr(self, key).to(self.device))
         return self
+
+
+def save_layer_stats(stats: dict[int, CorrelationStats], path: str | Path) -> None:
+    """Writes every layer's state to one safetensors file (keys `layer.{L}.{state}`)."""
+    flat = {
+        f"layer.{layer}.{key}": value.cpu().contiguous()
+        for layer, layer_stats in stats.items()
+        for key, value in layer_stats.state_dict().items()
+    }
+    save_file(flat, str(path))
+
+
+def load_layer_stats(path: str | Path) -> dict[int, CorrelationStats]:
+    """Reads a file written by `save_layer_stats` back into one `CorrelationStats` per layer."""
+    by_layer: dict[int, dict[str, Tensor]] = {}
+    for name, value in load_file(str(path)).items():
+        _, layer, key = name.split(".", 2)
+        by_layer.setdefault(int(layer), {})[key] = value
+    stats = {}
+    for layer, state in sorted(by_layer.items()):
+        stats[layer] = CorrelationStats(int(state["sum_z"].numel()))
+        stats[layer].load_state_dict(state)
+    return stats

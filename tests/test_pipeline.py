@@ -108,3 +108,11 @@ def test_an_sae_that_does_not_fit_the_model_is_named(tmp_path, capsys, d_in, lay
     saes = json.dumps([{"source": str(tmp_path / "sae")}])
     message = _error(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--model.saes", saes], capsys)
     assert expected in message and str(tmp_path / "sae") in message and "\n" not in message
+
+
+def test_mmlu_from_the_offline_package_runs_through_fit_and_test(tmp_path):
+    args = [*TINY, "--trainer.default_root_dir", str(tmp_path), "--data.task", "mmlu", "--model.max_new_tokens", "1"]
+    main(["fit", *args, "--data.limit_calibration", "24"])
+    cli = main(["test", *args, "--data.limit_test", "8"])
+    assert SteeringVectors.load(tmp_path / "steered").info["task"] == "mmlu"
+    assert cli.trainer.callback_metrics["test/samples"] == 8

@@ -384,3 +384,17 @@ def test_all_reduce_is_a_no_op_without_distributed():
     before = stats.state_dict()
     assert stats.all_reduce() is stats
     assert all(torch.equal(v, before[k]) for k, v in stats.state_dict().items())
+
+
+def test_layer_stats_file_round_trip(tmp_path):
+    from corrsteer_pl.stats import load_layer_stats, save_layer_stats
+
+    g = torch.Generator().manual_seed(5)
+    stats = {3: CorrelationStats(7), 11: CorrelationStats(4)}
+    for s in stats.values():
+        s.update(torch.rand(9, s.num_features, generator=g), (torch.rand(9, generator=g) > 0.5).double())
+    save_layer_stats(stats, tmp_path / "stats.safetensors")
+    loaded = load_layer_stats(tmp_path / "stats.safetensors")
+    assert sorted(loaded) == [3, 11]
+    for layer, s in stats.items():
+        assert torch.equal(loaded[layer].pearson(), s.pearson())

@@ -1,0 +1,91 @@
+"""Exactness across processes: 2-rank DDP equals one process; a SIGKILLed calibration resumes exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from callbacks.correlation import STATS_FILE
+from corrsteer_pl.stats import load_layer_stats
+
+ROOT = Path(__file__).resolve().parents[1]
+# batch_size 1: every sample is computed with the same shapes in every run (no padding differences).
+TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--data.batch_size", "1"]
+
+
+def _train(*args: str, root: Path, wait: bool = True):
+    cmd = [sys.executable, "train.py", "fit", *TINY, "--trainer.default_root_dir", str(root), *args]
+    # One thread per process in every run: DDP ranks get one core each, and a different thread
+    # count changes float32 summation order inside the model.
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _statistics(root: Path) -> dict[str, torch.Tensor]:
+    return load_file(root / "steered" / STATS_FILE)
+
+
+def _selected(root: Path) -> list:
+    return json.loads((root / "steered" / "steering.json").read_text())["layers"]
+
+
+def test_two_process_ddp_counts_every_sample_once_and_equals_one_process(tmp_path):
+    odd = ["--data.limit_calibration", "21"]
+    _train(*odd, root=tmp_path / "single")
+    _train(*odd, "--trainer.strategy", "ddp", "--trainer.devices", "2", root=tmp_path / "ddp")
+    single = load_layer_stats(tmp_path / "single" / "steered" / STATS_FILE)
+    ddp = load_layer_stats(tmp_path / "ddp" / "steered" / STATS_FILE)
+    assert sorted(ddp) == sorted(single) == [0, 1]
+    for layer in (0, 1):
+        assert ddp[layer].num_samples == 21, "every sample counted exactly once"
+        torch.testing.assert_close(ddp[layer].pearson(), single[layer].pearson(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(ddp[layer].positive_mean(), single[layer].positive_mean(), rtol=0, atol=1e-9)
+        torch.testing.assert_close(ddp[layer].frequency(), single[layer].frequency(), rtol=0, atol=0)
+    assert _selected(tmp_path / "ddp") == _selected(tmp_path / "single")
+
+
+def test_sigkill_mid_calibration_then_resume_gives_identical_statistics_and_selection(tmp_path):
+    _train(root=tmp_path / "reference")
+
+    killed = tmp_path / "killed"
+    checkpoint = killed / "checkpoints" / "last.ckpt"
+    run = _train("--checkpoint.every_n_batches", "5", root=killed, wait=False)
+    deadline = time.time() + 240
+    while not checkpoint.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it get a few batches past the checkpoint before the kill
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run must have been killed, not finished"
+    assert not (killed / "steered").exists(), "killed before the end of calibration"
+    done = torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert 0 < done["completed"] < 58
+
+    _train("--ckpt_path", "last", root=killed)
+    reference, resumed = _statistics(tmp_path / "reference"), _statistics(killed)
+    assert resumed["layer.0.n"].item() == 58
+    for key in reference:
+        assert torch.equal(reference[key], resumed[key]), key
+    assert _selected(killed) == _selected(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("devices", [2])
+def test_ddp_test_stage_counts_every_test_item_once(tmp_path, devices):
+    _train("--data.limit_calibration", "9", root=tmp_path)
+    cmd = [sys.executable, "train.py", "test", *TINY, "--trainer.default_root_dir", str(tmp_path)]
+    cmd += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices), "--data.limit_test", "7"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "steered" / "test_comparison.json").read_text())
+    assert results["samples"] == 7
