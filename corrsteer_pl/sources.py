@@ -7,6 +7,7 @@ from pathlib import Path
 
 TINY_RANDOM = "tiny-random"
 """A tiny random Llama with random JumpReLU SAEs on layers 0 and 1, built on first use (tests, smoke runs)."""
+TINY_BUILD = 2  # bump when corrsteer_pl.tiny changes what it builds: old cache folders are then ignored
 
 
 def cache_dir() -> Path:
@@ -19,7 +20,7 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path == TINY_RANDOM:
         from corrsteer_pl.tiny import build_tiny_checkpoint
 
-        return str(build_tiny_checkpoint(cache_dir() / TINY_RANDOM) / "model")
+        return str(build_tiny_checkpoint(_tiny_folder()) / "model")
     return name_or_path
 
 
@@ -28,5 +29,9 @@ def resolve_sae(source: str, sae_id: str | None) -> tuple[str, str | None]:
     if source == TINY_RANDOM:
         from corrsteer_pl.tiny import build_tiny_checkpoint
 
-        return str(build_tiny_checkpoint(cache_dir() / TINY_RANDOM) / "saes" / (sae_id or "")), None
+        return str(build_tiny_checkpoint(_tiny_folder()) / "saes" / (sae_id or "")), None
     return source, sae_id
+
+
+def _tiny_folder() -> Path:
+    return cache_dir() / f"{TINY_RANDOM}-v{TINY_BUILD}"

@@ -12,12 +12,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Generated models and SAEs go to a fresh cache per test session (subprocesses inherit it)."""
+    os.environ["CORRSTEER_CACHE"] = str(tmp_path_factory.mktemp("corrsteer-cache"))
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return tiny_tokenizer()
 
 
-@pytest.fixture(scope="session", params=["llama", "gemma2"])
+@pytest.fixture(scope="session", params=["llama", "gemma2", "qwen2", "gpt2"])
 def model(request):
     return tiny_model(request.param, num_layers=3)
 

@@ -23,8 +23,8 @@ def fitted(tmp_path_factory):
     return root
 
 
-def _events(root):
-    (path,) = glob.glob(f"{root}/lightning_logs/*/events.out.tfevents.*")
+def _events(root, version=0):
+    (path,) = glob.glob(f"{root}/lightning_logs/version_{version}/events.out.tfevents.*")
     events = EventAccumulator(path, size_guidance={"histograms": 0, "images": 0, "tensors": 0, "scalars": 0})
     events.Reload()
     return events
@@ -70,6 +70,8 @@ def test_test_compares_unsteered_and_steered_with_side_effect_ratio(fitted):
     )
     if changed > 0:
         assert metrics["test/ser"] == pytest.approx(float(metrics["test/worse"] / changed))
+    logged = _events(fitted, version=1).Tags()["scalars"]
+    assert {"test/accuracy_unsteered", "test/accuracy_steered", "test/ser"} <= set(logged)
 
 
 def test_variant_p_records_validation_scores_per_layer(tmp_path):
