@@ -78,6 +78,7 @@ class TaskDataModule(L.LightningDataModule):
         limit_validation: int | None = None,
         limit_test: int | None = None,
         tokenizer: str | None = None,
+        options: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -89,10 +90,11 @@ class TaskDataModule(L.LightningDataModule):
             limit_validation: use at most this many validation examples (None = all).
             limit_test: use at most this many test examples (None = all).
             tokenizer: tokenizer name or path (linked to model.model by the CLI).
+            options: task-specific options passed to the task (e.g. fractions for mmlu).
         """
         super().__init__()
         self.save_hyperparameters()
-        kwargs: dict[str, Any] = {"seed": seed}
+        kwargs: dict[str, Any] = {"seed": seed, **(options or {})}
         if source is not None:
             kwargs["source"] = source
         self.task: Task = get_task(task, **kwargs)  # fails here, before any model loads, on a bad name

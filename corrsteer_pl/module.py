@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corrsteer_pl.capture import Pooling, generate_with_features
 from corrsteer_pl.comparison import SteeringComparison
+from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
 from corrsteer_pl.selection import SelectedFeature
 from corrsteer_pl.sources import TINY_RANDOM, resolve_model, resolve_sae
 from corrsteer_pl.steering import SteeringVectors
 
+REPORT_SCALARS = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Calibration runs in Lightning's training loop (for mid-epoch checkpoints and resume), but the
@@ -212,7 +214,7 @@ class CorrSteerModule(L.LightningModule):
     def _compare_step(self, batch: dict[str, Any]) -> None:
         unsteered, _ = self.generate(batch)
         steered, _ = self.generate(batch, steering=self.steering)
-        self.comparison.update(unsteered, steered)
+        self.comparison.update(unsteered.to(self.device), steered.to(self.device))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._compare_step(batch)
@@ -220,16 +222,29 @@ class CorrSteerModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._compare_step(batch)
 
-    def _log_comparison(self, stage: str) -> None:
-        results = self.comparison.compute()  # already summed over ranks
-        self.log_dict({f"{stage}/{name}": value.float() for name, value in results.items()})
-        if self.trainer.is_global_zero:
-            summary = {name: float(value) for name, value in results.items()} | {"task": self.task.name}
-            (self._steering_dir() / f"{stage}_comparison.json").write_text(json.dumps(summary, indent=2))
+    def _report(self, split: str, stage: str) -> None:
+        """Logs the comparison and, on rank 0, writes the report next to the steering export."""
+        unsteered, steered = self.comparison.compute()  # every item of every rank
         self.comparison.reset()
+        report = EvaluationReport.from_scores(
+            unsteered,
+            steered,
+            task=self.task.name,
+            split=split,
+            judge=getattr(self.task, "judge_name", type(self.task).__name__ + ".score"),
+            features=[asdict(f) for layer in self.steering.layers.values() for f in layer.features],
+            steering={"path": str(self._steering_dir()), **self.steering.info},
+        )
+        self.log_dict({f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS})
+        self.log(f"{stage}/samples", float(report.samples))
+        if self.trainer.is_global_zero:
+            report.save(self._steering_dir(), "report" if split == "test" else f"{split}_report")
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text(f"{stage}/report", report.to_markdown(), self.global_step)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_comparison("val")
+        self._report("validation", "val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_comparison("test")
+        self._report("test", "test")

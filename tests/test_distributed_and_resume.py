@@ -87,5 +87,5 @@ def test_ddp_test_stage_counts_every_test_item_once(tmp_path, devices):
     cmd += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices), "--data.limit_test", "7"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "steered" / "test_comparison.json").read_text())
+    results = json.loads((tmp_path / "steered" / "report.json").read_text())
     assert results["samples"] == 7

@@ -70,6 +70,9 @@ def test_test_compares_unsteered_and_steered_with_side_effect_ratio(fitted):
     )
     if changed > 0:
         assert metrics["test/ser"] == pytest.approx(float(metrics["test/worse"] / changed))
+    report = json.loads((fitted / "steered" / "report.json").read_text())
+    assert report["samples"] == n and report["ci_low"] <= report["difference"] <= report["ci_high"]
+    assert report["features"] and (fitted / "steered" / "report.md").exists()
     logged = _events(fitted, version=1).Tags()["scalars"]
     assert {"test/accuracy_unsteered", "test/accuracy_steered", "test/ser"} <= set(logged)
 

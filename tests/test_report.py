@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from corrsteer_pl.report import EvaluationReport, paired_bootstrap_ci
+
+
+def test_bootstrap_ci_of_identical_differences_is_that_difference():
+    low, high = paired_bootstrap_ci(torch.zeros(40), torch.ones(40))
+    assert (low, high) == (1.0, 1.0)
+
+
+def test_bootstrap_ci_matches_a_hand_enumerated_case():
+    # diffs (0, 0, 1): resampled means are 0, 1/3, 2/3, 1 with probabilities 8, 12, 6, 1 (/27).
+    # P(mean = 0) = 0.296 > 0.025 and P(mean < 1) = 0.963 < 0.975, so the 95% interval is [0, 1].
+    low, high = paired_bootstrap_ci(torch.tensor([1.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 1.0]))
+    assert (low, high) == (0.0, 1.0)
+
+
+def test_bootstrap_ci_agrees_with_scipy_percentile_bootstrap():
+    g = np.random.default_rng(0)
+    unsteered = (g.random(300) < 0.4).astype(float)
+    steered = np.where(g.random(300) < 0.15, 1 - unsteered, unsteered)
+    low, high = paired_bootstrap_ci(torch.tensor(unsteered), torch.tensor(steered))
+    ref = scipy.stats.bootstrap((steered - unsteered,), np.mean, method="percentile", n_resamples=20_000, rng=1)
+    assert low == pytest.approx(ref.confidence_interval.low, abs=0.006)
+    assert high == pytest.approx(ref.confidence_interval.high, abs=0.006)
+
+
+def test_report_counts_changed_answers_and_side_effect_ratio(tmp_path):
+    unsteered = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    steered = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    report = EvaluationReport.from_scores(unsteered, steered, task="mmlu", split="test", judge="letter-match")
+    assert (report.better, report.worse, report.samples) == (2, 1, 5)
+    assert report.ser == pytest.approx(1 / 3)
+    assert report.accuracy_unsteered == pytest.approx(0.4) and report.accuracy_steered == pytest.approx(0.6)
+    assert report.difference == pytest.approx(0.2) and report.ci_low <= 0.2 <= report.ci_high
+    report.save(tmp_path)
+    assert json.loads((tmp_path / "report.json").read_text())["judge"] == "letter-match"
+    assert "2 wrong -> right, 1 right -> wrong" in (tmp_path / "report.md").read_text()
+
+
+def test_nothing_changed_means_ser_zero():
+    same = torch.tensor([1.0, 0.0])
+    assert EvaluationReport.from_scores(same, same, task="t", split="test", judge="j").ser == 0.0
