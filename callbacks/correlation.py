@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +11,9 @@ import lightning as L
 import torch.distributed as dist
 
 from corrsteer_pl.selection import Selection, Variant, select_features
-from corrsteer_pl.stats import CorrelationStats, save_layer_stats
+from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 from corrsteer_pl.tensorboard import log_selection
-
-STATS_FILE = "statistics.safetensors"
 
 
 class CorrelationCallback(L.Callback):
@@ -26,6 +25,8 @@ class CorrelationCallback(L.Callback):
         variant: Variant = "A",
         top_k: int = 10,
         scale: float = 1.0,
+        scale_grid: list[float] | None = None,
+        max_answer_share: float = 0.6,
         active_only: bool = False,
         export_dir: str | None = None,
         include_model: bool = False,
@@ -35,11 +36,15 @@ class CorrelationCallback(L.Callback):
             variant: S (single best feature), A (top feature of every layer) or P (layers that help on validation).
             top_k: candidates kept per layer for the report.
             scale: global multiplier of the coefficients (mean activation on correct answers).
+            scale_grid: pick the scale from these values by validation accuracy instead (e.g. [0.5, 1, 2, 4]).
+            max_answer_share: on multiple-choice tasks a grid scale is rejected when one answer letter takes
+                more than this share of validation answers (collapse to "always A" must not win).
             active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
             export_dir: where the steering is written (None = <default_root_dir>/steered).
             include_model: also write the base model's weights into the export so it stands alone.
         """
         self.variant, self.top_k, self.scale, self.active_only = variant, top_k, scale, active_only
+        self.scale_grid, self.max_answer_share = scale_grid, max_answer_share
         self.export_dir, self.include_model = export_dir, include_model
         self.stats: dict[int, CorrelationStats] = {}
         self.selection: Selection | None = None
@@ -76,14 +81,48 @@ class CorrelationCallback(L.Callback):
             batch_size=len(batch["examples"]) or 1,
         )
 
+    def _validate(self, pl_module: L.LightningModule, candidates: dict[str, list]) -> dict[str, float]:
+        """Validation accuracy of several candidate steerings, in one pass over the split."""
+        conditions = {
+            name: SteeringVectors.from_selection(features, pl_module.saes, pl_module.lm) if features else None
+            for name, features in candidates.items()
+        }
+        return {name: r.accuracy for name, r in pl_module.evaluate_split(conditions).items()}
+
+    def _pick_scale(self, pl_module: L.LightningModule) -> tuple[float, dict[str, dict[str, float]]]:
+        """The configured scale, or the grid scale with the best validation accuracy that did not collapse."""
+        if not self.scale_grid or not self.selection.features:
+            return self.scale, {}
+        conditions = {
+            f"{s:g}": SteeringVectors.from_selection(
+                [replace(f, coefficient=f.coefficient * s) for f in self.selection.features],
+                pl_module.saes,
+                pl_module.lm,
+            )
+            for s in self.scale_grid
+        }
+        results = pl_module.evaluate_split(conditions)
+        multiple_choice = bool(pl_module.trainer.datamodule.examples("validation")[0].choices)
+        grid = {name: {"accuracy": r.accuracy, "top_answer_share": r.top_answer_share} for name, r in results.items()}
+        allowed = [
+            name for name, r in results.items() if not (multiple_choice and r.top_answer_share > self.max_answer_share)
+        ]
+        if not allowed:
+            return self.scale, grid
+        best = max(allowed, key=lambda name: (results[name].accuracy, -float(name)))
+        return float(best), grid
+
     def _local_samples(self) -> int:
         return next(iter(self.stats.values())).num_samples if self.stats else 0
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for stats in self.stats.values():
             stats.all_reduce()
-        evaluate = (lambda features: pl_module.split_accuracy(features)) if self.variant == "P" else None
-        self.selection = select_features(self.stats, self.variant, self.top_k, self.active_only, self.scale, evaluate)
+        evaluate = (lambda candidates: self._validate(pl_module, candidates)) if self.variant == "P" else None
+        self.selection = select_features(self.stats, self.variant, self.top_k, self.active_only, 1.0, evaluate)
+        scale, grid = self._pick_scale(pl_module)
+        self.selection.features = [replace(f, coefficient=f.coefficient * scale) for f in self.selection.features]
+        stats = next(iter(self.stats.values()))
         steering = SteeringVectors.from_selection(
             self.selection,
             pl_module.saes,
@@ -91,10 +130,11 @@ class CorrelationCallback(L.Callback):
             pl_module.sae_sources,
             info={
                 "variant": self.variant,
-                "scale": self.scale,
+                "scale": scale,
+                "scale_grid": grid,
                 "active_only": self.active_only,
-                "samples_seen": next(iter(self.stats.values())).num_samples,
-                "positive_rate": float(next(iter(self.stats.values())).positive_rate()),
+                "samples_seen": stats.num_samples,
+                "positive_rate": float(stats.positive_rate()),
                 "pooling": pl_module.hparams.pooling,
                 "task": trainer.datamodule.task.name,
                 "validation": self.selection.validation,

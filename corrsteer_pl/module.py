@@ -15,11 +15,13 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corrsteer_pl.capture import Pooling, generate_with_features
-from corrsteer_pl.comparison import SteeringComparison
+from corrsteer_pl.comparison import ConditionScores
+from corrsteer_pl.controls import random_direction_controls, random_feature_controls
+from corrsteer_pl.evaluation import Conditions, SplitResult, answer_conditions
 from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
-from corrsteer_pl.selection import SelectedFeature
 from corrsteer_pl.sources import TINY_RANDOM, resolve_model, resolve_sae
+from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 
 REPORT_SCALARS = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
@@ -58,6 +60,8 @@ class CorrSteerModule(L.LightningModule):
         max_new_tokens: int | None = None,
         pooling: Pooling = "max",
         steering_path: str | None = None,
+        controls: int = 20,
+        control_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -69,6 +73,8 @@ class CorrSteerModule(L.LightningModule):
             max_new_tokens: tokens to generate per answer (None = the task's own).
             pooling: how SAE features are pooled over generation positions: max or mean.
             steering_path: export folder used by validate/test (None = <default_root_dir>/steered).
+            controls: validate/test also steer with this many random-feature and random-direction controls.
+            control_seed: seed of the random controls.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -81,7 +87,8 @@ class CorrSteerModule(L.LightningModule):
         self.sae_sources: dict[int, str] = {}
         self.tokenizer: Any = None
         self.steering: SteeringVectors | None = None
-        self.comparison = SteeringComparison()
+        self.conditions: dict[str, SteeringVectors | None] = {}
+        self.comparison = ConditionScores()
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -139,82 +146,107 @@ class CorrSteerModule(L.LightningModule):
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def generate(
-        self, batch: dict[str, Any], with_features: bool = False, steering: SteeringVectors | None = None
-    ) -> tuple[Tensor, dict[int, Tensor]]:
-        """Greedy answers (scores (B,)) and, with `with_features`, pooled SAE features per layer."""
-        if not batch["examples"]:
-            return torch.zeros(0, dtype=torch.float64), {}
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_ids()[0]
-        hooks = steering.apply(self.lm) if steering is not None else None
-        if hooks is not None:
-            hooks.attach()
-        try:
-            new, pooled = generate_with_features(
-                self.lm,
-                batch["input_ids"].to(self.device),
-                batch["attention_mask"].to(self.device),
-                self._max_new_tokens(),
-                self.saes if with_features else None,
-                self.hparams.pooling,
-                eos_token_ids=self._eos_ids(),
-                pad_token_id=pad,
-            )
-        finally:
-            if hooks is not None:
-                hooks.detach()
-        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
-        scores = torch.tensor(
-            [self.task.score(example, text) for example, text in zip(batch["examples"], texts, strict=True)],
-            dtype=torch.float64,
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_ids()[0]
+
+    def score(self, batch: dict[str, Any], new_tokens: Tensor) -> tuple[Tensor, Tensor, list[str | None]]:
+        """Per item: score (float64), whether the answer was valid, and the extracted answer."""
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        extract = getattr(self.task, "extract", None) or (lambda example, text: text.strip() or None)
+        scores, answers = [], []
+        for example, text in zip(batch["examples"], texts, strict=True):
+            scores.append(self.task.score(example, text))
+            answers.append(extract(example, text))
+        valid = torch.tensor([a is not None for a in answers], dtype=torch.bool)
+        return torch.tensor(scores, dtype=torch.float64), valid, answers
+
+    def answer(self, batch: dict[str, Any], conditions: Conditions) -> dict[str, Tensor]:
+        """New tokens per condition for one batch (prompt cache shared for one-token answers)."""
+        return answer_conditions(
+            self.lm,
+            batch["input_ids"].to(self.device),
+            batch["attention_mask"].to(self.device),
+            conditions,
+            self._max_new_tokens(),
+            self._eos_ids(),
+            self._pad_id(),
         )
-        return scores, pooled
 
     # -- calibration (fit) ----------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        if not batch["examples"]:
+            return {"labels": torch.zeros(0, dtype=torch.float64), "pooled": {}}
         with torch.inference_mode():
-            labels, pooled = self.generate(batch, with_features=True)
-        return {"labels": labels, "pooled": pooled, "index": batch["index"]}
+            new, pooled = generate_with_features(
+                self.lm,
+                batch["input_ids"],
+                batch["attention_mask"],
+                self._max_new_tokens(),
+                self.saes,
+                self.hparams.pooling,
+                eos_token_ids=self._eos_ids(),
+                pad_token_id=self._pad_id(),
+            )
+        labels, _, _ = self.score(batch, new)
+        return {"labels": labels, "pooled": pooled}
 
     @torch.inference_mode()
-    def split_accuracy(self, features: list[SelectedFeature], split: str = "validation") -> float:
-        """Accuracy on a split with the given features steered ([] = unsteered), over all ranks."""
-        steering = SteeringVectors.from_selection(features, self.saes, self.lm) if features else None
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+    def evaluate_split(self, conditions: Conditions, split: str = "validation") -> dict[str, SplitResult]:
+        """Accuracy, valid rate and answer counts per condition on a split, over all ranks."""
+        results = {name: SplitResult() for name in conditions}
         for batch in self.trainer.datamodule.batches(split):
-            scores, _ = self.generate(batch, steering=steering)
-            totals += torch.stack([scores.sum(), torch.tensor(float(scores.numel()))]).to(totals)
+            if not batch["examples"]:
+                continue
+            for name, new in self.answer(batch, conditions).items():
+                scores, valid, answers = self.score(batch, new)
+                results[name].add(scores, valid, answers)
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(totals)
-        return float(totals[0] / totals[1].clamp_min(1))
+            gathered: list[dict[str, SplitResult]] = [{} for _ in range(dist.get_world_size())]
+            dist.all_gather_object(gathered, results)
+            results = {name: SplitResult.merged([r[name] for r in gathered]) for name in conditions}
+        return results
 
     # -- validate / test: unsteered vs steered --------------------------------------------
 
     def _steering_dir(self) -> Path:
         return Path(self.hparams.steering_path or Path(self.trainer.default_root_dir) / "steered")
 
-    def _load_steering(self) -> None:
-        if self.steering is not None:
-            return
-        path = self._steering_dir()
-        if not (path / "steering.json").exists():
-            raise FileNotFoundError(
-                f"no steering export at {path}: run `train.py fit` with this config first, or set --model.steering_path"
-            )
-        self.steering = SteeringVectors.load(path)
-        self.steering.validate(self.lm)
+    def _prepare_conditions(self) -> None:
+        """Unsteered, steered, and the random controls, all answered on the same items."""
+        if self.steering is None:
+            path = self._steering_dir()
+            if not (path / "steering.json").exists():
+                raise FileNotFoundError(
+                    f"no steering export at {path}: run `train.py fit` with this config first, "
+                    "or set --model.steering_path"
+                )
+            self.steering = SteeringVectors.load(path)
+            self.steering.validate(self.lm)
+        self.conditions = {"unsteered": None, "steered": self.steering}
+        if self.hparams.controls > 0 and self.steering.layers:
+            stats = load_layer_stats(self._steering_dir() / STATS_FILE)
+            draws, seed = self.hparams.controls, self.hparams.control_seed
+            for i, c in enumerate(random_feature_controls(self.steering, self.saes, stats, draws, seed)):
+                self.conditions[f"random_feature/{i}"] = c
+            for i, c in enumerate(random_direction_controls(self.steering, draws, seed)):
+                self.conditions[f"random_direction/{i}"] = c
 
     def on_validation_start(self) -> None:
-        self._load_steering()
+        self._prepare_conditions()
 
     def on_test_start(self) -> None:
-        self._load_steering()
+        self._prepare_conditions()
 
     def _compare_step(self, batch: dict[str, Any]) -> None:
-        unsteered, _ = self.generate(batch)
-        steered, _ = self.generate(batch, steering=self.steering)
-        self.comparison.update(unsteered.to(self.device), steered.to(self.device))
+        if not batch["examples"]:
+            return
+        scores, valid = [], []
+        for new in self.answer(batch, self.conditions).values():
+            s, v, _ = self.score(batch, new)
+            scores.append(s)
+            valid.append(v)
+        self.comparison.update(torch.stack(scores, 1).to(self.device), torch.stack(valid, 1).to(self.device))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._compare_step(batch)
@@ -224,19 +256,35 @@ class CorrSteerModule(L.LightningModule):
 
     def _report(self, split: str, stage: str) -> None:
         """Logs the comparison and, on rank 0, writes the report next to the steering export."""
-        unsteered, steered = self.comparison.compute()  # every item of every rank
+        scores, valid = self.comparison.compute()  # (N, C): every item of every rank
         self.comparison.reset()
+        names = list(self.conditions)
+        column = {name: scores[:, i] for i, name in enumerate(names)}
+        is_valid = {name: valid[:, i] for i, name in enumerate(names)}
+        controls = {}
+        for kind in ("random_feature", "random_direction"):
+            idx = [i for i, name in enumerate(names) if name.startswith(kind + "/")]
+            if idx:
+                controls[kind] = (scores[:, idx].T, valid[:, idx].T)
         report = EvaluationReport.from_scores(
-            unsteered,
-            steered,
+            column["unsteered"],
+            column["steered"],
             task=self.task.name,
             split=split,
             judge=getattr(self.task, "judge_name", type(self.task).__name__ + ".score"),
+            valid=is_valid,
+            controls=controls,
             features=[asdict(f) for layer in self.steering.layers.values() for f in layer.features],
             steering={"path": str(self._steering_dir()), **self.steering.info},
         )
         self.log_dict({f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS})
         self.log(f"{stage}/samples", float(report.samples))
+        for c in report.conditions:
+            self.log_dict(
+                {f"{stage}/{c.name}/valid_rate": c.valid_rate, f"{stage}/{c.name}/accuracy_valid": c.accuracy_valid}
+            )
+        for c in report.controls:
+            self.log_dict({f"{stage}/{c.kind}/accuracy_mean": c.accuracy_mean, f"{stage}/{c.kind}/p_value": c.p_value})
         if self.trainer.is_global_zero:
             report.save(self._steering_dir(), "report" if split == "test" else f"{split}_report")
             for logger in self.loggers:

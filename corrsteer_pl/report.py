@@ -1,4 +1,4 @@
-"""The evaluation report: unsteered vs steered on the same items, with a paired bootstrap CI."""
+"""The evaluation report: unsteered vs steered on the same items, random controls, bootstrap CIs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
+RESAMPLES = 10_000
+
+
+def _percentiles(samples: Tensor, level: float) -> tuple[float, float]:
+    alpha = (1 - level) / 2
+    low, high = torch.quantile(samples, torch.tensor([alpha, 1 - alpha], dtype=samples.dtype))
+    return float(low), float(high)
+
 
 def paired_bootstrap_ci(
-    unsteered: Tensor, steered: Tensor, resamples: int = 10_000, level: float = 0.95, seed: int = 0
+    unsteered: Tensor, steered: Tensor, resamples: int = RESAMPLES, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
     """Percentile CI of mean(steered - unsteered), resampling items (pairs kept together)."""
     diff = (steered.double() - unsteered.double()).cpu()
@@ -23,14 +31,91 @@ def paired_bootstrap_ci(
     for start in range(0, resamples, 1000):  # chunks keep the (chunk, n) index matrix small
         index = torch.randint(diff.numel(), (min(1000, resamples - start), diff.numel()), generator=g)
         means.append(diff[index].mean(dim=1))
-    alpha = (1 - level) / 2
-    low, high = torch.quantile(torch.cat(means), torch.tensor([alpha, 1 - alpha], dtype=torch.float64))
-    return float(low), float(high)
+    return _percentiles(torch.cat(means), level)
+
+
+def control_bootstrap_ci(
+    steered: Tensor, controls: Tensor, resamples: int = 2_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """CI of mean(steered) - mean(controls) resampling items AND control draws.
+
+    Resampling items alone would hold the random draws fixed and overstate certainty: two sets
+    of random features can differ more than the item noise suggests.
+    """
+    steered, controls = steered.double().cpu(), controls.double().cpu()  # (n,), (draws, n)
+    draws, n = controls.shape
+    g = torch.Generator().manual_seed(seed)
+    diffs = []
+    for _ in range(resamples):
+        items = torch.randint(n, (n,), generator=g)
+        picked = torch.randint(draws, (draws,), generator=g)
+        diffs.append(steered[items].mean() - controls[picked][:, items].mean())
+    return _percentiles(torch.stack(diffs), level)
+
+
+@dataclass
+class ConditionResult:
+    """One condition's answers: accuracy, how often the answer was valid, accuracy among valid ones."""
+
+    name: str
+    accuracy: float
+    valid_rate: float
+    accuracy_valid: float
+
+    @classmethod
+    def from_scores(cls, name: str, scores: Tensor, valid: Tensor) -> ConditionResult:
+        scores, valid = scores.double(), valid.bool()
+        n, n_valid = max(scores.numel(), 1), int(valid.sum())
+        return cls(
+            name,
+            float(scores.sum() / n),
+            n_valid / n,
+            float(scores[valid].sum() / n_valid) if n_valid else 0.0,
+        )
+
+
+@dataclass
+class ControlSummary:
+    """How the selected steering compares with `draws` random steerings of one kind."""
+
+    kind: str
+    draws: int
+    accuracy_mean: float
+    accuracy_std: float
+    accuracy_min: float
+    accuracy_max: float
+    valid_rate_mean: float
+    rank: int  # 1 + number of draws with accuracy >= the selected steering's
+    p_value: float  # rank / (draws + 1): permutation p-value of "selection beats random"
+    difference: float  # steered accuracy - mean control accuracy
+    ci_low: float
+    ci_high: float
+
+    @classmethod
+    def from_scores(cls, kind: str, steered: Tensor, controls: Tensor, valid: Tensor) -> ControlSummary:
+        acc = controls.double().mean(dim=1)  # (draws,)
+        steered_acc = float(steered.double().mean())
+        rank = 1 + int((acc >= steered_acc).sum())
+        low, high = control_bootstrap_ci(steered, controls)
+        return cls(
+            kind=kind,
+            draws=controls.shape[0],
+            accuracy_mean=float(acc.mean()),
+            accuracy_std=float(acc.std()) if acc.numel() > 1 else 0.0,
+            accuracy_min=float(acc.min()),
+            accuracy_max=float(acc.max()),
+            valid_rate_mean=float(valid.double().mean()),
+            rank=rank,
+            p_value=rank / (controls.shape[0] + 1),
+            difference=steered_acc - float(acc.mean()),
+            ci_low=low,
+            ci_high=high,
+        )
 
 
 @dataclass
 class EvaluationReport:
-    """What `train.py test` found: accuracies, their paired difference, and what changed."""
+    """What `train.py test` found: accuracies, their paired difference, what changed, controls."""
 
     task: str
     split: str
@@ -44,17 +129,37 @@ class EvaluationReport:
     better: int  # wrong -> right
     worse: int  # right -> wrong
     ser: float  # worse / (worse + better); 0 when nothing changed
+    conditions: list[ConditionResult] = field(default_factory=list)
+    controls: list[ControlSummary] = field(default_factory=list)
     features: list[dict[str, Any]] = field(default_factory=list)
     steering: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_scores(
-        cls, unsteered: Tensor, steered: Tensor, task: str, split: str, judge: str, **extra: Any
+        cls,
+        unsteered: Tensor,
+        steered: Tensor,
+        task: str,
+        split: str,
+        judge: str,
+        valid: dict[str, Tensor] | None = None,
+        controls: dict[str, tuple[Tensor, Tensor]] | None = None,
+        **extra: Any,
     ) -> EvaluationReport:
+        """`valid`: per-item validity for "unsteered"/"steered"; `controls`: kind -> (scores, valid) (draws, n)."""
         unsteered, steered = unsteered.double().cpu(), steered.double().cpu()
+        valid = valid or {name: torch.ones_like(unsteered, dtype=torch.bool) for name in ("unsteered", "steered")}
         better, worse = int((steered > unsteered).sum()), int((steered < unsteered).sum())
         low, high = paired_bootstrap_ci(unsteered, steered)
         n = max(unsteered.numel(), 1)
+        conditions = [
+            ConditionResult.from_scores("unsteered", unsteered, valid["unsteered"].cpu()),
+            ConditionResult.from_scores("steered", steered, valid["steered"].cpu()),
+        ]
+        summaries = [
+            ControlSummary.from_scores(kind, steered, scores.cpu(), control_valid.cpu())
+            for kind, (scores, control_valid) in (controls or {}).items()
+        ]
         return cls(
             task=task,
             split=split,
@@ -68,6 +173,8 @@ class EvaluationReport:
             better=better,
             worse=worse,
             ser=worse / (better + worse) if better + worse else 0.0,
+            conditions=conditions,
+            controls=summaries,
             **extra,
         )
 
@@ -77,20 +184,33 @@ class EvaluationReport:
             "",
             f"Judge: {self.judge}",
             "",
-            "| condition | accuracy |",
-            "|---|---|",
-            f"| unsteered | {self.accuracy_unsteered:.4f} |",
-            f"| steered | {self.accuracy_steered:.4f} |",
+            "| condition | accuracy | valid-answer rate | accuracy among valid |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c.name} | {c.accuracy:.4f} | {c.valid_rate:.4f} | {c.accuracy_valid:.4f} |" for c in self.conditions
+        ]
+        lines += [
+            f"| {c.kind} control (mean of {c.draws}) | {c.accuracy_mean:.4f} ± {c.accuracy_std:.4f} "
+            f"(min {c.accuracy_min:.4f}, max {c.accuracy_max:.4f}) | {c.valid_rate_mean:.4f} | |"
+            for c in self.controls
+        ]
+        lines += [
             "",
-            f"Difference (steered - unsteered): {self.difference:+.4f}, paired bootstrap 95% CI "
-            f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}] (10,000 resamples of items).",
+            f"Steered - unsteered: {self.difference:+.4f}, paired bootstrap 95% CI "
+            f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}] ({RESAMPLES:,} resamples of items).",
             "",
             f"Answers changed: {self.better} wrong -> right, {self.worse} right -> wrong; "
             f"side-effect ratio (SER) {self.ser:.3f}.",
-            "",
-            "| layer | feature | r | coefficient | activation frequency |",
-            "|---|---|---|---|---|",
         ]
+        for c in self.controls:
+            lines += [
+                "",
+                f"Against {c.draws} {c.kind} controls: {c.difference:+.4f} "
+                f"(95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}], resampling items and draws); "
+                f"rank {c.rank} of {c.draws + 1}, permutation p = {c.p_value:.3f}.",
+            ]
+        lines += ["", "| layer | feature | r | coefficient | activation frequency |", "|---|---|---|---|---|"]
         lines += [
             f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
             for f in self.features

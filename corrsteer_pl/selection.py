@@ -62,13 +62,14 @@ def select_features(
     top_k: int = 10,
     active_only: bool = False,
     scale: float = 1.0,
-    evaluate: Callable[[list[SelectedFeature]], float] | None = None,
+    evaluate: Callable[[dict[str, list[SelectedFeature]]], dict[str, float]] | None = None,
 ) -> Selection:
     """Runs CorrSteer's selection.
 
     S: the single best (layer, feature) over all layers. A: the top-1 feature of every layer.
-    P: a layer's top-1 is kept only if steering it alone scores above the unsteered model
-    under `evaluate` (a validation-split accuracy; called with [] for the unsteered model).
+    P: a layer's top-1 is kept only if steering it alone scores above the unsteered model under
+    `evaluate`, which scores several candidate steerings at once ({name: features} -> {name:
+    validation accuracy}; "unsteered" maps to []), so one pass over the split serves them all.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown selection variant '{variant}'; use one of {', '.join(VARIANTS)}")
@@ -80,10 +81,6 @@ def select_features(
         return Selection("S", sorted(best, key=lambda f: -f.r)[:1], candidates)
     if evaluate is None:
         raise ValueError("variant P needs a validation scorer (evaluate); use S or A without one")
-    validation = {"unsteered": evaluate([])}
-    kept = []
-    for feature in best:
-        validation[f"layer_{feature.layer}"] = evaluate([feature])
-        if validation[f"layer_{feature.layer}"] > validation["unsteered"]:
-            kept.append(feature)
+    validation = evaluate({"unsteered": []} | {f"layer_{f.layer}": [f] for f in best})
+    kept = [f for f in best if validation[f"layer_{f.layer}"] > validation["unsteered"]]
     return Selection("P", kept, candidates, validation)

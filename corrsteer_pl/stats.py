@@ -19,6 +19,8 @@ _REL_NOISE = 1e-12
 # which is ~4x faster on CPU than one [B, F] float64 temporary (B=32, F=425,984: ~28 vs ~130 ms).
 _BLOCK = 16384
 
+STATS_FILE = "statistics.safetensors"
+
 _VECTOR_SUMS = ("sum_z", "sum_zz", "sum_zy", "active", "sum_z_pos", "active_pos")
 _SCALAR_SUMS = ("n", "sum_y", "sum_yy", "n_pos")
 _SHIFTS = ("shift_z", "shift_y")

@@ -12,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from callbacks.correlation import STATS_FILE
-from corrsteer_pl.stats import load_layer_stats
+from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 # batch_size 1: every sample is computed with the same shapes in every run (no padding differences).

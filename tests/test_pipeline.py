@@ -121,3 +121,11 @@ def test_mmlu_from_the_offline_package_runs_through_fit_and_test(tmp_path):
     cli = main(["test", *args, "--data.limit_test", "8"])
     assert SteeringVectors.load(tmp_path / "steered").info["task"] == "mmlu"
     assert cli.trainer.callback_metrics["test/samples"] == 8
+
+
+def test_scale_grid_is_scored_on_validation_and_recorded_in_the_export(tmp_path):
+    main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--calibration.scale_grid", "[0.5, 2.0]"])
+    info = SteeringVectors.load(tmp_path / "steered").info
+    assert set(info["scale_grid"]) == {"0.5", "2"} and info["scale"] in (0.5, 2.0)
+    best = max(info["scale_grid"].items(), key=lambda kv: (kv[1]["accuracy"], -float(kv[0])))
+    assert info["scale"] == float(best[0])

@@ -46,3 +46,35 @@ def test_report_counts_changed_answers_and_side_effect_ratio(tmp_path):
 def test_nothing_changed_means_ser_zero():
     same = torch.tensor([1.0, 0.0])
     assert EvaluationReport.from_scores(same, same, task="t", split="test", judge="j").ser == 0.0
+
+
+def test_control_summary_ranks_the_selected_steering_among_the_draws():
+    from corrsteer_pl.report import ControlSummary
+
+    steered = torch.tensor([1.0, 1.0, 0.0, 1.0])  # accuracy 0.75
+    controls = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # 0.25, 1.0, 0.25
+    summary = ControlSummary.from_scores("random_feature", steered, controls, torch.ones(3, 4, dtype=torch.bool))
+    assert summary.rank == 2 and summary.p_value == 2 / 4, "one draw of three beats the selection"
+    assert summary.accuracy_mean == pytest.approx(0.5) and summary.difference == pytest.approx(0.25)
+    assert summary.ci_low <= 0.25 <= summary.ci_high
+
+
+def test_control_ci_is_wider_than_holding_the_draws_fixed():
+    from corrsteer_pl.report import control_bootstrap_ci
+
+    g = torch.Generator().manual_seed(0)
+    steered = (torch.rand(400, generator=g) < 0.5).double()
+    # draws that differ a lot from each other: the uncertainty over draws must show in the CI
+    controls = torch.stack([(torch.rand(400, generator=g) < p).double() for p in (0.2, 0.3, 0.4, 0.5, 0.6)])
+    low, high = control_bootstrap_ci(steered, controls)
+    fixed_low, fixed_high = paired_bootstrap_ci(controls.mean(0), steered)
+    assert high - low > 1.5 * (fixed_high - fixed_low)
+
+
+def test_condition_result_separates_validity_from_accuracy():
+    from corrsteer_pl.report import ConditionResult
+
+    result = ConditionResult.from_scores(
+        "steered", torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([True, True, False, True])
+    )
+    assert result.accuracy == 0.5 and result.valid_rate == 0.75 and result.accuracy_valid == pytest.approx(2 / 3)

@@ -51,15 +51,14 @@ def test_p_keeps_only_layers_that_beat_unsteered_on_validation(layers):
     scores = {(): 0.5, ((0, 2),): 0.45, ((1, 0),): 0.6}
     calls = []
 
-    def evaluate(features):
-        key = tuple((f.layer, f.feature) for f in features)
-        calls.append(key)
-        return scores[key]
+    def evaluate(candidates):
+        calls.append(sorted(candidates))
+        return {name: scores[tuple((f.layer, f.feature) for f in fs)] for name, fs in candidates.items()}
 
     selection = select_features(layers, "P", evaluate=evaluate)
     assert [(f.layer, f.feature) for f in selection.features] == [(1, 0)]
     assert selection.validation == {"unsteered": 0.5, "layer_0": 0.45, "layer_1": 0.6}
-    assert calls[0] == ()
+    assert calls == [["layer_0", "layer_1", "unsteered"]], "one evaluation pass scores every candidate"
 
 
 def test_p_without_a_validation_scorer_and_unknown_variants_are_refused(layers):

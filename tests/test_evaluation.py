@@ -1,0 +1,38 @@
+import torch
+
+from corrsteer_pl.capture import generate_with_features
+from corrsteer_pl.evaluation import answer_conditions
+from corrsteer_pl.selection import SelectedFeature
+from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.tiny import random_sae
+
+
+def _conditions(model):
+    saes = {layer: random_sae(64, 32, layer, seed=layer) for layer in (0, 1)}
+    conditions = {"unsteered": None}
+    for scale in (20.0, 60.0):
+        features = [SelectedFeature(0, 3, 0.5, scale, 0.1), SelectedFeature(1, 7, 0.4, scale, 0.1)]
+        conditions[f"x{scale:g}"] = SteeringVectors.from_selection(features, saes, model)
+    return conditions
+
+
+def test_one_token_answers_with_a_shared_prompt_cache_equal_generate_per_condition(model, batch):
+    conditions = _conditions(model)
+    fast = answer_conditions(model, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
+    for name, steering in conditions.items():
+        hooks = steering.apply(model) if steering is not None else None
+        if hooks:
+            hooks.attach()
+        expected, _ = generate_with_features(model, batch["input_ids"], batch["attention_mask"], 1, pad_token_id=0)
+        if hooks:
+            hooks.detach()
+        assert torch.equal(fast[name], expected), name
+    assert not torch.equal(fast["unsteered"], fast["x60"]), "the conditions must actually differ"
+
+
+def test_multi_token_conditions_fall_back_to_generate(llama, batch):
+    conditions = _conditions(llama)
+    out = answer_conditions(llama, batch["input_ids"], batch["attention_mask"], conditions, 3, [1], 0)
+    with conditions["x60"].apply(llama):
+        expected, _ = generate_with_features(llama, batch["input_ids"], batch["attention_mask"], 3, pad_token_id=0)
+    assert torch.equal(out["x60"], expected)
