@@ -263,9 +263,10 @@ def test_hub_source_maps_splits_and_unnests_auxiliary_rows(monkeypatch):
 
 
 def test_unknown_task_lists_the_registered_ones():
-    with pytest.raises(ValueError, match=r"unknown task 'xyz'; choose one of: mmlu, synthetic \(set --data.task\)"):
+    with pytest.raises(ValueError, match=r"unknown task 'xyz'; choose one of: bbq_ambig, .*, xstest \(set --data"):
         get_task("xyz")
-    assert set(TASKS) == {"mmlu", "synthetic"}
+    paper = {"mmlu", "mmlu_pro", "bbq_ambig", "bbq_disambig", "simpleqa", "harmbench", "xstest", "gsm8k"}
+    assert set(TASKS) == paper | {"custom", "synthetic"}
 
 
 def test_synthetic_splits_are_disjoint_and_sized_60_20_20():

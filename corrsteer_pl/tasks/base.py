@@ -38,6 +38,16 @@ class Task(ABC):
     def score(self, example: Example, generation: str) -> float:
         """1.0 correct / 0.0 not (or a real-valued reward); never raises on empty or garbled text."""
 
+    def extract(self, example: Example, generation: str) -> str | None:
+        """The answer the model gave, or None when it gave none (reports count valid answers from this)."""
+        first_line = generation.strip().split("\n", 1)[0].strip()
+        return first_line or None
+
+    @property
+    def judge_name(self) -> str:
+        """What decides each score, as reports print it: a rule ("letter-match") or the judge model in use."""
+        return f"{self.name}.score"
+
 
 def check_split(split: str) -> None:
     """Reject a split name that is not one of SPLITS."""

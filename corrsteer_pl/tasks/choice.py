@@ -7,6 +7,7 @@ import string
 from collections.abc import Sequence
 
 from corrsteer_pl.tasks.base import Example, Task
+from corrsteer_pl.tasks.tables import Row
 
 # A letter that opens the generation and stands alone: wrapped in markup ("(C)", "**D**"), followed by
 # punctuation ("B.", "B)"), or followed by the end of the text or of the line. "A cat" does not match.
@@ -57,8 +58,46 @@ def extract_choice(generation: str, letters: Sequence[str]) -> str | None:
     return letter if letter in letters else None
 
 
+def option_texts(row: Row, field: str) -> list[str]:
+    """A row's list of 2-26 options as text; anything else is an error naming the field."""
+    options = row.get(field)
+    if not isinstance(options, Sequence) or isinstance(options, str) or not 2 <= len(options) <= 26:
+        raise row.error(field, f"must be a list of 2 to 26 options, got {options!r}")
+    if any(option is None for option in options):
+        raise row.error(field, "has a missing (null) option")
+    return [str(option) for option in options]
+
+
+def gold_letter(value: object, letters: Sequence[str], where: str, field: str = "answer") -> str:
+    """The gold letter from an option index (int or digits) or a letter, case and surrounding spaces ignored.
+
+    `where` ("file: row n") and `field` make the error name the cell: "...: field 'answer' is 'E'; expected ...".
+    """
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(letters):
+        return letters[value]
+    if isinstance(value, str):
+        text = value.strip().upper()
+        if text in letters:
+            return text
+        if text.isdigit() and int(text) < len(letters):
+            return letters[int(text)]
+    if value is None:
+        raise ValueError(f"{where}: field '{field}' is missing")
+    raise ValueError(
+        f"{where}: field '{field}' is {value!r}; expected a letter {letters[0]}-{letters[-1]} "
+        f"or an index 0-{len(letters) - 1}"
+    )
+
+
 class ChoiceTask(Task):
     """A task whose examples carry option letters; correct when the extracted letter equals the gold one."""
 
     def score(self, example: Example, generation: str) -> float:
-        return float(extract_choice(generation, example.choices) == example.answer)
+        return float(self.extract(example, generation) == example.answer)
+
+    def extract(self, example: Example, generation: str) -> str | None:
+        return extract_choice(generation, example.choices)
+
+    @property
+    def judge_name(self) -> str:
+        return "letter-match"

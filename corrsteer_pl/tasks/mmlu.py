@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example, Split, check_split
-from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, option_letters
+from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, gold_letter, option_letters
 from corrsteer_pl.tasks.splitting import check_fractions, seeded_order, split_by_fractions
+from corrsteer_pl.tasks.tables import TABLE_BUILDERS, read_file, read_hub
 
 HUB_ID = "cais/mmlu"
 HUB_SPLITS: dict[Split, str] = {"calibration": "auxiliary_train", "validation": "validation", "test": "test"}
 LETTERS = option_letters(4)
 CSV_FIELDS = ("question", *LETTERS, "answer")
 CHOICES_FIELDS = tuple(f"choices[{i}]" for i in range(4))
-TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
@@ -50,7 +50,7 @@ class MMLU(ChoiceTask):
     def load_split(self, split: Split) -> list[Example]:
         check_split(split)
         if self.source == "hub":
-            return seeded_order(read_hub(HUB_SPLITS[split]), self.seed, split)
+            return seeded_order(read_hub_split(HUB_SPLITS[split]), self.seed, split)
         if self._splits is None:
             groups: dict[str, list[Example]] = defaultdict(list)
             for subject, example in self._read_offline():
@@ -105,50 +105,32 @@ def read_csv_folder(folder: Path) -> list[tuple[str, Example]]:
 
 
 def read_table(path: Path) -> list[tuple[str, Example]]:
-    """(subject, example) for each row of a .jsonl/.json/.csv/.parquet file, read with `datasets`."""
-    import datasets
-
-    builder = TABLE_BUILDERS[path.suffix]
-    options: dict[str, object] = {}
-    if builder == "csv":
-        # Keep every cell as text: pandas would read option "4" as 4.0 and option "None" as a null.
-        with path.open(newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        options = {
-            "features": datasets.Features({c: datasets.Value("string") for c in header}),
-            "keep_default_na": False,
-        }
-    rows = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    """(subject, example) for each row of a .jsonl/.json/.csv/.parquet file."""
     out = []
-    for index, row in enumerate(rows):
-        where = f"{path}: row {index + 1}"
+    for row in read_file(path):
         subject = str(row.get("subject") or "all")
-        choices, fields = _row_options(row, where)
-        example = mmlu_example(
-            f"mmlu/{path.stem}/{subject}/{index}", row.get("question"), choices, row.get("answer"), where, fields
-        )
+        choices, fields = _row_options(row.fields, row.where)
+        example_id = f"mmlu/{path.stem}/{subject}/{row.index}"
+        example = mmlu_example(example_id, row.get("question"), choices, row.get("answer"), row.where, fields)
         out.append((subject, example))
     return out
 
 
-def read_hub(hub_split: str) -> list[Example]:
+def read_hub_split(hub_split: str) -> list[Example]:
     """Every row of one split of cais/mmlu "all" (needs the hub or its local cache)."""
-    import datasets
-
-    rows = datasets.load_dataset(HUB_ID, "all", split=hub_split)
     out = []
-    for index, row in enumerate(rows):
-        if "question" not in row and isinstance(row.get("train"), Mapping):
-            row = row["train"]  # some revisions nest auxiliary_train rows under "train"
-        subject = row.get("subject") or "all"
-        where = f"{HUB_ID} {hub_split}: row {index + 1}"
+    for row in read_hub(HUB_ID, "all", split=hub_split):
+        fields = row.fields
+        if "question" not in fields and isinstance(fields.get("train"), Mapping):
+            fields = fields["train"]  # some revisions nest auxiliary_train rows under "train"
+        subject = fields.get("subject") or "all"
         out.append(
             mmlu_example(
-                f"mmlu/{hub_split}/{subject}/{index}",
-                row.get("question"),
-                row.get("choices"),
-                row.get("answer"),
-                where,
+                f"mmlu/{hub_split}/{subject}/{row.index}",
+                fields.get("question"),
+                fields.get("choices"),
+                fields.get("answer"),
+                row.where,
                 CHOICES_FIELDS,
             )
         )
@@ -176,19 +158,4 @@ def mmlu_example(
         if option is None:
             raise ValueError(f"{where}: field '{name}' is missing")
     prompt = build_prompt(str(question), [str(option) for option in options])
-    return Example(id=id, prompt=prompt, answer=answer_letter(answer, where), choices=LETTERS)
-
-
-def answer_letter(value: object, where: str) -> str:
-    """The gold letter from an index 0-3 or a letter A-D (case and surrounding spaces ignored)."""
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 4:
-        return LETTERS[value]
-    if isinstance(value, str):
-        text = value.strip().upper()
-        if text in LETTERS:
-            return text
-        if text.isdigit() and int(text) < 4:
-            return LETTERS[int(text)]
-    if value is None:
-        raise ValueError(f"{where}: field 'answer' is missing")
-    raise ValueError(f"{where}: field 'answer' is {value!r}; expected a letter A-D or an index 0-3")
+    return Example(id=id, prompt=prompt, answer=gold_letter(answer, LETTERS, where), choices=LETTERS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import TypeVar
@@ -42,3 +43,33 @@ def split_by_fractions(groups: dict[str, Sequence[T]], fractions: Sequence[float
         parts["validation"] += items[n_cal : n_cal + n_val]
         parts["test"] += items[n_cal + n_val :]
     return {split: seeded_order(items, seed, split) for split, items in parts.items()}
+
+
+def holdout_splits(
+    items: Sequence[T], seed: int, test_share: float = 0.7, validation_share: float = 0.1
+) -> dict[Split, list[T]]:
+    """The paper's split for data without a test split: seeded shuffle, `test_share` to test, then
+    `validation_share` of the rest to validation. Held-out sizes round up as scikit-learn's train_test_split
+    does, which reproduces the paper's counts (SimpleQA 4326 rows -> 1167 / 130 / 3029, HarmBench 108 / 12 / 280).
+    """
+    ordered = seeded_order(items, seed, "holdout")
+    n_train = len(ordered) - _share(len(ordered), test_share)
+    n_val = _share(n_train, validation_share)
+    return {"calibration": ordered[n_val:n_train], "validation": ordered[:n_val], "test": ordered[n_train:]}
+
+
+def validation_from_train(
+    train: Sequence[T], test: Sequence[T], seed: int, validation_share: float = 0.1
+) -> dict[Split, list[T]]:
+    """Calibration and validation from a train split (validation = `validation_share`, rounded up); test as given.
+
+    Every split comes out in a seeded order, so taking its first n items is a random sample.
+    """
+    ordered = seeded_order(train, seed, "validation")
+    n_val = _share(len(ordered), validation_share)
+    return {"calibration": ordered[n_val:], "validation": ordered[:n_val], "test": seeded_order(test, seed, "test")}
+
+
+def _share(n: int, share: float) -> int:
+    # Rounded first so that float noise (0.7 * 400 = 280.00000000000006) does not round up a whole item.
+    return math.ceil(round(n * share, 9))

@@ -60,3 +60,7 @@ class Synthetic(Task):
             return 0.0
         parity = LABELS[sum(map(ord, words[0])) % 2]
         return float(parity == example.answer)
+
+    @property
+    def judge_name(self) -> str:
+        return "first-word-parity"

