@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -20,16 +21,30 @@ TRAINER_DEFAULTS = {
 }
 
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
 class CorrSteerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CorrelationCallback, "calibration")
         parser.add_lightning_class_args(CalibrationCheckpoint, "checkpoint")
         parser.link_arguments("model.model", "data.tokenizer")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="after fit, evaluate the export on the test split"
+        )
+
+    def after_fit(self) -> None:
+        if self.config.fit.get("test_after_fit"):
+            self.trainer.test(self.model, datamodule=self.datamodule)
 
 
 def main(args: list[str] | None = None) -> CorrSteerCLI | None:
     """Runs the CLI; a configuration mistake ends with one line naming it (CORRSTEER_TRACEBACK=1 for more)."""
     register()
+    given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
+    if len(given) == (2 if args is None else 1) and given[-1] in SUBCOMMANDS:
+        given.extend(["--config", str(DEFAULT_CONFIG)])  # `python train.py fit`: the offline default job
     try:
         return CorrSteerCLI(
             CorrSteerModule,

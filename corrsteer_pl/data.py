@@ -121,6 +121,11 @@ class TaskDataModule(L.LightningDataModule):
         # Only tensors move; the batch's (frozen) Example records stay as they are.
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
+    def identity(self) -> dict[str, Any]:
+        """What determines the examples: used as a cache key for artefacts built from the data."""
+        keys = ("task", "source", "seed", "options", "limit_calibration")
+        return {key: self.hparams[key] for key in keys}
+
     def examples(self, split: Split) -> list[Example]:
         """The (limited) examples of a split; loaded once."""
         if split not in self.splits:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -20,7 +23,8 @@ from corrsteer_pl.controls import random_direction_controls, random_feature_cont
 from corrsteer_pl.evaluation import Conditions, SplitResult, answer_conditions
 from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
-from corrsteer_pl.sources import TINY_RANDOM, resolve_model, resolve_sae
+from corrsteer_pl.sae_training import METRICS_FILE, SAETrainingConfig, prepare_saes
+from corrsteer_pl.sources import TINY_RANDOM, cache_dir, resolve_model, resolve_sae
 from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 
@@ -62,6 +66,7 @@ class CorrSteerModule(L.LightningModule):
         steering_path: str | None = None,
         controls: int = 20,
         control_seed: int = 0,
+        train_saes: SAETrainingConfig | None = None,
     ) -> None:
         """
         Args:
@@ -75,11 +80,19 @@ class CorrSteerModule(L.LightningModule):
             steering_path: export folder used by validate/test (None = <default_root_dir>/steered).
             controls: validate/test also steer with this many random-feature and random-direction controls.
             control_seed: seed of the random controls.
+            train_saes: train TopK SAEs for these layers on the calibration prompts when none are cached
+                (for models without published SAEs); they are added to `saes`.
         """
         super().__init__()
         self.save_hyperparameters()
-        if not saes:
-            raise ValueError("no SAEs configured: add at least one entry to model.saes (source, sae_id)")
+        if not saes and not (train_saes and train_saes.layers):
+            raise ValueError(
+                "no SAEs configured: add entries to model.saes (source, sae_id) or layers to model.train_saes"
+            )
+        # hparams turn dataclasses into dicts: keep the typed objects for our own use
+        self.sae_specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in saes or []]
+        self.train_saes = train_saes if not isinstance(train_saes, dict) else SAETrainingConfig(**train_saes)
+        self.sae_metrics: dict[int, dict[str, Any]] = {}
         self.automatic_optimization = False  # no optimizer, no gradient: calibration only reads
         self.strict_loading = False  # checkpoints leave out the frozen LM and SAE weights
         self.lm: nn.Module | None = None
@@ -102,8 +115,7 @@ class CorrSteerModule(L.LightningModule):
         ).eval()
         self.lm.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(path, revision=self.hparams.revision, padding_side="left")
-        for spec in self.hparams.saes:
-            spec = spec if isinstance(spec, SAESpec) else SAESpec(**spec)
+        for spec in [*self.sae_specs, *self._trained_saes()]:
             source, sae_id = resolve_sae(spec.source, spec.sae_id)
             sae = load_sae(source, sae_id, dtype=self.hparams.sae_dtype)
             layer = check_sae_fits(sae, self.lm, spec.label())
@@ -111,6 +123,30 @@ class CorrSteerModule(L.LightningModule):
                 raise ValueError(f"two SAEs read layer {layer} ({self.sae_sources[layer]}, {spec.label()}): keep one")
             self.sae_modules[str(layer)] = sae
             self.sae_sources[layer] = spec.label()
+
+    def _trained_saes(self) -> list[SAESpec]:
+        """SAEs trained here on the calibration prompts (rank 0 trains, the others wait), cached."""
+        cfg = self.train_saes
+        if not cfg or not cfg.layers:
+            return []
+        data = self.trainer.datamodule
+        key = {"model": self.hparams.model, "data": data.identity(), "sae": asdict(cfg)}
+        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        folder = cache_dir() / "saes" / Path(self.hparams.model).name / f"{data.task.name}-{digest}"
+        if self.trainer.is_global_zero:
+            texts = [e.prompt for e in data.examples("calibration")]  # never the test split
+            prepare_saes(self.lm, self.tokenizer, texts, cfg, folder)
+        self.trainer.strategy.barrier("train_saes")
+        self.sae_metrics = {layer: _read_metrics(folder / f"layer_{layer}") for layer in cfg.layers}
+        return [SAESpec(str(folder / f"layer_{layer}")) for layer in cfg.layers]
+
+    def on_fit_start(self) -> None:
+        for layer, metrics in self.sae_metrics.items():
+            ev = metrics.get("explained_variance", float("nan"))
+            rank_zero_info(f"trained SAE layer {layer}: explained variance {ev:.3f} on held-out positions >= 1")
+            for logger in self.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_scalar(f"sae/layer_{layer}/explained_variance", ev, 0)
 
     @property
     def saes(self) -> dict[int, nn.Module]:
@@ -152,11 +188,10 @@ class CorrSteerModule(L.LightningModule):
     def score(self, batch: dict[str, Any], new_tokens: Tensor) -> tuple[Tensor, Tensor, list[str | None]]:
         """Per item: score (float64), whether the answer was valid, and the extracted answer."""
         texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        extract = getattr(self.task, "extract", None) or (lambda example, text: text.strip() or None)
         scores, answers = [], []
         for example, text in zip(batch["examples"], texts, strict=True):
             scores.append(self.task.score(example, text))
-            answers.append(extract(example, text))
+            answers.append(self.task.extract(example, text))
         valid = torch.tensor([a is not None for a in answers], dtype=torch.bool)
         return torch.tensor(scores, dtype=torch.float64), valid, answers
 
@@ -271,7 +306,7 @@ class CorrSteerModule(L.LightningModule):
             column["steered"],
             task=self.task.name,
             split=split,
-            judge=getattr(self.task, "judge_name", type(self.task).__name__ + ".score"),
+            judge=self.task.judge_name,
             valid=is_valid,
             controls=controls,
             features=[asdict(f) for layer in self.steering.layers.values() for f in layer.features],
@@ -296,3 +331,8 @@ class CorrSteerModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._report("test", "test")
+
+
+def _read_metrics(folder: Path) -> dict[str, Any]:
+    path = folder / METRICS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}

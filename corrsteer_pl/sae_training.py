@@ -1,0 +1,272 @@
+"""SAEs trained here when none exist: TopK SAEs on residual-stream activations of the task's calibration prompts.
+
+Collection goes through `LayerHooks`; training, saving and loading are sae-lens's (`SAETrainer`, `save_model`,
+`SAE.load_from_disk`). Train on calibration prompts only (never test): the last prompt position, where CorrSteer
+reads and steers, is out of distribution for an SAE trained on generic text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from sae_lens import SAE, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.config import SAETrainerConfig
+from sae_lens.saes.sae import SAEMetadata
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from corrsteer_pl.hooks import LayerFn, LayerHooks
+from corrsteer_pl.layers import decoder_layers, hidden_size
+
+METRICS_FILE = "training_metrics.json"
+
+
+@dataclass
+class SAETrainingConfig:
+    """What to train: which layers, how wide, on how many tokens."""
+
+    layers: list[int] = field(default_factory=list)
+    """Decoder layers to train an SAE for (reads the residual stream after each, `blocks.L.hook_resid_post`)."""
+    d_sae: int = 2304
+    """Latents per SAE (4x SmolLM2's 576)."""
+    k: int = 32
+    """TopK: latents active per position."""
+    tokens: int = 200_000
+    """Positions collected per layer (held-out share included); prompts are read until this many are gathered."""
+    epochs: int = 1
+    """Passes over the training positions."""
+    batch_size_tokens: int = 4096
+    """Positions per SAE training step."""
+    lr: float = 4e-4
+    """Adam learning rate (cosine-annealed to lr / 10)."""
+    seed: int = 0
+    """Seeds the SAE's initialisation and the batch order."""
+    holdout_fraction: float = 0.1
+    """Share of positions (the last prompts read) kept out of training to measure explained variance."""
+    prompts_per_batch: int = 8
+    """Prompts per forward pass while collecting activations."""
+    device: str = "cpu"
+    """Where the SAE trains ("cuda" on a GPU machine); activations are collected wherever the model is."""
+
+    def __post_init__(self) -> None:
+        self.layers = list(self.layers)
+        if not self.layers:
+            raise ValueError("SAETrainingConfig.layers is empty: name the layers to train SAEs for, e.g. [6, 12]")
+        if not 0 < self.holdout_fraction < 1:
+            raise ValueError(f"holdout_fraction={self.holdout_fraction} must lie strictly between 0 and 1")
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k={self.k} must lie in 1..d_sae ({self.d_sae})")
+
+
+class _StopForward(Exception):
+    """Raised by the deepest hook: the layers after it are not needed."""
+
+
+def collect_activations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    max_tokens: int,
+    batch_size: int = 8,
+) -> dict[int, Tensor]:
+    """Residual stream after each layer, (positions, d_model) float32 on CPU, in text order, up to `max_tokens`.
+
+    Drops padding and each text's first token: that attention sink has norms ~25,000 on SmolLM2 (others ~100-400)
+    and would dominate training. Texts are batched by length: with MMLU prompts in given order, padding was half
+    of every batch of 8.
+    """
+    if not texts:
+        raise ValueError("no texts to collect activations from: pass the task's calibration prompts")
+    layers = sorted(set(layers))
+    lengths = [len(ids) - 1 for ids in tokenizer(list(texts))["input_ids"]]  # kept positions per text
+    used, gathered = 0, 0  # the first `used` texts hold `max_tokens` kept positions (or all texts, if fewer)
+    while used < len(texts) and gathered < max_tokens:
+        gathered += lengths[used]
+        used += 1
+    per_text: dict[int, list[Tensor]] = {layer: [torch.empty(0)] * used for layer in layers}
+    rows: list[int] = []  # text index of each row of the current batch
+    keep = torch.empty(0, dtype=torch.bool)  # (B, T) positions to record in the current batch
+
+    def record(layer: int) -> LayerFn:
+        def fn(hidden: Tensor, mask: Tensor) -> None:
+            kept = mask & keep
+            for row, text in enumerate(rows):
+                per_text[layer][text] = hidden[row][kept[row]].float().cpu()
+            if layer == layers[-1]:
+                raise _StopForward
+
+        return fn
+
+    by_length = sorted(range(used), key=lambda i: lengths[i])
+    progress = tqdm(total=min(max_tokens, sum(lengths[:used])), desc="collecting activations", unit="tok")
+    with torch.no_grad(), LayerHooks(model, {layer: record(layer) for layer in layers}, positions="all"):
+        for start in range(0, used, batch_size):
+            rows = by_length[start : start + batch_size]
+            batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True).to(model.device)
+            keep = _kept_positions(batch["attention_mask"])
+            try:
+                model(**batch, position_ids=_position_ids(batch["attention_mask"]), use_cache=False)
+            except _StopForward:
+                pass
+            progress.update(min(int(keep.sum()), progress.total - progress.n))
+    progress.close()
+    return {layer: torch.cat(per_text[layer])[:max_tokens] for layer in layers}
+
+
+def _kept_positions(attention_mask: Tensor) -> Tensor:
+    """(B, T) True at real tokens except each row's first one (BOS or not, it is the attention sink)."""
+    real = attention_mask.bool()
+    return real & (attention_mask.cumsum(dim=1) > 1)
+
+
+def _position_ids(attention_mask: Tensor) -> Tensor:
+    """Positions counted from each text's first real token, as `generate` does: padding must not shift them."""
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+
+
+def train_topk_sae(acts: Tensor, layer: int, cfg: SAETrainingConfig) -> tuple[SAE, dict[str, Any]]:
+    """A TopK SAE for `blocks.{layer}.hook_resid_post`, trained with sae-lens's `SAETrainer` on `acts` (N, d).
+
+    The last `holdout_fraction` of the rows is held out (rows come in prompt order, so whole prompts are held
+    out: positions within a prompt are correlated and a random split would flatter the SAE).
+    """
+    n_held = max(1, round(len(acts) * cfg.holdout_fraction))
+    train, held = acts[:-n_held], acts[-n_held:]
+    if len(train) < cfg.k:
+        raise ValueError(f"only {len(train)} training positions for layer {layer}: give more texts or raise tokens")
+    batch_size = min(cfg.batch_size_tokens, len(train))
+    torch.manual_seed(cfg.seed)
+    sae_cfg = TopKTrainingSAEConfig(
+        d_in=acts.shape[1],
+        d_sae=cfg.d_sae,
+        k=cfg.k,
+        device=cfg.device,
+        normalize_activations="expected_average_only_in",  # folded back into the weights after training
+        metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"),
+    )
+    steps = cfg.epochs * (len(train) // batch_size)
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,  # required: only the LM runner config fills it in
+        lr_scheduler_name="cosineannealing",
+        device=cfg.device,
+        dead_feature_window=max(1, steps // 4),  # in steps; the default 1000 exceeds a whole run here
+        feature_sampling_window=steps + 1,
+        n_batches_for_norm_estimate=min(20, steps),
+    )
+    start = time.perf_counter()
+    trained = SAETrainer(trainer_cfg, TopKTrainingSAE(sae_cfg), _batches(train, batch_size, cfg.seed)).fit()
+    seconds = time.perf_counter() - start
+    sae = _inference_sae(trained)
+    metrics = {
+        "layer": layer,
+        "hook_name": sae.cfg.metadata.hook_name,
+        "explained_variance": explained_variance(sae, held),
+        "train_explained_variance": explained_variance(sae, train[-len(held) :]),  # as many rows, seen in training
+        "dead_fraction": dead_fraction(sae, held),
+        "train_tokens": len(train),
+        "holdout_tokens": len(held),
+        "train_seconds": round(seconds, 1),
+        "config": asdict(cfg),
+    }
+    return sae, metrics
+
+
+def _batches(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless full batches of rows, reshuffled every epoch: the data provider `SAETrainer` pulls from."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for rows in torch.randperm(len(acts), generator=generator).split(batch_size):
+            if len(rows) == batch_size:
+                yield acts[rows]
+
+
+def _inference_sae(trained: TopKTrainingSAE) -> SAE:
+    """The inference `TopKSAE` that `save_inference_model` would write, kept in memory."""
+    state = trained.state_dict()
+    trained.process_state_dict_for_saving_inference(state)
+    sae = SAE.from_dict(trained.cfg.get_inference_sae_cfg_dict())
+    sae.load_state_dict(state)
+    return sae.eval()
+
+
+@torch.no_grad()
+def explained_variance(sae: SAE, acts: Tensor, batch_size: int = 8192) -> float:
+    """1 - FVU: 1 - sum |x - sae(x)|^2 / sum |x - mean(x)|^2 over the rows of `acts` (sae-lens's definition)."""
+    error = sum(float((sae(x) - x).pow(2).sum()) for x in acts.split(batch_size))
+    return 1.0 - error / float((acts - acts.mean(dim=0)).pow(2).sum())
+
+
+@torch.no_grad()
+def dead_fraction(sae: SAE, acts: Tensor, batch_size: int = 8192) -> float:
+    """Share of latents that never fire on `acts`."""
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for x in acts.split(batch_size):
+        fired |= (sae.encode(x) > 0).any(dim=0).cpu()
+    return 1.0 - fired.float().mean().item()
+
+
+def prepare_saes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    cfg: SAETrainingConfig,
+    folder: str | Path,
+) -> dict[int, Path]:
+    """`folder/layer_{L}` (sae-lens format + training metrics) for every layer of `cfg`; trains only missing ones."""
+    folder = Path(folder)
+    num_layers, d_model = len(decoder_layers(model)), hidden_size(model)
+    paths = {layer: folder / f"layer_{layer}" for layer in cfg.layers}
+    for layer, path in paths.items():
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"cannot train an SAE for layer {layer}: the model has layers 0..{num_layers - 1}")
+        if path.is_dir():
+            _check_existing(path, cfg, d_model)
+    missing = [layer for layer, path in paths.items() if not path.is_dir()]
+    if not missing:
+        return paths
+    start = time.perf_counter()
+    acts = collect_activations(model, tokenizer, texts, missing, cfg.tokens, cfg.prompts_per_batch)
+    collect_seconds = round(time.perf_counter() - start, 1)  # one pass for all missing layers
+    for layer in missing:
+        sae, metrics = train_topk_sae(acts.pop(layer), layer, cfg)
+        sae.cfg.metadata.model_name = getattr(model.config, "name_or_path", None) or None
+        _save(sae, {**metrics, "collect_seconds": collect_seconds}, paths[layer])
+    return paths
+
+
+def _check_existing(path: Path, cfg: SAETrainingConfig, d_model: int) -> None:
+    """An SAE folder being reused must fit the model and ask for the same width and k."""
+    if not (path / "cfg.json").is_file():
+        raise FileNotFoundError(f"{path} is in the way but is not an sae-lens folder (no cfg.json): delete or move it")
+    saved = json.loads((path / "cfg.json").read_text())
+    wanted = {"d_in": d_model, "d_sae": cfg.d_sae, "k": cfg.k}
+    found = {key: saved.get(key) for key in wanted}
+    if found != wanted:
+        raise ValueError(f"{path} holds an SAE with {found} but {wanted} is asked for: delete it or use another folder")
+
+
+def _save(sae: SAE, metrics: dict[str, Any], out: Path) -> None:
+    """Writes the SAE and its metrics to a temporary folder, then renames it into place (never a half folder)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        sae.save_model(tmp)
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,46 @@
+"""End to end on the real offline model: SmolLM2-135M-Instruct, offline MMLU, an SAE trained here.
+
+Minutes, not seconds: `pytest -m "not e2e"` skips it locally; CI runs it.
+"""
+
+import json
+
+import pytest
+import torch
+
+from corrsteer_pl.cli import DEFAULT_CONFIG, main
+from corrsteer_pl.steering import SteeringVectors, load_steered_model
+
+pytestmark = pytest.mark.e2e
+
+SMALL = [
+    "--trainer.enable_progress_bar", "false",
+    "--data.limit_calibration", "48",
+    "--data.limit_validation", "16",
+    "--data.limit_test", "32",
+    "--model.train_saes", json.dumps({"layers": [12], "d_sae": 512, "k": 16, "tokens": 4000}),
+    "--model.controls", "3",
+    "--calibration.scale_grid", "[1.0, 4.0]",
+]  # fmt: skip
+
+
+def test_default_job_on_the_real_offline_model_exports_steering_that_changes_answers(tmp_path):
+    pytest.importorskip("gguf")
+    main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.default_root_dir", str(tmp_path), *SMALL])
+    export = tmp_path / "steered"
+    steering = SteeringVectors.load(export)
+    assert steering.info["samples_seen"] == 48 and steering.info["task"] == "mmlu"
+    assert steering.layers[12].hook_name == "blocks.12.hook_resid_post"
+
+    report = json.loads((export / "report.json").read_text())
+    assert report["samples"] == 32 and report["judge"] == "letter-match"
+    assert {c["kind"] for c in report["controls"]} == {"random_feature", "random_direction"}
+    assert (export / "report.md").exists()
+
+    model, tokenizer = load_steered_model(export)
+    prompts = tokenizer(["Question: 2 + 2 = ?\nA. 3\nB. 4\nAnswer:"], return_tensors="pt")
+    with torch.no_grad():
+        steered = model(**prompts).logits[0, -1]
+        model.corrsteer_hooks.detach()
+        unsteered = model(**prompts).logits[0, -1]
+    assert not torch.allclose(steered, unsteered), "the exported steering changes the model's next-token logits"
