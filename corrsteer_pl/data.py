@@ -78,7 +78,7 @@ class TaskDataModule(L.LightningDataModule):
         limit_validation: int | None = None,
         limit_test: int | None = None,
         tokenizer: str | None = None,
-        options: dict[str, Any] | None = None,
+        options: dict | None = None,
     ) -> None:
         """
         Args:
