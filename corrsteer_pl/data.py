@@ -28,8 +28,17 @@ class ShardedBatches:
     results were recorded (advanced by `mark_completed`), not batches prefetched.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, tokenizer: Any, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        examples: list[Example],
+        batch_size: int,
+        tokenizer: Any,
+        rank: int = 0,
+        world_size: int = 1,
+        chat_template: bool = False,
+    ):
         self.shard = examples[rank::world_size]
+        self.chat_template = chat_template
         self.batch_size = batch_size
         self.tokenizer = tokenizer
         self.num_batches = math.ceil(math.ceil(len(examples) / world_size) / batch_size)
@@ -47,13 +56,25 @@ class ShardedBatches:
         if not examples:
             empty = torch.zeros(0, 1, dtype=torch.long)
             return {"input_ids": empty, "attention_mask": empty, "examples": [], "index": index}
-        enc = self.tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True, padding_side="left")
+        prompts = [self.render(e.prompt) for e in examples]
+        # a chat template already holds its special tokens (BOS included); a raw prompt gets the tokenizer's own
+        special = not self.chat_template
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "examples": examples,
             "index": index,
         }
+
+    def render(self, prompt: str) -> str:
+        """The text the model sees: the raw prompt (the paper's setting) or a one-turn chat."""
+        if not self.chat_template:
+            return prompt
+        if not self.tokenizer.chat_template:
+            raise ValueError("--data.chat_template is on but the tokenizer has no chat template: turn it off")
+        chat = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
     def mark_completed(self) -> None:
         self.completed += 1
@@ -79,6 +100,7 @@ class TaskDataModule(L.LightningDataModule):
         limit_test: int | None = None,
         tokenizer: str | None = None,
         options: dict | None = None,
+        chat_template: bool = False,
     ) -> None:
         """
         Args:
@@ -91,6 +113,7 @@ class TaskDataModule(L.LightningDataModule):
             limit_test: use at most this many test examples (None = all).
             tokenizer: tokenizer name or path (linked to model.model by the CLI).
             options: task-specific options passed to the task (e.g. fractions for mmlu).
+            chat_template: wrap each prompt in the tokenizer's chat template as one user turn (instruct models).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -139,7 +162,9 @@ class TaskDataModule(L.LightningDataModule):
         """This rank's batches of a split."""
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return ShardedBatches(self.examples(split), self.hparams.batch_size, self.tokenizer, rank, world)
+        return ShardedBatches(
+            self.examples(split), self.hparams.batch_size, self.tokenizer, rank, world, self.hparams.chat_template
+        )
 
     def train_dataloader(self) -> ShardedBatches:  # fit = calibration
         return self.batches("calibration")
