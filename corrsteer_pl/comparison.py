@@ -28,7 +28,7 @@ class ConditionScores(Metric):
 
     def compute(self) -> tuple[Tensor, Tensor]:
         """(N, C) scores and (N, C) bool validity of every item seen on any rank."""
-        if not self.scores:
+        if isinstance(self.scores, list) and not self.scores:  # after a DDP sync the states are tensors
             empty = torch.zeros(0, 0, dtype=torch.float64, device=self.device)
             return empty, empty.bool()
         return dim_zero_cat(self.scores), dim_zero_cat(self.valid).bool()

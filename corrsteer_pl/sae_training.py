@@ -51,6 +51,10 @@ class SAETrainingConfig:
     """Adam learning rate (cosine-annealed to lr / 10)."""
     seed: int = 0
     """Seeds the SAE's initialisation and the batch order."""
+    max_norm_ratio: float | None = 10.0
+    """Positions with a norm above this multiple of the median are dropped before training (None keeps all):
+    attention sinks after the first token. On SmolLM2 layer 12, 119 of 200k positions (the second token of some
+    prompts) had norms 1,000-20,000 against a median of 140 and held 47% of the variance."""
     holdout_fraction: float = 0.1
     """Share of positions (the last prompts read) kept out of training to measure explained variance."""
     prompts_per_batch: int = 8
@@ -141,6 +145,7 @@ def train_topk_sae(acts: Tensor, layer: int, cfg: SAETrainingConfig) -> tuple[SA
     The last `holdout_fraction` of the rows is held out (rows come in prompt order, so whole prompts are held
     out: positions within a prompt are correlated and a random split would flatter the SAE).
     """
+    acts, outliers = _drop_outliers(acts, cfg.max_norm_ratio)
     n_held = max(1, round(len(acts) * cfg.holdout_fraction))
     train, held = acts[:-n_held], acts[-n_held:]
     if len(train) < cfg.k:
@@ -179,10 +184,20 @@ def train_topk_sae(acts: Tensor, layer: int, cfg: SAETrainingConfig) -> tuple[SA
         "dead_fraction": dead_fraction(sae, held),
         "train_tokens": len(train),
         "holdout_tokens": len(held),
+        "outliers_dropped": outliers,
         "train_seconds": round(seconds, 1),
         "config": asdict(cfg),
     }
     return sae, metrics
+
+
+def _drop_outliers(acts: Tensor, max_norm_ratio: float | None) -> tuple[Tensor, int]:
+    """The rows whose norm is at most `max_norm_ratio` times the median norm, and how many were dropped."""
+    if max_norm_ratio is None:
+        return acts, 0
+    norms = acts.norm(dim=1)
+    keep = norms <= max_norm_ratio * norms.median()
+    return acts[keep], int((~keep).sum())
 
 
 def _batches(acts: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:

