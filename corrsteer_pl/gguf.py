@@ -34,7 +34,7 @@ def smollm2_gguf() -> tuple[Path, str]:
     return folder, SMOLLM2_GGUF
 
 
-def convert_smollm2(cache: Path) -> Path:
+def convert_smollm2(cache: str | Path) -> Path:
     """`cache/smollm2-135m-instruct/`, an fp32 safetensors folder with tokenizer; converted on first call only."""
     out = Path(cache) / SMOLLM2
     if out.is_dir():  # only ever created by an atomic rename of a finished folder

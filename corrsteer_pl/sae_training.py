@@ -45,10 +45,13 @@ class SAETrainingConfig:
     """Positions collected per layer (held-out share included); prompts are read until this many are gathered."""
     epochs: int = 1
     """Passes over the training positions."""
-    batch_size_tokens: int = 4096
-    """Positions per SAE training step."""
-    lr: float = 4e-4
-    """Adam learning rate (cosine-annealed to lr / 10)."""
+    batch_size_tokens: int = 1024
+    """Positions per SAE training step. A token budget this small needs many small steps: on SmolLM2 layer 12
+    (200k tokens, lr 5e-3) held-out explained variance was 0.78 with 1024, 0.76 with 2048, 0.78 with 512 (but 2x
+    slower); with 4096 and sae-lens's usual lr (44 steps) the decoder bias never reached the data mean (EV < 0)."""
+    lr: float = 5e-3
+    """Adam learning rate, cosine-annealed to lr / 10 (same run: 2e-3 gave 0.75 and half the latents dead, 1e-2
+    gave 0.74)."""
     seed: int = 0
     """Seeds the SAE's initialisation and the batch order."""
     max_norm_ratio: float | None = 10.0

@@ -14,6 +14,7 @@ from corrsteer_pl.sae_training import (
     train_topk_sae,
 )
 
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny matmuls: on 2 shared cores a second thread's sync cost 55 s against 3.4 s for one SAE training run."""
