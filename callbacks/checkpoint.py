@@ -40,4 +40,5 @@ class CalibrationCheckpoint(ModelCheckpoint):
             and completed % self.every_n_batches == 0
             and completed < len(trainer.train_dataloader)
         ):
-            trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+            trainer.save_checkpoint(path, weights_only=False)  # loop and callback state: resume needs them

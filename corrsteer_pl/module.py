@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
 from corrsteer_pl.capture import Pooling, generate_with_features
 from corrsteer_pl.comparison import ConditionScores
 from corrsteer_pl.controls import random_direction_controls, random_feature_controls
@@ -100,6 +101,7 @@ class CorrSteerModule(L.LightningModule):
         self.sae_sources: dict[int, str] = {}
         self.tokenizer: Any = None
         self.steering: SteeringVectors | None = None
+        self.answer_cache: AnswerCache | None = None  # one-token calibration rows recorded while training SAEs
         self.conditions: dict[str, SteeringVectors | None] = {}
         self.comparison = ConditionScores()
 
@@ -130,17 +132,26 @@ class CorrSteerModule(L.LightningModule):
         if not cfg or not cfg.layers:
             return []
         data = self.trainer.datamodule
-        key = {"model": self.hparams.model, "data": data.identity(), "sae": asdict(cfg)}
+        key = {"model": self.hparams.model, "dtype": self.hparams.dtype, "data": data.identity(), "sae": asdict(cfg)}
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
         folder = cache_dir() / "saes" / Path(self.hparams.model).name / f"{data.task.name}-{digest}"
         if self.trainer.is_global_zero:
-            texts = [e.prompt for e in data.examples("calibration")]  # never the test split
-            prepare_saes(self.lm, self.tokenizer, texts, cfg, folder)
+            texts = data.prompts("calibration")  # never the test split
+            one_token = self._max_new_tokens() == 1
+            special = not data.hparams.chat_template  # as the batches tokenize
+            prepare_saes(self.lm, self.tokenizer, texts, cfg, folder, answers=one_token, add_special_tokens=special)
         self.trainer.strategy.barrier("train_saes")
         self.sae_metrics = {layer: _read_metrics(folder / f"layer_{layer}") for layer in cfg.layers}
+        if (folder / ANSWERS_FILE).is_file() and self._max_new_tokens() == 1:
+            self.answer_cache = AnswerCache.load(folder / ANSWERS_FILE)
         return [SAESpec(str(folder / f"layer_{layer}")) for layer in cfg.layers]
 
     def on_fit_start(self) -> None:
+        if self.answer_cache is not None:
+            rank_zero_info(
+                f"calibration encodes {len(self.answer_cache)} answer positions recorded while training the SAEs "
+                "(one-token answers): the LM does not run again"
+            )
         for layer, metrics in self.sae_metrics.items():
             ev = metrics.get("explained_variance", float("nan"))
             rank_zero_info(f"trained SAE layer {layer}: explained variance {ev:.3f} on held-out positions >= 1")
@@ -212,6 +223,11 @@ class CorrSteerModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if not batch["examples"]:
             return {"labels": torch.zeros(0, dtype=torch.float64), "pooled": {}}
+        cached = self._cached_answers(batch)
+        if cached is not None:
+            new, pooled = cached
+            labels, _, _ = self.score(batch, new)
+            return {"labels": labels, "pooled": pooled}
         with torch.inference_mode():
             new, pooled = generate_with_features(
                 self.lm,
@@ -225,6 +241,25 @@ class CorrSteerModule(L.LightningModule):
             )
         labels, _, _ = self.score(batch, new)
         return {"labels": labels, "pooled": pooled}
+
+    @torch.inference_mode()
+    def _cached_answers(self, batch: dict[str, Any]) -> tuple[Tensor, dict[int, Tensor]] | None:
+        """New tokens (B, 1) and features from the answer cache, or None to run the LM.
+
+        One answer token means one generation position, where max and mean pooling are both the
+        identity: the features are the SAE encodes of the cached residuals, as capture would compute.
+        """
+        if self.answer_cache is None or self._max_new_tokens() != 1:
+            return None
+        rows = self.answer_cache.rows(batch["texts"], list(self.saes))
+        if rows is None:
+            return None
+        new = self.answer_cache.tokens[rows].unsqueeze(1)
+        pooled = {}
+        for layer, sae in self.saes.items():
+            x = self.answer_cache.residuals[layer][rows].to(device=sae.W_enc.device, dtype=DTYPES[self.hparams.dtype])
+            pooled[layer] = sae.encode(x).float()
+        return new, pooled
 
     @torch.inference_mode()
     def evaluate_split(self, conditions: Conditions, split: str = "validation") -> dict[str, SplitResult]:
@@ -311,6 +346,7 @@ class CorrSteerModule(L.LightningModule):
             controls=controls,
             features=[asdict(f) for layer in self.steering.layers.values() for f in layer.features],
             steering={"path": str(self._steering_dir()), **self.steering.info},
+            data=self.trainer.datamodule.describe(),
         )
         self.log_dict({f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS})
         self.log(f"{stage}/samples", float(report.samples))

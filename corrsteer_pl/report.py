@@ -133,6 +133,7 @@ class EvaluationReport:
     controls: list[ControlSummary] = field(default_factory=list)
     features: list[dict[str, Any]] = field(default_factory=list)
     steering: dict[str, Any] = field(default_factory=dict)
+    data: str = ""  # where the items come from (how the splits were made, limits)
 
     @classmethod
     def from_scores(
@@ -184,6 +185,7 @@ class EvaluationReport:
             "",
             f"Judge: {self.judge}",
             "",
+            *([f"Data: {self.data}", ""] if self.data else []),
             "| condition | accuracy | valid-answer rate | accuracy among valid |",
             "|---|---|---|---|",
         ]

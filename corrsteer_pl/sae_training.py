@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
 from corrsteer_pl.hooks import LayerFn, LayerHooks
 from corrsteer_pl.layers import decoder_layers, hidden_size
 
@@ -86,22 +87,27 @@ def collect_activations(
     layers: Sequence[int],
     max_tokens: int,
     batch_size: int = 8,
+    answers: AnswerCache | None = None,
+    add_special_tokens: bool = True,
 ) -> dict[int, Tensor]:
     """Residual stream after each layer, (positions, d_model) float32 on CPU, in text order, up to `max_tokens`.
 
     Drops padding and each text's first token: that attention sink has norms ~25,000 on SmolLM2 (others ~100-400)
     and would dominate training. Texts are batched by length: with MMLU prompts in given order, padding was half
-    of every batch of 8.
+    of every batch of 8. With `answers`, every text is read (past the budget too) through the whole model, and
+    each one's greedy next token and last-position residuals are added to it.
     """
     if not texts:
         raise ValueError("no texts to collect activations from: pass the task's calibration prompts")
     layers = sorted(set(layers))
-    lengths = [len(ids) - 1 for ids in tokenizer(list(texts))["input_ids"]]  # kept positions per text
+    ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
+    lengths = [len(row) - 1 for row in ids]  # kept positions per text
     used, gathered = 0, 0  # the first `used` texts hold `max_tokens` kept positions (or all texts, if fewer)
     while used < len(texts) and gathered < max_tokens:
         gathered += lengths[used]
         used += 1
     per_text: dict[int, list[Tensor]] = {layer: [torch.empty(0)] * used for layer in layers}
+    last: dict[int, Tensor] = {}  # the current batch's last-position residuals, for `answers`
     rows: list[int] = []  # text index of each row of the current batch
     keep = torch.empty(0, dtype=torch.bool)  # (B, T) positions to record in the current batch
 
@@ -109,24 +115,32 @@ def collect_activations(
         def fn(hidden: Tensor, mask: Tensor) -> None:
             kept = mask & keep
             for row, text in enumerate(rows):
-                per_text[layer][text] = hidden[row][kept[row]].float().cpu()
-            if layer == layers[-1]:
+                if text < used:
+                    per_text[layer][text] = hidden[row][kept[row]].float().cpu()
+            last[layer] = hidden[:, -1].clone()  # left padding: every row's last prompt position
+            if layer == layers[-1] and answers is None:
                 raise _StopForward
 
         return fn
 
-    by_length = sorted(range(used), key=lambda i: lengths[i])
-    progress = tqdm(total=min(max_tokens, sum(lengths[:used])), desc="collecting activations", unit="tok")
+    read = len(texts) if answers is not None else used
+    by_length = sorted(range(read), key=lambda i: lengths[i])
+    progress = tqdm(total=sum(lengths[:read]), desc="collecting activations", unit="tok")
     with torch.no_grad(), LayerHooks(model, {layer: record(layer) for layer in layers}, positions="all"):
-        for start in range(0, used, batch_size):
+        for start in range(0, read, batch_size):
             rows = by_length[start : start + batch_size]
-            batch = tokenizer([texts[i] for i in rows], return_tensors="pt", padding=True).to(model.device)
+            batch_texts = [texts[i] for i in rows]
+            batch = tokenizer(batch_texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+            batch = batch.to(model.device)
             keep = _kept_positions(batch["attention_mask"])
             try:
-                model(**batch, position_ids=_position_ids(batch["attention_mask"]), use_cache=False)
+                positions = _position_ids(batch["attention_mask"])
+                out = model(**batch, position_ids=positions, use_cache=False, logits_to_keep=1)
             except _StopForward:
-                pass
-            progress.update(min(int(keep.sum()), progress.total - progress.n))
+                out = None
+            if answers is not None:
+                answers.add(batch_texts, out.logits[:, -1].argmax(-1), last)
+            progress.update(int(keep.sum()))
     progress.close()
     return {layer: torch.cat(per_text[layer])[:max_tokens] for layer in layers}
 
@@ -243,8 +257,14 @@ def prepare_saes(
     texts: Sequence[str],
     cfg: SAETrainingConfig,
     folder: str | Path,
+    answers: bool = False,
+    add_special_tokens: bool = True,
 ) -> dict[int, Path]:
-    """`folder/layer_{L}` (sae-lens format + training metrics) for every layer of `cfg`; trains only missing ones."""
+    """`folder/layer_{L}` (sae-lens format + training metrics) for every layer of `cfg`; trains only missing ones.
+
+    With `answers` (one-token tasks), the collection pass also writes `folder/answers.safetensors` (`AnswerCache`
+    over all of `texts`, for the layers it reads), which calibration then reads instead of running the LM.
+    """
     folder = Path(folder)
     num_layers, d_model = len(decoder_layers(model)), hidden_size(model)
     paths = {layer: folder / f"layer_{layer}" for layer in cfg.layers}
@@ -256,13 +276,18 @@ def prepare_saes(
     missing = [layer for layer, path in paths.items() if not path.is_dir()]
     if not missing:
         return paths
+    cache = AnswerCache() if answers else None
     start = time.perf_counter()
-    acts = collect_activations(model, tokenizer, texts, missing, cfg.tokens, cfg.prompts_per_batch)
+    acts = collect_activations(
+        model, tokenizer, texts, missing, cfg.tokens, cfg.prompts_per_batch, cache, add_special_tokens
+    )
     collect_seconds = round(time.perf_counter() - start, 1)  # one pass for all missing layers
     for layer in missing:
         sae, metrics = train_topk_sae(acts.pop(layer), layer, cfg)
         sae.cfg.metadata.model_name = getattr(model.config, "name_or_path", None) or None
         _save(sae, {**metrics, "collect_seconds": collect_seconds}, paths[layer])
+    if cache is not None and set(missing) == set(cfg.layers):  # rows for every layer, or none at all
+        cache.save(folder / ANSWERS_FILE)
     return paths
 
 

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 
 from corrsteer_pl.data import ShardedBatches
@@ -13,6 +15,16 @@ def test_shards_cover_every_example_once_with_equal_batch_counts():
     assert len(shards[0]) == len(shards[1]) == 3
     seen = [e.id for shard in shards for batch in shard for e in batch["examples"]]
     assert sorted(seen) == sorted(e.id for e in EXAMPLES)
+
+
+def test_batches_group_prompts_of_similar_length_longest_first():
+    tok = tiny_tokenizer()
+    mixed = [Example(f"m/{i}", "word " * (i * 7 % 10) + "Answer:", "A") for i in range(10)]
+    batches = list(ShardedBatches(mixed, 3, tok))
+    real = [batch["attention_mask"].sum(dim=1).tolist() for batch in batches]
+    assert all(min(a) >= max(b) for a, b in itertools.pairwise(real))  # no long row beside a short one
+    assert sum(batch["input_ids"].numel() for batch in batches) < len(mixed) * max(max(r) for r in real)
+    assert sorted(e.id for batch in batches for e in batch["examples"]) == sorted(e.id for e in mixed)
 
 
 def test_resume_starts_after_the_completed_batches():

@@ -51,7 +51,12 @@ def test_two_process_ddp_counts_every_sample_once_and_equals_one_process(tmp_pat
         torch.testing.assert_close(ddp[layer].pearson(), single[layer].pearson(), rtol=0, atol=1e-9)
         torch.testing.assert_close(ddp[layer].positive_mean(), single[layer].positive_mean(), rtol=0, atol=1e-9)
         torch.testing.assert_close(ddp[layer].frequency(), single[layer].frequency(), rtol=0, atol=0)
-    assert _selected(tmp_path / "ddp") == _selected(tmp_path / "single")
+    ddp_features = [f for layer in _selected(tmp_path / "ddp") for f in layer["features"]]
+    single_features = [f for layer in _selected(tmp_path / "single") for f in layer["features"]]
+    # the ranks sum their shards in another order than one process: r agrees to float64 rounding, not bit for bit
+    assert [(f["layer"], f["feature"]) for f in ddp_features] == [(f["layer"], f["feature"]) for f in single_features]
+    for a, b in zip(ddp_features, single_features, strict=True):
+        assert a["r"] == pytest.approx(b["r"], rel=1e-12) and a["coefficient"] == pytest.approx(b["coefficient"])
 
 
 def test_sigkill_mid_calibration_then_resume_gives_identical_statistics_and_selection(tmp_path):

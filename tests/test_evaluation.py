@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from corrsteer_pl import evaluation
 from corrsteer_pl.capture import generate_with_features
 from corrsteer_pl.evaluation import answer_conditions
 from corrsteer_pl.selection import SelectedFeature
@@ -13,10 +15,16 @@ def _conditions(model):
     for scale in (20.0, 60.0):
         features = [SelectedFeature(0, 3, 0.5, scale, 0.1), SelectedFeature(1, 7, 0.4, scale, 0.1)]
         conditions[f"x{scale:g}"] = SteeringVectors.from_selection(features, saes, model)
+    only_layer_1 = [SelectedFeature(1, 9, 0.3, 80.0, 0.1)]
+    conditions["layer1"] = SteeringVectors.from_selection(only_layer_1, saes, model)  # zero rows at layer 0
     return conditions
 
 
-def test_one_token_answers_with_a_shared_prompt_cache_equal_generate_per_condition(model, batch):
+@pytest.mark.parametrize("cache_bytes", [2**30, 1], ids=["conditions-in-one-pass", "one-pass-each"])
+def test_one_token_answers_with_a_shared_prompt_cache_equal_generate_per_condition(
+    model, batch, cache_bytes, monkeypatch
+):
+    monkeypatch.setattr(evaluation, "CACHE_BYTES_PER_PASS", cache_bytes)
     conditions = _conditions(model)
     fast = answer_conditions(model, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
     for name, steering in conditions.items():

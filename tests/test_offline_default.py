@@ -34,6 +34,7 @@ def test_default_job_on_the_real_offline_model_exports_steering_that_changes_ans
 
     report = json.loads((export / "report.json").read_text())
     assert report["samples"] == 32 and report["judge"] == "letter-match"
+    assert "no auxiliary_train offline" in report["data"] and "calibration 48" in report["data"]
     assert {c["kind"] for c in report["controls"]} == {"random_feature", "random_direction"}
     assert (export / "report.md").exists()
 

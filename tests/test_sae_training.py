@@ -5,6 +5,7 @@ import torch
 from sae_lens import SAE, TopKSAE
 
 from corrsteer_pl import sae_training
+from corrsteer_pl.answer_cache import AnswerCache
 from corrsteer_pl.sae_training import (
     METRICS_FILE,
     SAETrainingConfig,
@@ -53,6 +54,36 @@ def test_collection_stops_at_the_token_budget(llama, tokenizer):
     full = collect_activations(llama, tokenizer, TEXTS, [1], max_tokens=10_000, batch_size=2)[1]
     capped = collect_activations(llama, tokenizer, TEXTS, [1], max_tokens=7, batch_size=2)[1]
     assert torch.equal(capped, full[:7])
+
+
+def test_answer_rows_equal_greedy_generate_and_last_position_hidden_states(model, tokenizer):
+    cache = AnswerCache()
+    acts = collect_activations(model, tokenizer, TEXTS, [0, 1], max_tokens=7, batch_size=2, answers=cache)
+    assert torch.equal(acts[1], collect_activations(model, tokenizer, TEXTS, [1], 7, 2)[1]), "budget unchanged"
+    assert len(cache) == len(TEXTS), "every text is read, past the token budget too"
+    for text in TEXTS:
+        (row,) = cache.rows([text], [0, 1]).tolist()
+        enc = tokenizer(text, return_tensors="pt")
+        with torch.no_grad():
+            out = model(**enc, output_hidden_states=True)
+            greedy = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1]
+        assert cache.tokens[row] == greedy
+        for layer in (0, 1):
+            torch.testing.assert_close(cache.residuals[layer][row], out.hidden_states[layer + 1][0, -1])
+    assert cache.rows(["a prompt never read"], [0]) is None and cache.rows(TEXTS, [0, 2]) is None
+
+
+def test_answer_cache_reloads_identically_and_refuses_a_damaged_file(tmp_path):
+    cache = AnswerCache()
+    cache.add(["a", "b"], torch.tensor([3, 4]), {5: torch.randn(2, 8)})
+    cache.save(tmp_path / "answers.safetensors")
+    loaded = AnswerCache.load(tmp_path / "answers.safetensors")
+    assert loaded.keys == cache.keys and torch.equal(loaded.tokens, cache.tokens)
+    assert torch.equal(loaded.residuals[5], cache.residuals[5]) and loaded.rows(["b"], [5]).tolist() == [1]
+    short = AnswerCache(cache.keys, cache.tokens[:1], cache.residuals)
+    short.save(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="delete it"):
+        AnswerCache.load(tmp_path / "bad.safetensors")
 
 
 def _sparse_data(n: int, d: int = 32, n_directions: int = 24, active: int = 3, seed: int = 0) -> torch.Tensor:

