@@ -19,6 +19,9 @@ class FeatureCapture:
 
     Only the masked positions are encoded: the prompt body, padding and positions after EOS
     never reach the SAE. Use as a context manager around `generate`, then call `pooled()`.
+    The hooks only keep the residual rows; `pooled()` encodes them in one call per layer. Encoding
+    at every decoding step re-read the encoder weights each time (10.6 MB for 4,608 latents on
+    SmolLM2): 64 per-step calls cost 200 ms against 43 ms for one call over the same rows.
     """
 
     def __init__(
@@ -32,14 +35,15 @@ class FeatureCapture:
             raise ValueError(f"unknown pooling '{pooling}'; use 'max' or 'mean'")
         self.saes = dict(saes)
         self.pooling = pooling
-        self._pooled: dict[int, Tensor] = {}
-        self._counts: dict[int, Tensor] = {}
-        fns = {layer: self._encoder(layer) for layer in self.saes}
+        self._rows: dict[int, list[Tensor]] = {}  # per layer: batch row of each kept residual
+        self._residuals: dict[int, list[Tensor]] = {}  # per layer: (n, d_model) residual chunks
+        self._batch = 0
+        fns = {layer: self._keeper(layer) for layer in self.saes}
         self.hooks = LayerHooks(model, fns, positions="generation", eos_token_ids=eos_token_ids)
 
     def __enter__(self) -> FeatureCapture:
-        self._pooled.clear()
-        self._counts.clear()
+        self._rows = {layer: [] for layer in self.saes}
+        self._residuals = {layer: [] for layer in self.saes}
         self.hooks.attach()
         return self
 
@@ -47,42 +51,37 @@ class FeatureCapture:
         self.hooks.detach()
 
     def pooled(self) -> dict[int, Tensor]:
-        """Per layer, (B, d_sae) pooled activations of the last captured batch."""
+        """Per layer, (B, d_sae) pooled activations of the last captured batch (zeros for a row never captured)."""
         out = {}
-        for layer, acc in self._pooled.items():
-            counts = self._counts[layer].unsqueeze(1)
-            if self.pooling == "max":
-                out[layer] = torch.where(counts > 0, acc, torch.zeros_like(acc))
-            else:
-                out[layer] = acc / counts.clamp_min(1)
+        for layer, sae in self.saes.items():
+            if not self._rows[layer]:
+                continue
+            rows = torch.cat(self._rows[layer])
+            x = torch.cat(self._residuals[layer])
+            acts = sae.encode(x.to(sae.W_enc.device)).float()  # (n, d_sae), one call for all steps
+            out[layer] = self._pool(rows.to(acts.device), acts)
         return out
 
-    def _encoder(self, layer: int) -> LayerFn:
-        sae = self.saes[layer]
+    def _pool(self, rows: Tensor, acts: Tensor) -> Tensor:
+        ones = torch.ones_like(rows, dtype=acts.dtype)
+        counts = torch.zeros(self._batch, device=acts.device).index_add_(0, rows, ones)
+        if self.pooling == "max":
+            pooled = torch.full((self._batch, acts.shape[1]), float("-inf"), device=acts.device)
+            pooled.scatter_reduce_(0, rows.unsqueeze(1).expand_as(acts), acts, "amax", include_self=True)
+            return torch.where(counts.unsqueeze(1) > 0, pooled, torch.zeros_like(pooled))
+        summed = torch.zeros(self._batch, acts.shape[1], device=acts.device).index_add_(0, rows, acts)
+        return summed / counts.clamp_min(1).unsqueeze(1)
 
-        def encode(hidden: Tensor, mask: Tensor) -> None:
+    def _keeper(self, layer: int) -> LayerFn:
+        def keep(hidden: Tensor, mask: Tensor) -> None:
+            self._batch = hidden.shape[0]
             rows, cols = mask.nonzero(as_tuple=True)
-            if rows.numel() == 0:
-                return None
-            x = hidden[rows, cols]  # (n, d_model): generation positions only
-            acts = sae.encode(x.to(sae.W_enc.device)).float()  # (n, d_sae)
-            self._accumulate(layer, hidden.shape[0], rows.to(acts.device), acts)
+            if rows.numel():
+                self._rows[layer].append(rows)
+                self._residuals[layer].append(hidden[rows, cols])  # advanced indexing copies: safe to keep
             return None
 
-        return encode
-
-    def _accumulate(self, layer: int, batch: int, rows: Tensor, acts: Tensor) -> None:
-        if layer not in self._pooled:
-            fill = float("-inf") if self.pooling == "max" else 0.0
-            self._pooled[layer] = torch.full((batch, acts.shape[1]), fill, device=acts.device)
-            self._counts[layer] = torch.zeros(batch, device=acts.device)
-        # Our own accumulators (not the model's hidden state) may be updated in place.
-        if self.pooling == "max":
-            index = rows.unsqueeze(1).expand_as(acts)
-            self._pooled[layer].scatter_reduce_(0, index, acts, "amax", include_self=True)
-        else:
-            self._pooled[layer].index_add_(0, rows, acts)
-        self._counts[layer].index_add_(0, rows, torch.ones_like(rows, dtype=torch.float))
+        return keep
 
 
 @torch.inference_mode()
