@@ -110,10 +110,10 @@ def per_sample(s: Setup, prompt: int, new: int, batch: int) -> dict[str, float]:
     kv_bytes = 2 * s.n_layers * s.n_kv_heads * s.head_dim * BF16 * positions  # K and V read at every step
     lm_bytes = steps * p["matmul"] * BF16 / batch + kv_bytes  # the embedding lookup reads B rows only
     rows = new * s.sae_layers * s.d_model * BF16  # captured residual rows
-    # FeatureCapture encodes at every forward pass, so every step reads all SAE encoders again; encoding
-    # the saved rows once after generation (see the report) reads them once per batch.
-    sae_bytes = steps * sae_encoder_params(s) * BF16 / batch + rows
-    sae_bytes_once = sae_encoder_params(s) * BF16 / batch + 2 * rows
+    # FeatureCapture keeps the captured rows and encodes them once after generation: the SAE encoders are read
+    # once per batch (rows written, then read). Encoding at every step would read them at every step.
+    sae_bytes = sae_encoder_params(s) * BF16 / batch + 2 * rows
+    sae_bytes_per_step = steps * sae_encoder_params(s) * BF16 / batch + rows
     # pooled features written once (f32), read by the update; the update reads+writes 6 float64 sums per batch
     stats_bytes = 2 * features * F32 + 6 * 2 * features * F64 / batch
     return {
@@ -122,7 +122,7 @@ def per_sample(s: Setup, prompt: int, new: int, batch: int) -> dict[str, float]:
         "stats_flops": stats_flops,
         "lm_bytes": lm_bytes,
         "sae_bytes": sae_bytes,
-        "sae_bytes_once": sae_bytes_once,
+        "sae_bytes_per_step": sae_bytes_per_step,
         "stats_bytes": stats_bytes,
     }
 
@@ -192,8 +192,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
                 "5b. bytes / calibration sample",
                 f"{cfg}; bf16, batch {args.batch}, prompt {args.prompt} + {args.new_tokens} new tok",
                 f"LM weights + KV cache {human(work['lm_bytes'], 'B')}, SAE encoders + captured rows "
-                f"{human(work['sae_bytes'], 'B')} (encoding per step, as now; "
-                f"{human(work['sae_bytes_once'], 'B')} if encoded once per batch), "
+                f"{human(work['sae_bytes'], 'B')} (encoded once per batch; "
+                f"{human(work['sae_bytes_per_step'], 'B')} if encoded at every step), "
                 f"pooled features + stats {human(work['stats_bytes'], 'B')}",
                 human(work["lm_bytes"] + work["sae_bytes"] + work["stats_bytes"], "B"),
                 "-",
