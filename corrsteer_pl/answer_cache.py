@@ -49,12 +49,13 @@ class AnswerCache:
         if self.keys and set(residuals) != set(self.residuals):
             raise ValueError(f"rows for layers {sorted(residuals)} added to a cache of layers {sorted(self.residuals)}")
         for text in texts:
-            self._index[prompt_key(text)] = len(self.keys)
-            self.keys.append(prompt_key(text))
+            key = prompt_key(text)
+            self._index[key] = len(self.keys)
+            self.keys.append(key)
         self.tokens = torch.cat([self.tokens, tokens.detach().long().cpu()])
         for layer, rows in residuals.items():
-            old = self.residuals.get(layer, rows.new_zeros(0, rows.shape[1]).float().cpu())
-            self.residuals[layer] = torch.cat([old, rows.detach().float().cpu()])
+            rows = rows.detach().float().cpu()
+            self.residuals[layer] = torch.cat([self.residuals[layer], rows]) if layer in self.residuals else rows
 
     def rows(self, texts: Sequence[str], layers: Sequence[int]) -> Tensor | None:
         """Row indices of `texts`, or None unless every text and every layer is cached."""
