@@ -3,7 +3,7 @@
 With one-token answers and generation-position steering only the last prompt position differs
 between conditions, so the prompt body runs once and its KV cache is reused by every condition
 (controls, scale grid, P's per-layer candidates): the conditions' last positions then run together
-as one batch, instead of a full prefill per condition.
+as C query tokens of each row, instead of a full prefill per condition.
 """
 
 from __future__ import annotations
@@ -63,27 +63,38 @@ def _one_token(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, cond
         logits_to_keep=1,  # only the cache is wanted: full-vocabulary logits cost SmolLM2 a fifth of the pass
     )
     cache = prefix.past_key_values
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()  # sliding-window layers past their window may then be cropped back
     names = list(conditions)
-    per_pass = max(1, min(len(names), CACHE_BYTES_PER_PASS // max(_cache_bytes(cache), 1)))
+    per_pass = _conditions_per_pass(model, input_ids.shape, len(names))
     out = {}
     for start in range(0, len(names), per_pass):
         chunk = names[start : start + per_pass]
-        tokens = _last_position(model, input_ids, attention_mask, positions, cache, [conditions[n] for n in chunk])
+        tokens = _last_positions(model, input_ids, attention_mask, positions, cache, [conditions[n] for n in chunk])
         out.update({name: tokens[:, i : i + 1] for i, name in enumerate(chunk)})
     return out
 
 
-# The conditions' last positions run together, as one batch of B x C rows over the prompt cache grown to C copies:
-# one pass reads the weights once for all C (a pass per condition made the 42 conditions of a SmolLM2 test batch
-# cost more than its prompt). The grown cache is capped at this many bytes; long prompts get fewer per pass.
-CACHE_BYTES_PER_PASS = 2**31
+# The conditions' last positions run as C query tokens of each row over the one prompt cache, with a 4D mask in which
+# each sees the prompt and itself: one pass reads the weights and the cache once for all C. (Growing the cache to
+# B x C rows instead made the 42 conditions of a SmolLM2 test batch cost as much as its prompt: three C-fold copies.)
+# The pass's attention scores (B x heads x C x T floats) are capped at this many bytes; longer prompts get fewer.
+SCORE_BYTES_PER_PASS = 2**30
+_CUSTOM_MASK_ATTENTION = ("sdpa", "eager")  # the implementations that take a prepared 4D mask as it is
 
 
-def _cache_bytes(cache: Any) -> int:
-    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+def _conditions_per_pass(model: nn.Module, shape: torch.Size, num_conditions: int) -> int:
+    """How many conditions share a pass: 1 where the model cannot take the 4D mask (then the plain mask serves)."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "_attn_implementation", None) not in _CUSTOM_MASK_ATTENTION or (window and shape[1] > window):
+        return 1  # flash / flex attention ignore a custom mask; the mask below has no sliding window
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    per_condition = shape[0] * heads * (shape[1] + num_conditions) * 4
+    return max(1, min(num_conditions, SCORE_BYTES_PER_PASS // per_condition))
 
 
-def _last_position(
+def _last_positions(
     model: nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
@@ -91,45 +102,52 @@ def _last_position(
     cache: Any,
     steerings: list[SteeringVectors | None],
 ) -> Tensor:
-    """Greedy tokens (B, C) at the last position, row block c steered by `steerings[c]` (None: unsteered).
+    """Greedy tokens (B, C) at the last position, query j of every row steered by `steerings[j]` (None: unsteered).
 
-    Grows `cache` to B x C rows (row b * C + j continues prompt b under condition j) and shrinks it back to the
-    prompt body afterwards: no copy of the cache is kept beside it.
+    The C queries are appended to `cache` for the pass and cropped off after it: the next pass starts again from
+    the prompt body, and no copy of the cache is kept beside it.
     """
     for s in steerings:
         if s is not None:
             s.validate(model)
-    b, c = input_ids.shape[0], len(steerings)
+    c = len(steerings)
     modules, d_model = decoder_layers(model), hidden_size(model)
     fns = {}
     for layer in sorted({layer for s in steerings if s is not None for layer in s.layers}):
         vectors = [s.layers[layer].vector if s and layer in s.layers else torch.zeros(d_model) for s in steerings]
         param = next(modules[layer].parameters())
-        rows = torch.stack(vectors).to(param.device, param.dtype)  # (C, d)
-        fns[layer] = _row_adder(rows.repeat(b, 1))  # (B * C, d): row b * C + j gets rows[j]
+        fns[layer] = _query_adder(torch.stack(vectors).to(param.device, param.dtype))  # (C, d): query j gets row j
     # transformers 5.x renamed the forward argument `past_key_values` to `cache` (the old name warns)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    if c > 1:
-        cache.batch_repeat_interleave(c)
+    mask = attention_mask if c == 1 else _queries_mask(attention_mask[:, :-1].bool(), c, model)
     try:
-        with LayerHooks(model, fns, positions="generation"):
+        with LayerHooks(model, fns, positions="all"):  # every query is a generation position
             logits = model(
-                input_ids=input_ids[:, -1:].repeat_interleave(c, 0),
-                attention_mask=attention_mask.repeat_interleave(c, 0),
-                position_ids=positions[:, -1:].repeat_interleave(c, 0),
+                input_ids=input_ids[:, -1:].expand(-1, c),
+                attention_mask=mask,
+                position_ids=positions[:, -1:].expand(-1, c),  # all C continue the prompt at its last position
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=c,
                 **{cache_arg: cache},
             ).logits
     finally:
-        if c > 1:
-            cache.batch_select_indices(torch.arange(0, b * c, c, device=input_ids.device))
-        cache.crop(-1)  # drop the last position again: the next pass starts from the prompt body
-    return logits[:, -1].argmax(-1).view(b, c)
+        cache.crop(-c)
+    return logits.argmax(-1)
 
 
-def _row_adder(rows: Tensor) -> LayerFn:
-    return lambda hidden, mask: hidden + mask.unsqueeze(-1).to(hidden.dtype) * rows.unsqueeze(1)
+def _queries_mask(body: Tensor, c: int, model: nn.Module) -> Tensor:
+    """(B, 1, C, T - 1 + C): query j attends to the prompt's real tokens and to itself, never to another query."""
+    b = body.shape[0]
+    own = torch.eye(c, dtype=torch.bool, device=body.device).expand(b, c, c)
+    allowed = torch.cat([body[:, None, :].expand(b, c, body.shape[1]), own], dim=-1)[:, None]
+    if model.config._attn_implementation == "sdpa":
+        return allowed  # sdpa takes a boolean mask, True = attend
+    dtype = next(model.parameters()).dtype  # eager adds the mask to the scores
+    return torch.zeros(allowed.shape, dtype=dtype, device=body.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _query_adder(rows: Tensor) -> LayerFn:
+    return lambda hidden, mask: hidden + rows
 
 
 @dataclass

@@ -6,7 +6,7 @@ from corrsteer_pl.capture import generate_with_features
 from corrsteer_pl.evaluation import answer_conditions
 from corrsteer_pl.selection import SelectedFeature
 from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.tiny import random_sae
+from corrsteer_pl.tiny import random_sae, tiny_model
 
 
 def _conditions(model):
@@ -20,13 +20,28 @@ def _conditions(model):
     return conditions
 
 
-@pytest.mark.parametrize("cache_bytes", [2**30, 1], ids=["conditions-in-one-pass", "one-pass-each"])
+@pytest.mark.parametrize("score_bytes", [2**30, 1], ids=["conditions-in-one-pass", "one-pass-each"])
 def test_one_token_answers_with_a_shared_prompt_cache_equal_generate_per_condition(
-    model, batch, cache_bytes, monkeypatch
+    model, batch, score_bytes, monkeypatch
 ):
-    monkeypatch.setattr(evaluation, "CACHE_BYTES_PER_PASS", cache_bytes)
+    monkeypatch.setattr(evaluation, "SCORE_BYTES_PER_PASS", score_bytes)
     conditions = _conditions(model)
     fast = answer_conditions(model, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
+    _assert_equal_generate_per_condition(model, batch, conditions, fast)
+
+
+def test_prompts_longer_than_a_sliding_window_take_one_pass_per_condition_and_still_equal_generate(tokenizer):
+    gemma2 = tiny_model("gemma2", num_layers=3)  # sliding_window 64: the 4D query mask would ignore it
+    prompts = ["seven " * 80 + "Answer:", "A. red"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    assert batch["input_ids"].shape[1] > gemma2.config.sliding_window
+    assert evaluation._conditions_per_pass(gemma2, batch["input_ids"].shape, 4) == 1
+    conditions = _conditions(gemma2)
+    fast = answer_conditions(gemma2, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
+    _assert_equal_generate_per_condition(gemma2, batch, conditions, fast)
+
+
+def _assert_equal_generate_per_condition(model, batch, conditions, fast):
     for name, steering in conditions.items():
         hooks = steering.apply(model) if steering is not None else None
         if hooks:

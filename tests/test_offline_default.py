@@ -21,6 +21,7 @@ SMALL = [
     "--model.train_saes", json.dumps({"layers": [12], "d_sae": 512, "k": 16, "tokens": 4000}),
     "--model.controls", "3",
     "--calibration.scale_grid", "[1.0, 4.0]",
+    "--calibration.variant", "A",  # the default P may keep no layer on 16 validation items
 ]  # fmt: skip
 
 
