@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch.distributed as dist
 
+from corrsteer_pl.evaluation import PromptCaches
 from corrsteer_pl.selection import Selection, Variant, select_features
 from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.steering import SteeringVectors
@@ -81,15 +82,19 @@ class CorrelationCallback(L.Callback):
             batch_size=len(batch["examples"]) or 1,
         )
 
-    def _validate(self, pl_module: L.LightningModule, candidates: dict[str, list]) -> dict[str, float]:
+    def _validate(
+        self, pl_module: L.LightningModule, candidates: dict[str, list], caches: PromptCaches | None = None
+    ) -> dict[str, float]:
         """Validation accuracy of several candidate steerings, in one pass over the split."""
         conditions = {
             name: SteeringVectors.from_selection(features, pl_module.saes, pl_module.lm) if features else None
             for name, features in candidates.items()
         }
-        return {name: r.accuracy for name, r in pl_module.evaluate_split(conditions).items()}
+        return {name: r.accuracy for name, r in pl_module.evaluate_split(conditions, prompt_caches=caches).items()}
 
-    def _pick_scale(self, pl_module: L.LightningModule) -> tuple[float, dict[str, dict[str, float]]]:
+    def _pick_scale(
+        self, pl_module: L.LightningModule, caches: PromptCaches | None = None
+    ) -> tuple[float, dict[str, dict[str, float]]]:
         """The configured scale, or the grid scale with the best validation accuracy that did not collapse."""
         if not self.scale_grid or not self.selection.features:
             return self.scale, {}
@@ -101,7 +106,7 @@ class CorrelationCallback(L.Callback):
             )
             for s in self.scale_grid
         }
-        results = pl_module.evaluate_split(conditions)
+        results = pl_module.evaluate_split(conditions, prompt_caches=caches)
         multiple_choice = bool(pl_module.trainer.datamodule.examples("validation")[0].choices)
         grid = {name: {"accuracy": r.accuracy, "top_answer_share": r.top_answer_share} for name, r in results.items()}
         allowed = [
@@ -118,9 +123,10 @@ class CorrelationCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for stats in self.stats.values():
             stats.all_reduce()
-        evaluate = (lambda candidates: self._validate(pl_module, candidates)) if self.variant == "P" else None
+        caches = PromptCaches()  # P's layer check and the scale grid answer the same validation prompts
+        evaluate = (lambda candidates: self._validate(pl_module, candidates, caches)) if self.variant == "P" else None
         self.selection = select_features(self.stats, self.variant, self.top_k, self.active_only, 1.0, evaluate)
-        scale, grid = self._pick_scale(pl_module)
+        scale, grid = self._pick_scale(pl_module, caches)
         self.selection.features = [replace(f, coefficient=f.coefficient * scale) for f in self.selection.features]
         stats = next(iter(self.stats.values()))
         steering = SteeringVectors.from_selection(

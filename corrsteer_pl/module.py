@@ -21,7 +21,7 @@ from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
 from corrsteer_pl.capture import Pooling, generate_with_features
 from corrsteer_pl.comparison import ConditionScores
 from corrsteer_pl.controls import random_direction_controls, random_feature_controls
-from corrsteer_pl.evaluation import Conditions, SplitResult, answer_conditions
+from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
 from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
 from corrsteer_pl.sae_training import METRICS_FILE, SAETrainingConfig, prepare_saes
@@ -206,7 +206,9 @@ class CorrSteerModule(L.LightningModule):
         valid = torch.tensor([a is not None for a in answers], dtype=torch.bool)
         return torch.tensor(scores, dtype=torch.float64), valid, answers
 
-    def answer(self, batch: dict[str, Any], conditions: Conditions) -> dict[str, Tensor]:
+    def answer(
+        self, batch: dict[str, Any], conditions: Conditions, prompt_caches: PromptCaches | None = None
+    ) -> dict[str, Tensor]:
         """New tokens per condition for one batch (prompt cache shared for one-token answers)."""
         return answer_conditions(
             self.lm,
@@ -216,6 +218,7 @@ class CorrSteerModule(L.LightningModule):
             self._max_new_tokens(),
             self._eos_ids(),
             self._pad_id(),
+            prompt_caches,
         )
 
     # -- calibration (fit) ----------------------------------------------------------------
@@ -262,13 +265,18 @@ class CorrSteerModule(L.LightningModule):
         return new, pooled
 
     @torch.inference_mode()
-    def evaluate_split(self, conditions: Conditions, split: str = "validation") -> dict[str, SplitResult]:
-        """Accuracy, valid rate and answer counts per condition on a split, over all ranks."""
+    def evaluate_split(
+        self, conditions: Conditions, split: str = "validation", prompt_caches: PromptCaches | None = None
+    ) -> dict[str, SplitResult]:
+        """Accuracy, valid rate and answer counts per condition on a split, over all ranks.
+
+        Pass the same `prompt_caches` to several calls over one split to run its prompts only once.
+        """
         results = {name: SplitResult() for name in conditions}
         for batch in self.trainer.datamodule.batches(split):
             if not batch["examples"]:
                 continue
-            for name, new in self.answer(batch, conditions).items():
+            for name, new in self.answer(batch, conditions, prompt_caches).items():
                 scores, valid, answers = self.score(batch, new)
                 results[name].add(scores, valid, answers)
         if dist.is_available() and dist.is_initialized():

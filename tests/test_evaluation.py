@@ -59,3 +59,26 @@ def test_multi_token_conditions_fall_back_to_generate(llama, batch):
     with conditions["x60"].apply(llama):
         expected, _ = generate_with_features(llama, batch["input_ids"], batch["attention_mask"], 3, pad_token_id=0)
     assert torch.equal(out["x60"], expected)
+
+
+def test_a_second_pass_over_the_same_prompts_reuses_their_cache_and_gives_the_same_answers(llama, batch):
+    conditions = _conditions(llama)
+    calls = []
+    handle = llama.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    try:
+        caches = evaluation.PromptCaches()
+        first = answer_conditions(llama, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0, caches)
+        assert len(calls) == 2 and len(caches) == 1  # the prompt body, then the conditions' last positions
+        second = answer_conditions(llama, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0, caches)
+        assert len(calls) == 3, "the prompt body must not run again"
+    finally:
+        handle.remove()
+    assert all(torch.equal(first[name], second[name]) for name in conditions)
+
+
+def test_prompt_caches_over_their_byte_budget_are_not_kept(llama, batch):
+    caches = evaluation.PromptCaches(max_bytes=0)
+    answer_conditions(llama, batch["input_ids"], batch["attention_mask"], {"unsteered": None}, 1, [1], 0, caches)
+    assert len(caches) == 0 and caches.bytes == 0

@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from corrsteer_pl import evaluation
 from corrsteer_pl.cli import main
 from corrsteer_pl.steering import SteeringVectors
 from corrsteer_pl.tiny import random_sae
@@ -85,6 +86,19 @@ def test_variant_p_records_validation_scores_per_layer(tmp_path):
     assert kept == {
         int(k[6:]) for k, v in info["validation"].items() if k != "unsteered" and v > info["validation"]["unsteered"]
     }
+
+
+def test_variant_p_and_the_scale_grid_run_the_validation_prompts_once(tmp_path, monkeypatch):
+    found = []  # per validation batch and pass: was its prompt cache already there?
+    get = evaluation.PromptCaches.get
+    monkeypatch.setattr(
+        evaluation.PromptCaches, "get", lambda self, *a: found.append(get(self, *a) is not None) or get(self, *a)
+    )
+    args = ["--calibration.variant", "P", "--calibration.scale_grid", "[0.5, 2.0]", "--model.max_new_tokens", "1"]
+    main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), *args])
+    assert json.loads((tmp_path / "steered" / "steering.json").read_text())["info"]["validation"]
+    batches = len(found) // 2
+    assert batches > 0 and found == [False] * batches + [True] * batches, "the grid pass reuses P's prompt caches"
 
 
 def _error(args, capsys):

@@ -18,7 +18,7 @@ def _module(results: dict[str, SplitResult], choices: tuple[str, ...]):
         saes={0: random_sae(64, 16, 0)},
         lm=model,
         trainer=SimpleNamespace(datamodule=datamodule),
-        evaluate_split=lambda conditions: {name: results[name] for name in conditions},
+        evaluate_split=lambda conditions, prompt_caches=None: {name: results[name] for name in conditions},
     )
 
 
