@@ -197,7 +197,10 @@ def _batch_key(input_ids: Tensor, attention_mask: Tensor) -> bytes:
 
 
 def _cache_bytes(cache: Any) -> int:
-    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)
+    # storage, not view size: a cropped layer is a view into the tensor that also held the last pass's queries
+    return sum(
+        t.untyped_storage().nbytes() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+    )
 
 
 @dataclass

@@ -3,7 +3,9 @@
 Minutes, not seconds: `pytest -m "not e2e"` skips it locally; CI runs it.
 """
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ SMALL = [
 ]  # fmt: skip
 
 
-def test_default_job_on_the_real_offline_model_exports_steering_that_changes_answers(tmp_path):
+def test_default_job_on_the_real_offline_model_exports_steering_that_changes_answers(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gguf")
     main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.default_root_dir", str(tmp_path), *SMALL])
     export = tmp_path / "steered"
@@ -46,3 +48,18 @@ def test_default_job_on_the_real_offline_model_exports_steering_that_changes_ans
         model.corrsteer_hooks.detach()
         unsteered = model(**prompts).logits[0, -1]
     assert not torch.allclose(steered, unsteered), "the exported steering changes the model's next-token logits"
+
+    study = _load_selection_study(monkeypatch)
+    study.main(["--run", str(tmp_path), "--items", "16", "--draws", "2"])
+    table = capsys.readouterr().out
+    assert "| condition (16 validation items) |" in table and "| A x1 |" in table
+    assert "| layer 12 #" in table, "each layer's top feature is scored alone"
+
+
+def _load_selection_study(monkeypatch):
+    benchmarks = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("selection_study", benchmarks / "selection_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
