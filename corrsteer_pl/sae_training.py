@@ -117,9 +117,10 @@ def collect_activations(
             for row, text in enumerate(rows):
                 if text < used:
                     per_text[layer][text] = hidden[row][kept[row]].float().cpu()
-            last[layer] = hidden[:, -1].clone()  # left padding: every row's last prompt position
-            if layer == layers[-1] and answers is None:
-                raise _StopForward
+            if answers is not None:
+                last[layer] = hidden[:, -1].clone()  # left padding: every row's last prompt position
+            elif layer == layers[-1]:
+                raise _StopForward  # the layers after the deepest SAE layer are not needed
 
         return fn
 
