@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from corrsteer_pl.atomic import atomic_folder, check_writable
+from corrsteer_pl.diagnosis import selection_warnings
 from corrsteer_pl.evaluation import PromptCaches
 from corrsteer_pl.selection import Selection, Variant, select_features
 from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
@@ -29,32 +31,41 @@ class CorrelationCallback(L.Callback):
         scale_grid: list[float] | None = None,
         max_answer_share: float = 0.6,
         active_only: bool = False,
-        export_dir: str | None = None,
         include_model: bool = False,
     ) -> None:
         """
         Args:
             variant: S (single best feature), A (top feature of every layer) or P (layers that help on validation).
             top_k: candidates kept per layer for the report.
-            scale: global multiplier of the coefficients (mean activation on correct answers).
-            scale_grid: pick the scale from these values by validation accuracy instead (e.g. [0.5, 1, 2, 4]).
+            scale: global multiplier (> 0) of the coefficients (mean activation on correct answers). Negative
+                scales (subtracting features) are refused: the paper reports they collapse accuracy.
+            scale_grid: pick the scale from these values (each > 0) by validation accuracy instead
+                (e.g. [0.5, 1, 2, 4]).
             max_answer_share: on multiple-choice tasks a grid scale is rejected when one answer letter takes
-                more than this share of validation answers (collapse to "always A" must not win).
+                more than this share (0 < share <= 1) of validation answers (collapse to "always A" must not win).
             active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
-            export_dir: where the steering is written (None = <default_root_dir>/steered).
             include_model: also write the base model's weights into the export so it stands alone.
         """
+        check_options(top_k, scale, scale_grid, max_answer_share)
         self.variant, self.top_k, self.scale, self.active_only = variant, top_k, scale, active_only
         self.scale_grid, self.max_answer_share = scale_grid, max_answer_share
-        self.export_dir, self.include_model = export_dir, include_model
+        self.include_model = include_model
         self.stats: dict[int, CorrelationStats] = {}
         self.selection: Selection | None = None
+        self.exported = False
+        self.restored_complete = False  # resumed from a checkpoint written after the last calibration batch
+        self._trainer: L.Trainer | None = None
         self._started = 0.0
         self._samples_at_start = 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:  # fail now, not after an hour of calibration
+            check_writable(pl_module.export_dir, "--model.steering_path")
 
     # -- calibration ----------------------------------------------------------------------
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
         for layer, sae in pl_module.saes.items():
             if layer not in self.stats:
                 self.stats[layer] = CorrelationStats(sae.cfg.d_sae, device=pl_module.device)
@@ -67,7 +78,6 @@ class CorrelationCallback(L.Callback):
         labels = outputs["labels"]
         for layer, pooled in outputs["pooled"].items():
             self.stats[layer].update(pooled, labels.to(pooled.device))
-        trainer.train_dataloader.mark_completed()
         stats = next(iter(self.stats.values()))
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         pl_module.log_dict(
@@ -120,41 +130,77 @@ class CorrelationCallback(L.Callback):
     def _local_samples(self) -> int:
         return next(iter(self.stats.values())).num_samples if self.stats else 0
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A resume from a checkpoint written after the last batch skips the training loop (and its
+        # on_train_end): select and export from the checkpoint's statistics without recalibrating.
+        # (Lightning restores the loops only after on_fit_start, so the callback's own state says it.)
+        if self.restored_complete:
+            rank_zero_info("the checkpoint holds a finished calibration: selecting and exporting from its statistics")
+            for stats in self.stats.values():
+                stats.to(pl_module.device)
+            self.on_train_end(trainer, pl_module)
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reduce the statistics over ranks, select features, export the steering."""
+        if self.exported:
+            return
         for stats in self.stats.values():
             stats.all_reduce()
+        self.selection, scale, grid = self._select(pl_module)
+        warnings = selection_warnings(self.stats, self.selection)
+        for warning in warnings:
+            rank_zero_warn(warning)
+        pl_module.steering = self._steering(trainer, pl_module, scale, grid, warnings)
+        if trainer.is_global_zero:
+            self._export(pl_module)
+            log_selection(trainer, self.stats, self.selection)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        self.exported = True
+
+    def _select(self, pl_module: L.LightningModule) -> tuple[Selection, float, dict[str, dict[str, float]]]:
         caches = PromptCaches()  # P's layer check and the scale grid answer the same validation prompts
         evaluate = (lambda candidates: self._validate(pl_module, candidates, caches)) if self.variant == "P" else None
         self.selection = select_features(self.stats, self.variant, self.top_k, self.active_only, 1.0, evaluate)
         scale, grid = self._pick_scale(pl_module, caches)
         self.selection.features = [replace(f, coefficient=f.coefficient * scale) for f in self.selection.features]
+        return self.selection, scale, grid
+
+    def _steering(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, scale: float, grid: dict, warnings: list[str]
+    ) -> SteeringVectors:
         stats = next(iter(self.stats.values()))
-        steering = SteeringVectors.from_selection(
-            self.selection,
-            pl_module.saes,
-            pl_module.lm,
-            pl_module.sae_sources,
-            info={
-                "variant": self.variant,
-                "scale": scale,
-                "scale_grid": grid,
-                "active_only": self.active_only,
-                "samples_seen": stats.num_samples,
-                "positive_rate": float(stats.positive_rate()),
-                "pooling": pl_module.hparams.pooling,
-                "task": trainer.datamodule.task.name,
-                "validation": self.selection.validation,
-            },
+        info = {
+            "variant": self.variant,
+            "scale": scale,
+            "scale_grid": grid,
+            "active_only": self.active_only,
+            "samples_seen": stats.num_samples,
+            "positive_rate": float(stats.positive_rate()),
+            "pooling": pl_module.hparams.pooling,
+            "task": trainer.datamodule.task.name,
+            "validation": self.selection.validation,
+            "warnings": warnings,
+        }
+        return SteeringVectors.from_selection(
+            self.selection, pl_module.saes, pl_module.lm, pl_module.sae_sources, info=info
         )
-        pl_module.steering = steering
-        if trainer.is_global_zero:
-            folder = Path(self.export_dir or Path(trainer.default_root_dir) / "steered")
-            model = pl_module.lm if self.include_model else None
-            steering.save(folder, model=model, tokenizer=pl_module.tokenizer if model is not None else None)
-            save_layer_stats(self.stats, folder / STATS_FILE)
-            log_selection(trainer, self.stats, self.selection)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
+
+    def _export(self, pl_module: L.LightningModule) -> None:
+        """Writes the export folder whole or not at all: a failure leaves the previous export as it was."""
+        folder = pl_module.export_dir
+        model = pl_module.lm if self.include_model else None
+        try:
+            with atomic_folder(folder) as tmp:
+                pl_module.steering.save(tmp, model=model, tokenizer=pl_module.tokenizer if model is not None else None)
+                save_layer_stats(self.stats, tmp / STATS_FILE)
+        except OSError as err:
+            raise OSError(
+                f"could not write the export to {folder} ({err.strerror or err}); any previous export there is "
+                "unchanged and the statistics are in checkpoints/last.ckpt: make room, then run "
+                "`fit --ckpt_path last` to export without recalibrating"
+            ) from None
+        rank_zero_info(f"exported the steering to {folder}")
 
     # -- checkpointing --------------------------------------------------------------------
 
@@ -167,13 +213,34 @@ class CorrelationCallback(L.Callback):
             reduced = CorrelationStats(stats.num_features, device=stats.sum_z.device)
             reduced.load_state_dict(stats.state_dict())
             state[layer] = {k: v.cpu() for k, v in reduced.all_reduce().state_dict().items()}
-        return {"stats": state}
+        loader = self._trainer.train_dataloader if self._trainer is not None else None
+        complete = loader is not None and loader.completed >= len(loader)
+        return {"stats": state, "complete": complete}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.stats = {}
+        self.restored_complete = bool(state_dict.get("complete", False))
         for layer, state in state_dict["stats"].items():
             stats = CorrelationStats(int(state["sum_z"].numel()))
             if rank == 0:
                 stats.load_state_dict(state)
             self.stats[int(layer)] = stats
+
+
+def check_options(top_k: int, scale: float, scale_grid: list[float] | None, max_answer_share: float) -> None:
+    """Refuses selection options that would silently do something else than asked, naming the flag."""
+    if top_k < 1:
+        raise ValueError(f"--calibration.top_k must be >= 1 (candidates kept per layer), got {top_k}")
+    if not scale > 0:
+        raise ValueError(
+            f"--calibration.scale must be > 0, got {scale}: a negative scale subtracts the features, "
+            "which the paper reports collapses accuracy"
+        )
+    if scale_grid is not None and (not scale_grid or not all(s > 0 for s in scale_grid)):
+        raise ValueError(f"--calibration.scale_grid must list scales > 0 (or be null), got {scale_grid}")
+    if not 0 < max_answer_share <= 1:
+        raise ValueError(
+            f"--calibration.max_answer_share must lie in (0, 1], got {max_answer_share} "
+            "(1 turns the collapse guard off)"
+        )

@@ -54,7 +54,7 @@ def main(args: list[str] | None = None) -> CorrSteerCLI | None:
             auto_configure_optimizers=False,
             args=args,
         )
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+    except (ValueError, OSError, ModuleNotFoundError) as err:  # OSError: unreadable input, full disk
         if os.environ.get("CORRSTEER_TRACEBACK"):
             raise
         sys.exit(f"error: {err} (CORRSTEER_TRACEBACK=1 shows where)")

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from transformers import AutoTokenizer
 
-from corrsteer_pl.sources import resolve_model
+from corrsteer_pl.sources import load_pretrained, resolve_model
 from corrsteer_pl.tasks import SPLITS, Example, Split, Task, get_task
 
 # val_dataloader() is empty during fit on purpose (see there): not a mistake worth a warning.
@@ -103,6 +103,29 @@ class ShardedBatches:
         self.completed = int(state["completed"])
 
 
+def check_prompt_lengths(
+    examples: list[Example], split: str, tokenizer: Any, limit: int, render: Callable[[str], str]
+) -> None:
+    """Refuses the first prompt over `limit` tokens, naming its item; huge prompts are caught before tokenizing."""
+    texts = [render(e.prompt) for e in examples]
+    # A token spells at most `longest` characters, so a text of more than limit * longest characters has more
+    # than `limit` tokens: such a prompt is refused without tokenizing it (a 50 MB prompt took GBs to tokenize).
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    for example, text in zip(examples, texts, strict=True):
+        if len(text) > limit * longest:
+            _too_long(example, split, limit, f"{len(text):,} characters")
+    for example, ids in zip(examples, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+        if len(ids) > limit:
+            _too_long(example, split, limit, f"{len(ids):,} tokens")
+
+
+def _too_long(example: Example, split: str, limit: int, size: str) -> None:
+    raise ValueError(
+        f"--data.max_prompt_tokens: {split} item '{example.id}' has a prompt of {size}, more than {limit:,} "
+        "tokens: shorten or remove it, or raise --data.max_prompt_tokens"
+    )
+
+
 class TaskDataModule(L.LightningDataModule):
     """A task by name with its calibration / validation / test splits, deterministic for a seed."""
 
@@ -118,6 +141,7 @@ class TaskDataModule(L.LightningDataModule):
         tokenizer: str | None = None,
         options: dict | None = None,
         chat_template: bool = False,
+        max_prompt_tokens: int = 8192,
     ) -> None:
         """
         Args:
@@ -131,6 +155,8 @@ class TaskDataModule(L.LightningDataModule):
             tokenizer: tokenizer name or path (linked to model.model by the CLI).
             options: task-specific options passed to the task (e.g. fractions for mmlu).
             chat_template: wrap each prompt in the tokenizer's chat template as one user turn (instruct models).
+            max_prompt_tokens: a prompt longer than this many tokens is refused, naming its item (a 50 MB prompt
+                would otherwise grow the process until it is killed); raise it for long-context models.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -144,6 +170,8 @@ class TaskDataModule(L.LightningDataModule):
                 raise ValueError(f"--data.limit_{split} must be a positive number of examples, got {limit}")
         if batch_size < 1:
             raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
+        if max_prompt_tokens < 1:
+            raise ValueError(f"--data.max_prompt_tokens must be positive, got {max_prompt_tokens}")
         self.splits: dict[Split, list[Example]] = {}
         self._tokenizer = None
 
@@ -152,7 +180,8 @@ class TaskDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if not self.hparams.tokenizer:
                 raise ValueError("TaskDataModule needs a tokenizer: set --data.tokenizer (or --model.model)")
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model(self.hparams.tokenizer), padding_side="left")
+            source = resolve_model(self.hparams.tokenizer)
+            self._tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source, padding_side="left")
             if self._tokenizer.pad_token is None:
                 self._tokenizer.pad_token = self._tokenizer.eos_token
         return self._tokenizer
@@ -171,12 +200,16 @@ class TaskDataModule(L.LightningDataModule):
         limits = [f"{split} {limit}" for split, limit in self.limits.items() if limit is not None]
         subsets = f"; seeded subsets of at most {', '.join(limits)} items" if limits else ""
         template = "; prompts in the tokenizer's chat template" if self.hparams.chat_template else ""
-        return f"{self.task.data_note}{subsets}{template}"
+        dropped = self.task.duplicates_dropped
+        duplicates = f"; {dropped} items with a prompt seen before were dropped before splitting" if dropped else ""
+        return f"{self.task.data_note}{duplicates}{subsets}{template}"
 
     def prompts(self, split: Split) -> list[str]:
         """The texts the model reads for a split's examples (chat template applied when on)."""
-        tok, chat = self.tokenizer, self.hparams.chat_template
-        return [render_prompt(tok, e.prompt, chat) for e in self.examples(split)]
+        return [self.render(e.prompt) for e in self.examples(split)]
+
+    def render(self, prompt: str) -> str:
+        return render_prompt(self.tokenizer, prompt, self.hparams.chat_template)
 
     def examples(self, split: Split) -> list[Example]:
         """The (limited) examples of a split; loaded once."""
@@ -184,6 +217,7 @@ class TaskDataModule(L.LightningDataModule):
             examples = self.task.load_split(split)[: self.limits[split]]
             if not examples:
                 raise ValueError(f"task '{self.task.name}' has no {split} examples (check --data.source / limits)")
+            check_prompt_lengths(examples, split, self.tokenizer, self.hparams.max_prompt_tokens, self.render)
             self.splits[split] = examples
         return self.splits[split]
 

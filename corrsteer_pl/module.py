@@ -13,7 +13,7 @@ import lightning as L
 import torch
 import torch.distributed as dist
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -21,11 +21,13 @@ from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
 from corrsteer_pl.capture import Pooling, generate_with_features
 from corrsteer_pl.comparison import ConditionScores
 from corrsteer_pl.controls import random_direction_controls, random_feature_controls
+from corrsteer_pl.diagnosis import nothing_steered
 from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
+from corrsteer_pl.recovery import IDENTITY_KEY, calibration_identity, check_same_calibration
 from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
 from corrsteer_pl.sae_training import METRICS_FILE, SAETrainingConfig, prepare_saes
-from corrsteer_pl.sources import TINY_RANDOM, cache_dir, resolve_model, resolve_sae
+from corrsteer_pl.sources import TINY_RANDOM, cache_dir, load_pretrained, resolve_model, resolve_sae
 from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 
@@ -78,14 +80,19 @@ class CorrSteerModule(L.LightningModule):
             sae_dtype: SAE weights dtype.
             max_new_tokens: tokens to generate per answer (None = the task's own).
             pooling: how SAE features are pooled over generation positions: max or mean.
-            steering_path: export folder used by validate/test (None = <default_root_dir>/steered).
-            controls: validate/test also steer with this many random-feature and random-direction controls.
+            steering_path: the export folder: fit writes the steering there, validate/test read it
+                (None = <default_root_dir>/steered).
+            controls: validate/test also steer with this many random-feature and random-direction controls (>= 0).
             control_seed: seed of the random controls.
             train_saes: train TopK SAEs for these layers on the calibration prompts when none are cached
                 (for models without published SAEs); they are added to `saes`.
         """
         super().__init__()
         self.save_hyperparameters()
+        if controls < 0:
+            raise ValueError(f"--model.controls must be >= 0 (0 leaves the random controls out), got {controls}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"--model.max_new_tokens must be >= 1 (or null for the task's own), got {max_new_tokens}")
         if not saes and not (train_saes and train_saes.layers):
             raise ValueError(
                 "no SAEs configured: add entries to model.saes (source, sae_id) or layers to model.train_saes"
@@ -111,12 +118,11 @@ class CorrSteerModule(L.LightningModule):
         """Loads the LM and SAEs and checks they fit together, before any forward pass."""
         if self.lm is not None:
             return
-        path = resolve_model(self.hparams.model)
-        self.lm = AutoModelForCausalLM.from_pretrained(
-            path, revision=self.hparams.revision, dtype=DTYPES[self.hparams.dtype]
-        ).eval()
+        path, revision = resolve_model(self.hparams.model), self.hparams.revision
+        dtype = DTYPES[self.hparams.dtype]
+        self.lm = load_pretrained(AutoModelForCausalLM.from_pretrained, path, revision=revision, dtype=dtype).eval()
         self.lm.requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(path, revision=self.hparams.revision, padding_side="left")
+        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, revision=revision, padding_side="left")
         for spec in [*self.sae_specs, *self._trained_saes()]:
             source, sae_id = resolve_sae(spec.source, spec.sae_id)
             sae = load_sae(source, sae_id, dtype=self.hparams.sae_dtype)
@@ -176,6 +182,36 @@ class CorrSteerModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {}  # frozen LM and SAE weights are reloaded from their sources
+        checkpoint[IDENTITY_KEY] = self.calibration_identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuses to resume statistics gathered under another model, SAE set, data or batching."""
+        saved = checkpoint.get(IDENTITY_KEY)
+        if saved is None:
+            raise ValueError(
+                "the checkpoint does not say which model, SAEs and data it was calibrated on (written by an older "
+                "corrsteer-pl): start afresh with a new --trainer.default_root_dir"
+            )
+        check_same_calibration(saved, self.calibration_identity())
+
+    def calibration_identity(self) -> dict[str, Any]:
+        """Every setting that changes the calibration statistics, by the flag that sets it."""
+        data = self.trainer.datamodule
+        return calibration_identity(
+            {
+                "--model.model": self.hparams.model,
+                "--model.revision": self.hparams.revision,
+                "--model.dtype": self.hparams.dtype,
+                "--model.sae_dtype": self.hparams.sae_dtype,
+                "--model.saes": sorted(spec.label() for spec in self.sae_specs),
+                "--model.train_saes": asdict(self.train_saes) if self.train_saes else None,
+                "--model.pooling": self.hparams.pooling,
+                "--model.max_new_tokens": self._max_new_tokens(),
+                "--trainer.devices x --trainer.num_nodes": self.trainer.world_size,
+                **{f"--data.{key}": value for key, value in data.identity().items()},
+                "--data.batch_size": data.hparams.batch_size,
+            }
+        )
 
     # -- generation -----------------------------------------------------------------------
 
@@ -287,13 +323,15 @@ class CorrSteerModule(L.LightningModule):
 
     # -- validate / test: unsteered vs steered --------------------------------------------
 
-    def _steering_dir(self) -> Path:
+    @property
+    def export_dir(self) -> Path:
+        """The export folder (--model.steering_path): fit writes the steering there, validate/test read it."""
         return Path(self.hparams.steering_path or Path(self.trainer.default_root_dir) / "steered")
 
     def _prepare_conditions(self) -> None:
         """Unsteered, steered, and the random controls, all answered on the same items."""
         if self.steering is None:
-            path = self._steering_dir()
+            path = self.export_dir
             if not (path / "steering.json").exists():
                 raise FileNotFoundError(
                     f"no steering export at {path}: run `train.py fit` with this config first, "
@@ -302,8 +340,10 @@ class CorrSteerModule(L.LightningModule):
             self.steering = SteeringVectors.load(path)
             self.steering.validate(self.lm)
         self.conditions = {"unsteered": None, "steered": self.steering}
+        if not self.steering.layers:
+            rank_zero_warn(nothing_steered(list(self.steering.info.get("warnings", []))))
         if self.hparams.controls > 0 and self.steering.layers:
-            stats = load_layer_stats(self._steering_dir() / STATS_FILE)
+            stats = load_layer_stats(self.export_dir / STATS_FILE)
             draws, seed = self.hparams.controls, self.hparams.control_seed
             for i, c in enumerate(random_feature_controls(self.steering, self.saes, stats, draws, seed)):
                 self.conditions[f"random_feature/{i}"] = c
@@ -353,8 +393,9 @@ class CorrSteerModule(L.LightningModule):
             valid=is_valid,
             controls=controls,
             features=[asdict(f) for layer in self.steering.layers.values() for f in layer.features],
-            steering={"path": str(self._steering_dir()), **self.steering.info},
+            steering={"path": str(self.export_dir), **self.steering.info},
             data=self.trainer.datamodule.describe(),
+            warnings=list(self.steering.info.get("warnings", [])),
         )
         self.log_dict({f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS})
         self.log(f"{stage}/samples", float(report.samples))
@@ -365,7 +406,7 @@ class CorrSteerModule(L.LightningModule):
         for c in report.controls:
             self.log_dict({f"{stage}/{c.kind}/accuracy_mean": c.accuracy_mean, f"{stage}/{c.kind}/p_value": c.p_value})
         if self.trainer.is_global_zero:
-            report.save(self._steering_dir(), "report" if split == "test" else f"{split}_report")
+            report.save(self.export_dir, "report" if split == "test" else f"{split}_report")
             for logger in self.loggers:
                 if isinstance(logger, TensorBoardLogger):
                     logger.experiment.add_text(f"{stage}/report", report.to_markdown(), self.global_step)

@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from corrsteer_pl.atomic import atomic_file
+from corrsteer_pl.diagnosis import nothing_steered
+
 RESAMPLES = 10_000
 
 
@@ -134,6 +137,7 @@ class EvaluationReport:
     features: list[dict[str, Any]] = field(default_factory=list)
     steering: dict[str, Any] = field(default_factory=dict)
     data: str = ""  # where the items come from (how the splits were made, limits)
+    warnings: list[str] = field(default_factory=list)  # why the steering is empty or suspect, from the export
 
     @classmethod
     def from_scores(
@@ -180,9 +184,12 @@ class EvaluationReport:
         )
 
     def to_markdown(self) -> str:
-        lines = [
-            f"# CorrSteer evaluation: {self.task} ({self.split} split, {self.samples} items)",
-            "",
+        lines = [f"# CorrSteer evaluation: {self.task} ({self.split} split, {self.samples} items)", ""]
+        if not self.features:
+            lines += [f"**{nothing_steered(self.warnings)}.** Steered equals unsteered below.", ""]
+        else:
+            lines += [f"Warning: {w}" for w in self.warnings] + ([""] if self.warnings else [])
+        lines += [
             f"Judge: {self.judge}",
             "",
             *([f"Data: {self.data}", ""] if self.data else []),
@@ -222,5 +229,6 @@ class EvaluationReport:
     def save(self, folder: str | Path, stem: str = "report") -> None:
         """Writes `<stem>.json` and `<stem>.md`."""
         folder = Path(folder)
-        (folder / f"{stem}.json").write_text(json.dumps(asdict(self), indent=2))
-        (folder / f"{stem}.md").write_text(self.to_markdown())
+        for name, text in ((f"{stem}.json", json.dumps(asdict(self), indent=2)), (f"{stem}.md", self.to_markdown())):
+            with atomic_file(folder / name) as tmp:
+                tmp.write_text(text)

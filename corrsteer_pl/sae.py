@@ -18,9 +18,18 @@ def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype:
             raise FileNotFoundError(f"{path} is not an sae-lens folder: cfg.json is missing (save with sae.save_model)")
         sae = SAE.load_from_disk(path, device=device, dtype=dtype)
     elif sae_id is None:
-        raise ValueError(f"SAE source '{source}' is neither a local folder nor a release with an sae_id")
+        raise ValueError(
+            f"--model.saes: SAE source '{source}' is not an existing folder, and a sae-lens release needs an sae_id"
+        )
     else:
-        sae = SAE.from_pretrained(source, sae_id, device=device, dtype=dtype)
+        try:
+            sae = SAE.from_pretrained(source, sae_id, device=device, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - unknown release or id, no hub: one line naming the entry
+            lines = str(err).strip().splitlines()
+            raise ValueError(
+                f"--model.saes: cannot load SAE '{sae_id}' of release '{source}' ({type(err).__name__}: "
+                f"{lines[0] if lines else ''}); check the release and id, or give a local sae-lens folder"
+            ) from None
     sae.eval()
     for p in sae.parameters():
         p.requires_grad_(False)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from corrsteer_pl.gguf import SMOLLM2, convert_smollm2
 
 TINY_RANDOM = "tiny-random"
 """A tiny random Llama with random JumpReLU SAEs on layers 0 and 1, built on first use (tests, smoke runs)."""
+T = TypeVar("T")
 TINY_BUILD = 2  # bump when corrsteer_pl.tiny changes what it builds: old cache folders are then ignored
 
 
@@ -25,7 +28,41 @@ def resolve_model(name_or_path: str) -> str:
         from corrsteer_pl.tiny import build_tiny_checkpoint
 
         return str(build_tiny_checkpoint(_tiny_folder()) / "model")
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ValueError(f"--model.model: {path} is a file; give a model folder (config.json + weights) or a hub id")
+    if name_or_path.startswith(("/", ".", "~")) or not _is_repo_id(name_or_path):
+        raise FileNotFoundError(
+            f"--model.model: '{name_or_path}' is neither an existing folder nor a Hugging Face model id "
+            "(namespace/name): check the path"
+        )
     return name_or_path
+
+
+def load_pretrained(loader: Callable[..., T], source: str, flag: str = "--model.model", **kwargs: Any) -> T:
+    """`loader(source, **kwargs)` (e.g. AutoModelForCausalLM.from_pretrained) with a one-line error naming the flag.
+
+    A corrupt config.json, missing weights or an unreachable hub otherwise end deep inside transformers.
+    """
+    try:
+        return loader(source, **kwargs)
+    except Exception as err:  # noqa: BLE001 - any loader failure becomes one line that names what to fix
+        lines = str(err).strip().splitlines()
+        raise ValueError(
+            f"{flag}: cannot load '{source}' ({type(err).__name__}: {lines[0] if lines else ''})"
+        ) from None
+
+
+def _is_repo_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def resolve_sae(source: str, sae_id: str | None) -> tuple[str, str | None]:
@@ -33,7 +70,14 @@ def resolve_sae(source: str, sae_id: str | None) -> tuple[str, str | None]:
     if source == TINY_RANDOM:
         from corrsteer_pl.tiny import build_tiny_checkpoint
 
-        return str(build_tiny_checkpoint(_tiny_folder()) / "saes" / (sae_id or "")), None
+        saes = build_tiny_checkpoint(_tiny_folder()) / "saes"
+        available = sorted(p.name for p in saes.iterdir() if p.is_dir())
+        if sae_id not in available:
+            raise ValueError(
+                f"--model.saes: the tiny-random SAEs are {', '.join(available)}; set sae_id to one of them "
+                f"(got {sae_id!r})"
+            )
+        return str(saes / sae_id), None
     return source, sae_id
 
 

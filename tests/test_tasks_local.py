@@ -174,7 +174,7 @@ def test_empty_and_garbled_files_are_one_line_errors(tmp_path):
         get_task("simpleqa", source=str(empty)).load_split("test")
     garbled = tmp_path / "garbled.jsonl"
     garbled.write_text('{"problem": "q", "answer": \n not json at all\n')
-    with pytest.raises(ValueError, match=r"garbled.jsonl: cannot read it as json") as error:
+    with pytest.raises(ValueError, match=r"garbled.jsonl: line 1 is not valid JSON") as error:
         get_task("simpleqa", source=str(garbled)).load_split("test")
     assert "\n" not in str(error.value)
 

@@ -29,6 +29,8 @@ class Task(ABC):
 
     name: ClassVar[str]
     max_new_tokens: ClassVar[int]
+    duplicates_dropped = 0
+    """Examples left out before splitting because an earlier one had the same prompt (set once splits are made)."""
 
     @abstractmethod
     def load_split(self, split: Split) -> list[Example]:

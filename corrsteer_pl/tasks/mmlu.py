@@ -12,7 +12,7 @@ from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example, Split, check_split
 from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, gold_letter, option_letters
-from corrsteer_pl.tasks.splitting import check_fractions, seeded_order, split_by_fractions
+from corrsteer_pl.tasks.splitting import check_fractions, drop_duplicate_prompts, seeded_order, split_by_fractions
 from corrsteer_pl.tasks.tables import TABLE_BUILDERS, read_file, read_hub
 
 HUB_ID = "cais/mmlu"
@@ -63,9 +63,13 @@ class MMLU(ChoiceTask):
         if self.source == "hub":
             return seeded_order(read_hub_split(HUB_SPLITS[split]), self.seed, split)
         if self._splits is None:
+            rows = self._read_offline()
+            unique, self.duplicates_dropped = drop_duplicate_prompts({"all": [example for _, example in rows]})
+            kept = {id(example) for example in unique["all"]}
             groups: dict[str, list[Example]] = defaultdict(list)
-            for subject, example in self._read_offline():
-                groups[subject].append(example)
+            for subject, example in rows:
+                if id(example) in kept:
+                    groups[subject].append(example)
             self._splits = split_by_fractions(groups, self.fractions, self.seed)
         return list(self._splits[split])
 

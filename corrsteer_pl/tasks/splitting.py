@@ -7,7 +7,7 @@ import random
 from collections.abc import Sequence
 from typing import TypeVar
 
-from corrsteer_pl.tasks.base import SPLITS, Split
+from corrsteer_pl.tasks.base import SPLITS, Example, Split
 
 T = TypeVar("T")
 
@@ -73,3 +73,23 @@ def validation_from_train(
 def _share(n: int, share: float) -> int:
     # Rounded first so that float noise (0.7 * 400 = 280.00000000000006) does not round up a whole item.
     return math.ceil(round(n * share, 9))
+
+
+def drop_duplicate_prompts(parts: dict[str, list[Example]]) -> tuple[dict[str, list[Example]], int]:
+    """Keeps the first example of each prompt text, reading parts in the order given; returns the count dropped.
+
+    Row ids come from row positions, so an identical prompt on two rows would otherwise land in two splits
+    (calibrated on, then tested on). Give held-out parts first ("test" before "train") to keep them whole.
+    """
+    seen: set[str] = set()
+    kept: dict[str, list[Example]] = {}
+    dropped = 0
+    for part, examples in parts.items():
+        kept[part] = []
+        for example in examples:
+            if example.prompt in seen:
+                dropped += 1
+                continue
+            seen.add(example.prompt)
+            kept[part].append(example)
+    return kept, dropped

@@ -8,7 +8,7 @@ from functools import cached_property
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import SPLITS, Example, Split, Task, check_split
-from corrsteer_pl.tasks.splitting import holdout_splits, seeded_order, validation_from_train
+from corrsteer_pl.tasks.splitting import drop_duplicate_prompts, holdout_splits, seeded_order, validation_from_train
 from corrsteer_pl.tasks.tables import Package, Row, read_file, resolve_source
 
 
@@ -79,6 +79,8 @@ class TableTask(Task):
         if not any(parts.values()):
             n_rows = sum(map(len, loaded.parts.values()))
             raise ValueError(f"{loaded.origin}: no {self.name} examples in {n_rows} rows{self.empty_hint()}")
+        held_out_first = sorted(parts, key=lambda part: part not in ("test", "validation"))
+        parts, self.duplicates_dropped = drop_duplicate_prompts({part: parts[part] for part in held_out_first})
         if "all" in parts:
             return holdout_splits(parts["all"], self.seed)
         if "train" in parts:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +107,8 @@ def read_file(path: Path) -> list[Row]:
     builder = TABLE_BUILDERS.get(path.suffix)
     if builder is None:
         raise ValueError(f"{path}: cannot read '{path.suffix}' files; use .jsonl, .json, .csv or .parquet")
+    if builder != "parquet":
+        _check_text(path, jsonl=path.suffix == ".jsonl")
     options: dict[str, object] = {}
     if builder == "csv":
         # Keep every cell as text: pandas would read option "4" as 4.0 and option "None" as a null.
@@ -157,6 +160,32 @@ def _has_no_rows(path: Path, builder: str) -> bool:
     if builder == "csv":
         return sum(1 for line in text.splitlines() if line.strip()) < 2
     return text.strip() in ("", "[]")
+
+
+def _check_text(path: Path, jsonl: bool) -> None:
+    """Names the line of the first non-UTF-8 byte or (JSON Lines) the first line that is not JSON.
+
+    `datasets` reports either deep inside pyarrow, naming neither the file nor the line.
+    """
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ValueError(
+            f"{path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8; save the file as UTF-8"
+        ) from None
+    if not jsonl:
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: line {number} is a JSON {type(record).__name__}, not an object with fields")
 
 
 def _first_line(error: BaseException) -> str:

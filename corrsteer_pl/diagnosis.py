@@ -1,0 +1,49 @@
+"""Why a selection came out empty, in words a user can act on: said in the console, the export and the report."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from corrsteer_pl.selection import Selection
+from corrsteer_pl.stats import CorrelationStats
+
+
+def selection_warnings(stats: Mapping[int, CorrelationStats], selection: Selection) -> list[str]:
+    """One sentence per reason the selection is empty or suspect; an empty list when all is well."""
+    if not stats:
+        return ["nothing was calibrated: no SAE layer was read; configure --model.saes or --model.train_saes"]
+    first = next(iter(stats.values()))
+    n, correct = first.num_samples, int(first.n_pos.item())
+    if n == 0:
+        return ["calibration saw no samples: check --data.limit_calibration and the task's calibration split"]
+    if correct == 0 or correct == n:
+        which = "wrong" if correct == 0 else "right"
+        return [
+            f"every calibration answer was {which} ({correct} of {n} correct), so no feature can correlate with "
+            "success: use a task the model sometimes gets right, more calibration items "
+            "(--data.limit_calibration), or another prompt format (--data.chat_template)"
+        ]
+    if not any(selection.candidates.values()):
+        return [
+            f"no SAE feature correlates positively with success on any layer ({n} samples, {correct} correct): "
+            "try more calibration items (--data.limit_calibration) or SAEs on other layers"
+        ]
+    if not selection.features and selection.variant == "P":
+        return [_p_kept_nothing(selection.validation)]
+    return []
+
+
+def _p_kept_nothing(validation: Mapping[str, float]) -> str:
+    scores = {name: acc for name, acc in validation.items() if name != "unsteered"}
+    best = max(scores, key=scores.get) if scores else "none"
+    return (
+        f"variant P kept no layer: no layer's top feature beat the unsteered model on validation "
+        f"(unsteered {validation.get('unsteered', float('nan')):.3f}, best {best} "
+        f"{scores.get(best, float('nan')):.3f}); try more validation items (--data.limit_validation) or "
+        "--calibration.variant A"
+    )
+
+
+def nothing_steered(warnings: list[str]) -> str:
+    """The headline of an empty steering."""
+    return "nothing was steered: " + ("; ".join(warnings) if warnings else "the selection is empty")
