@@ -1,4 +1,8 @@
-"""Feature selection (CorrSteer-S / -A / -P) and coefficients from per-layer correlation statistics."""
+"""Feature selection (CorrSteer-S / -A / -P) and coefficients from per-layer correlation statistics.
+
+Features are ranked by any ranking of `corrsteer_pl.rankings` (Pearson r by default); every
+ranking keeps only features with r > 0.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from typing import Literal
 
 import torch
 
+from corrsteer_pl.rankings import Ranking, check_ranking, score, steering_coefficient
 from corrsteer_pl.stats import CorrelationStats
 
 Variant = Literal["S", "A", "P"]
@@ -23,6 +28,8 @@ class SelectedFeature:
     r: float
     coefficient: float
     frequency: float
+    score: float | None = None
+    """The ranking's score it was chosen by (r for pearson); None where it was not ranked."""
 
 
 @dataclass
@@ -33,6 +40,7 @@ class Selection:
     features: list[SelectedFeature]
     candidates: dict[int, list[SelectedFeature]] = field(default_factory=dict)
     validation: dict[str, float] = field(default_factory=dict)  # P only: "unsteered" and "layer_{L}"
+    ranking: Ranking = "pearson"
 
 
 def rank_layer(
@@ -41,18 +49,23 @@ def rank_layer(
     top_k: int = 10,
     active_only: bool = False,
     scale: float = 1.0,
+    ranking: Ranking = "pearson",
 ) -> list[SelectedFeature]:
-    """The top-k positively correlated features of one layer, best first (negative r never steers)."""
-    r = stats.pearson()
-    k = min(top_k, int((r > 0).sum()))
+    """The top-k features of one layer by `ranking`, best first, among those with r > 0 (negative r never steers).
+
+    The coefficient is the mean activation over correct samples (the mean difference for caa), times `scale`.
+    """
+    scores = score(stats, ranking)
+    k = min(top_k, int((scores > -torch.inf).sum()))
     if k == 0:
         return []
-    values, ids = torch.topk(r, k)
-    coefficients = stats.positive_mean(active_only=active_only)[ids] * scale
+    values, ids = torch.topk(scores, k)
+    r = stats.pearson()[ids]
+    coefficients = steering_coefficient(stats, ranking, active_only)[ids] * scale
     frequency = stats.frequency()[ids]
     return [
-        SelectedFeature(layer, int(i), float(v), float(c), float(f))
-        for i, v, c, f in zip(ids, values, coefficients, frequency, strict=True)
+        SelectedFeature(layer, int(i), float(ri), float(c), float(f), float(v))
+        for i, ri, c, f, v in zip(ids, r, coefficients, frequency, values, strict=True)
     ]
 
 
@@ -63,8 +76,9 @@ def select_features(
     active_only: bool = False,
     scale: float = 1.0,
     evaluate: Callable[[dict[str, list[SelectedFeature]]], dict[str, float]] | None = None,
+    ranking: Ranking = "pearson",
 ) -> Selection:
-    """Runs CorrSteer's selection.
+    """Runs CorrSteer's selection, ranking features by `ranking` (see `corrsteer_pl.rankings`).
 
     S: the single best (layer, feature) over all layers. A: the top-1 feature of every layer.
     P: a layer's top-1 is kept only if steering it alone scores above the unsteered model under
@@ -73,14 +87,16 @@ def select_features(
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown selection variant '{variant}'; use one of {', '.join(VARIANTS)}")
-    candidates = {layer: rank_layer(s, layer, top_k, active_only, scale) for layer, s in sorted(stats.items())}
+    check_ranking(ranking)
+    candidates = {layer: rank_layer(s, layer, top_k, active_only, scale, ranking) for layer, s in sorted(stats.items())}
     best = [c[0] for c in candidates.values() if c]
     if variant == "A":
-        return Selection("A", best, candidates)
+        return Selection("A", best, candidates, ranking=ranking)
     if variant == "S":
-        return Selection("S", sorted(best, key=lambda f: -f.r)[:1], candidates)
+        top = sorted(best, key=lambda f: -(f.r if f.score is None else f.score))[:1]
+        return Selection("S", top, candidates, ranking=ranking)
     if evaluate is None:
         raise ValueError("variant P needs a validation scorer (evaluate); use S or A without one")
     validation = evaluate({"unsteered": []} | {f"layer_{f.layer}": [f] for f in best})
     kept = [f for f in best if validation[f"layer_{f.layer}"] > validation["unsteered"]]
-    return Selection("P", kept, candidates, validation)
+    return Selection("P", kept, candidates, validation, ranking)

@@ -2,9 +2,11 @@
 
 `CorrelationStats` keeps O(F) float64 sufficient statistics that can be updated batch by batch,
 merged exactly across shards, and summed across processes; `pearson_corrcoef` is the one-shot form.
+The same state also feeds the other rankings of `corrsteer_pl.rankings` (MI, Fisher, CAA).
 """
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -15,16 +17,22 @@ from torch import Tensor
 _REL_STD = 1e-12
 # ... or when its spread is below the rounding noise of the shifted sums it was computed from.
 _REL_NOISE = 1e-12
-# Columns processed at once in `update`: the float64 working copy (B x _BLOCK) stays in cache,
-# which is ~4x faster on CPU than one [B, F] float64 temporary (B=32, F=425,984: ~28 vs ~130 ms).
+# Columns processed at once in `update`: the float64 working copies (2 x B x _BLOCK) stay in cache,
+# which is ~4x faster on CPU than one [B, F] float64 temporary (B=32, F=425,984: ~28 vs ~130 ms
+# before the per-class Σz² were added, ~35 ms with them).
 _BLOCK = 16384
 
 STATS_FILE = "statistics.safetensors"
 
-_VECTOR_SUMS = ("sum_z", "sum_zz", "sum_zy", "active", "sum_z_pos", "active_pos")
+# Unshifted Σz² per class (y > 0 / y <= 0), for the Fisher ranking. Sums of squares have no
+# cancellation (every term >= 0), and E[z² | class] is used as is, never turned into a variance.
+_CLASS_SQUARES = ("sum_zz_pos", "sum_zz_neg")
+_VECTOR_SUMS = ("sum_z", "sum_zz", "sum_zy", "active", "sum_z_pos", "active_pos") + _CLASS_SQUARES
 _SCALAR_SUMS = ("n", "sum_y", "sum_yy", "n_pos")
 _SHIFTS = ("shift_z", "shift_y")
 _STATE_KEYS = _SHIFTS + _SCALAR_SUMS + _VECTOR_SUMS
+# Keys that statistics written before they existed lack: loaded as NaN ("unknown"), see load_state_dict.
+_OPTIONAL_KEYS = _CLASS_SQUARES
 
 
 def pearson_corrcoef(z: Tensor, y: Tensor) -> Tensor:
@@ -83,16 +91,28 @@ def _div_by_count(num: Tensor, count: Tensor) -> Tensor:
     return torch.where(count > 0, num / count.clamp_min(1), torch.zeros_like(num))
 
 
+class _RowWeights(NamedTuple):
+    """Per-sample weight vectors [B] that `update` contracts the activations with."""
+
+    ones: Tensor
+    pos: Tensor  # 1[y > 0]
+    neg: Tensor  # 1[y <= 0]
+    yc: Tensor  # y - Ky
+
+
 class CorrelationStats:
     """Streaming per-feature statistics of pooled activations z [B, F] against labels y [B].
 
     Sums are kept in float64 around a shift (Kz per feature, Ky) fixed at the first non-empty
     batch's mean, so features with a large mean/std ratio do not lose precision to cancellation.
+    Per-class sums (`sum_z_pos`, `sum_zz_pos`, `sum_zz_neg`) and the counts are unshifted.
+    `source` names the file the state was loaded from, if any, for error messages.
     """
 
     def __init__(self, num_features: int, device: torch.device | str = "cpu") -> None:
         self.num_features = num_features
         self.device = torch.device(device)
+        self.source: str | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -105,6 +125,11 @@ class CorrelationStats:
     def num_samples(self) -> int:
         """Number of samples seen."""
         return int(self.n.item())
+
+    @property
+    def has_class_squares(self) -> bool:
+        """False when Σz² per class is unknown (statistics saved before it was kept: NaN)."""
+        return not any(bool(getattr(self, key).isnan().any()) for key in _CLASS_SQUARES)
 
     # ---------------------------------------------------------------- accumulation
 
@@ -120,33 +145,33 @@ class CorrelationStats:
         if first:
             self.shift_y = y.mean()
         pos = (y > 0).to(torch.float64)
-        yc = y - self.shift_y
-        ones = torch.ones_like(y)
-        work = torch.empty(z.shape[0], min(_BLOCK, self.num_features), dtype=torch.float64, device=self.device)
+        rows = _RowWeights(torch.ones_like(y), pos, 1 - pos, y - self.shift_y)
+        work = torch.empty(2, z.shape[0], min(_BLOCK, self.num_features), dtype=torch.float64, device=self.device)
         for start in range(0, self.num_features, _BLOCK):
             cols = slice(start, start + _BLOCK)
             zb = z[:, cols]
-            self._update_block(zb, cols, work[:, : zb.shape[1]], ones, pos, yc, first)
+            self._update_block(zb, cols, work[0, :, : zb.shape[1]], work[1, :, : zb.shape[1]], rows, first)
         self.n += z.shape[0]
         self.n_pos += pos.sum()
-        self.sum_y += yc.sum()
-        self.sum_yy += yc @ yc
+        self.sum_y += rows.yc.sum()
+        self.sum_yy += rows.yc @ rows.yc
 
-    def _update_block(
-        self, zb: Tensor, cols: slice, w: Tensor, ones: Tensor, pos: Tensor, yc: Tensor, first: bool
-    ) -> None:
-        """Accumulate the feature columns `cols`, using the float64 buffer w [B, cols]."""
-        torch.gt(zb, 0, out=w)  # w = 1[z > 0]
-        self.active[cols].addmv_(w.T, ones)
-        self.active_pos[cols].addmv_(w.T, pos)
+    def _update_block(self, zb: Tensor, cols: slice, w: Tensor, w2: Tensor, rows: _RowWeights, first: bool) -> None:
+        """Accumulate the feature columns `cols`, using the float64 buffers w, w2 [B, cols]."""
         w.copy_(zb)  # w = z
-        self.sum_z_pos[cols].addmv_(w.T, pos)
+        self.sum_z_pos[cols].addmv_(w.T, rows.pos)
+        torch.gt(w, 0, out=w2)  # w2 = 1[z > 0] (comparing float64 is faster than float32 -> float64)
+        self.active[cols].addmv_(w2.T, rows.ones)
+        self.active_pos[cols].addmv_(w2.T, rows.pos)
+        torch.mul(w, w, out=w2)  # w2 = z²
+        self.sum_zz_pos[cols].addmv_(w2.T, rows.pos)
+        self.sum_zz_neg[cols].addmv_(w2.T, rows.neg)
         if first:
             self.shift_z[cols] = w.mean(0)
         w.sub_(self.shift_z[cols])  # w = z - Kz
-        self.sum_z[cols].addmv_(w.T, ones)
-        self.sum_zy[cols].addmv_(w.T, yc)
-        self.sum_zz[cols].addmv_(w.square_().T, ones)
+        self.sum_z[cols].addmv_(w.T, rows.ones)
+        self.sum_zy[cols].addmv_(w.T, rows.yc)
+        self.sum_zz[cols].addmv_(w.square_().T, rows.ones)
 
     def _shifted_sums(self, shift_z: Tensor, shift_y: Tensor) -> dict[str, Tensor]:
         """The shifted sums re-expressed around (shift_z, shift_y), without modifying self."""
@@ -253,9 +278,18 @@ class CorrelationStats:
         return {key: getattr(self, key).clone() for key in _STATE_KEYS}
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
-        """Replace the state with `state`, checking its keys and number of features."""
+        """Replace the state with `state`, checking its keys and number of features.
+
+        A state saved before the per-class Σz² were kept (no `sum_zz_pos` / `sum_zz_neg`) still
+        loads: those sums become NaN (unknown; zeros if it holds no samples), which every ranking
+        but Fisher ignores and Fisher refuses with a message that says to recalibrate.
+        """
         missing = sorted(set(_STATE_KEYS) - set(state))
         unexpected = sorted(set(state) - set(_STATE_KEYS))
+        if missing and not unexpected and set(missing) <= set(_OPTIONAL_KEYS):
+            fill = float("nan") if state["n"].item() > 0 else 0.0
+            state = {**state, **{key: torch.full_like(state["sum_z"], fill, dtype=torch.float64) for key in missing}}
+            missing = []
         if missing or unexpected:
             raise ValueError(f"bad CorrelationStats state: missing keys {missing}, unexpected keys {unexpected}")
         for key in _STATE_KEYS:
@@ -296,4 +330,5 @@ def load_layer_stats(path: str | Path) -> dict[int, CorrelationStats]:
     for layer, state in sorted(by_layer.items()):
         stats[layer] = CorrelationStats(int(state["sum_z"].numel()))
         stats[layer].load_state_dict(state)
+        stats[layer].source = str(path)
     return stats
