@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -12,11 +11,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from corrsteer_pl.atomic import atomic_folder, check_writable
 from corrsteer_pl.diagnosis import selection_warnings
-from corrsteer_pl.evaluation import PromptCaches
+from corrsteer_pl.rankings import Ranking, check_ranking
 from corrsteer_pl.selection import Selection, Variant, select_features
 from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 from corrsteer_pl.tensorboard import log_selection
+from corrsteer_pl.validation import Validator, scale_features
 
 
 class CorrelationCallback(L.Callback):
@@ -26,6 +26,7 @@ class CorrelationCallback(L.Callback):
     def __init__(
         self,
         variant: Variant = "A",
+        ranking: Ranking = "pearson",
         top_k: int = 10,
         scale: float = 1.0,
         scale_grid: list[float] | None = None,
@@ -36,9 +37,13 @@ class CorrelationCallback(L.Callback):
         """
         Args:
             variant: S (single best feature), A (top feature of every layer) or P (layers that help on validation).
+            ranking: how features are ranked: pearson (CorrSteer), mi (SPARE: mutual information of firing and
+                success), fisher (DSG: E[z^2 | correct] / E[z^2 | wrong]) or caa (|mean difference|, whose
+                coefficient is the mean difference); every ranking keeps only features with r > 0.
             top_k: candidates kept per layer for the report.
-            scale: global multiplier (> 0) of the coefficients (mean activation on correct answers). Negative
-                scales (subtracting features) are refused: the paper reports they collapse accuracy.
+            scale: global multiplier (> 0) of the coefficients (mean activation on correct answers); P's layer
+                check steers at this scale. Negative scales (subtracting features) are refused: the paper
+                reports they collapse accuracy.
             scale_grid: pick the scale from these values (each > 0) by validation accuracy instead
                 (e.g. [0.5, 1, 2, 4]).
             max_answer_share: on multiple-choice tasks a grid scale is rejected when one answer letter takes
@@ -47,7 +52,8 @@ class CorrelationCallback(L.Callback):
             include_model: also write the base model's weights into the export so it stands alone.
         """
         check_options(top_k, scale, scale_grid, max_answer_share)
-        self.variant, self.top_k, self.scale, self.active_only = variant, top_k, scale, active_only
+        self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
+        self.active_only = active_only
         self.scale_grid, self.max_answer_share = scale_grid, max_answer_share
         self.include_model = include_model
         self.stats: dict[int, CorrelationStats] = {}
@@ -92,41 +98,6 @@ class CorrelationCallback(L.Callback):
             batch_size=len(batch["examples"]) or 1,
         )
 
-    def _validate(
-        self, pl_module: L.LightningModule, candidates: dict[str, list], caches: PromptCaches | None = None
-    ) -> dict[str, float]:
-        """Validation accuracy of several candidate steerings, in one pass over the split."""
-        conditions = {
-            name: SteeringVectors.from_selection(features, pl_module.saes, pl_module.lm) if features else None
-            for name, features in candidates.items()
-        }
-        return {name: r.accuracy for name, r in pl_module.evaluate_split(conditions, prompt_caches=caches).items()}
-
-    def _pick_scale(
-        self, pl_module: L.LightningModule, caches: PromptCaches | None = None
-    ) -> tuple[float, dict[str, dict[str, float]]]:
-        """The configured scale, or the grid scale with the best validation accuracy that did not collapse."""
-        if not self.scale_grid or not self.selection.features:
-            return self.scale, {}
-        conditions = {
-            f"{s:g}": SteeringVectors.from_selection(
-                [replace(f, coefficient=f.coefficient * s) for f in self.selection.features],
-                pl_module.saes,
-                pl_module.lm,
-            )
-            for s in self.scale_grid
-        }
-        results = pl_module.evaluate_split(conditions, prompt_caches=caches)
-        multiple_choice = bool(pl_module.trainer.datamodule.examples("validation")[0].choices)
-        grid = {name: {"accuracy": r.accuracy, "top_answer_share": r.top_answer_share} for name, r in results.items()}
-        allowed = [
-            name for name, r in results.items() if not (multiple_choice and r.top_answer_share > self.max_answer_share)
-        ]
-        if not allowed:
-            return self.scale, grid
-        best = max(allowed, key=lambda name: (results[name].accuracy, -float(name)))
-        return float(best), grid
-
     def _local_samples(self) -> int:
         return next(iter(self.stats.values())).num_samples if self.stats else 0
 
@@ -159,12 +130,21 @@ class CorrelationCallback(L.Callback):
         self.exported = True
 
     def _select(self, pl_module: L.LightningModule) -> tuple[Selection, float, dict[str, dict[str, float]]]:
-        caches = PromptCaches()  # P's layer check and the scale grid answer the same validation prompts
-        evaluate = (lambda candidates: self._validate(pl_module, candidates, caches)) if self.variant == "P" else None
-        self.selection = select_features(self.stats, self.variant, self.top_k, self.active_only, 1.0, evaluate)
-        scale, grid = self._pick_scale(pl_module, caches)
-        self.selection.features = [replace(f, coefficient=f.coefficient * scale) for f in self.selection.features]
-        return self.selection, scale, grid
+        """Ranks, validates (P: each layer at --calibration.scale), picks the scale, and scales the features once."""
+        validator = Validator(
+            evaluate=lambda conditions, caches: pl_module.evaluate_split(conditions, prompt_caches=caches),
+            build=lambda features: SteeringVectors.from_selection(features, pl_module.saes, pl_module.lm),
+            multiple_choice=bool(pl_module.trainer.datamodule.examples("validation")[0].choices),
+        )
+        evaluate = (lambda candidates: validator.accuracies(candidates, self.scale)) if self.variant == "P" else None
+        selection = select_features(
+            self.stats, self.variant, self.top_k, self.active_only, evaluate=evaluate, ranking=self.ranking
+        )
+        scale, grid = self.scale, {}
+        if self.scale_grid and selection.features:
+            scale, grid = validator.pick_scale(selection.features, self.scale_grid, self.max_answer_share, self.scale)
+        selection.features = scale_features(selection.features, scale)
+        return selection, scale, grid
 
     def _steering(
         self, trainer: L.Trainer, pl_module: L.LightningModule, scale: float, grid: dict, warnings: list[str]
@@ -172,6 +152,7 @@ class CorrelationCallback(L.Callback):
         stats = next(iter(self.stats.values()))
         info = {
             "variant": self.variant,
+            "ranking": self.ranking,
             "scale": scale,
             "scale_grid": grid,
             "active_only": self.active_only,

@@ -9,6 +9,7 @@ import torch
 from sae_lens import SAE
 from torch import Tensor, nn
 
+from corrsteer_pl.answer_cache import AnswerCache
 from corrsteer_pl.hooks import LayerFn, LayerHooks
 
 Pooling = Literal["max", "mean"]
@@ -58,7 +59,7 @@ class FeatureCapture:
                 continue
             rows = torch.cat(self._rows[layer])
             x = torch.cat(self._residuals[layer])
-            acts = sae.encode(x.to(sae.W_enc.device)).float()  # (n, d_sae), one call for all steps
+            acts = encode_rows(sae, x)  # (n, d_sae), one call for all steps
             out[layer] = self._pool(rows.to(acts.device), acts)
         return out
 
@@ -82,6 +83,28 @@ class FeatureCapture:
             return None
 
         return keep
+
+
+def encode_rows(sae: SAE, residuals: Tensor) -> Tensor:
+    """(n, d_sae) float32 SAE activations of (n, d_model) residual rows, on the SAE's device and dtype."""
+    return sae.encode(residuals.to(device=sae.W_enc.device, dtype=sae.W_enc.dtype)).float()
+
+
+@torch.inference_mode()
+def recorded_features(
+    cache: AnswerCache, texts: list[str], saes: Mapping[int, SAE]
+) -> tuple[Tensor, dict[int, Tensor]] | None:
+    """New tokens (B, 1) and pooled features of prompts whose one-token answer `cache` recorded; None if any is missing.
+
+    One answer token means one generation position, where max and mean pooling are both the identity: the
+    features are the SAE encodes of the recorded residuals, exactly what `FeatureCapture` computes live.
+    """
+    rows = cache.rows(texts, list(saes))
+    if rows is None:
+        return None
+    return cache.tokens[rows].unsqueeze(1), {
+        layer: encode_rows(sae, cache.residuals[layer][rows]) for layer, sae in saes.items()
+    }
 
 
 @torch.inference_mode()

@@ -8,7 +8,7 @@ positions during calibration, each layer's vector rescaled to the selected vecto
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from sae_lens import SAE
@@ -66,3 +66,43 @@ def _firing_pool(stats: CorrelationStats, selected: list[SelectedFeature]) -> Te
 def _matched(selected: LayerSteering, direction: Tensor, features: list[SelectedFeature]) -> LayerSteering:
     vector = direction / direction.norm().clamp_min(1e-12) * selected.vector.norm()
     return LayerSteering(selected.layer, vector, features, selected.hook_name, selected.sae_source)
+
+
+@dataclass
+class ConditionSet:
+    """Steerings answered on the same items: the unsteered model, the steered one, and groups of controls."""
+
+    steered: SteeringVectors
+    controls: dict[str, list[SteeringVectors]] = field(default_factory=dict)  # kind -> draws
+
+    @classmethod
+    def with_random_controls(
+        cls, steering: SteeringVectors, saes: Mapping[int, SAE], stats: Mapping[int, CorrelationStats], draws: int,
+        seed: int,
+    ) -> ConditionSet:  # fmt: skip
+        """The steering with `draws` random-feature and random-direction controls (none for an empty steering)."""
+        if draws == 0 or not steering.layers:
+            return cls(steering)
+        return cls(
+            steering,
+            {
+                "random_feature": random_feature_controls(steering, saes, stats, draws, seed),
+                "random_direction": random_direction_controls(steering, draws, seed),
+            },
+        )
+
+    def named(self) -> dict[str, SteeringVectors | None]:
+        """Every condition by a unique name, in column order: unsteered, steered, then each control draw."""
+        named: dict[str, SteeringVectors | None] = {"unsteered": None, "steered": self.steered}
+        for kind, draws in self.controls.items():
+            named |= {f"{kind}/{i}": steering for i, steering in enumerate(draws)}
+        return named
+
+    def columns(self, per_item: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(N, C) per-item results in `named()` order -> ({unsteered, steered}: (N,), {kind: (draws, N)})."""
+        plain = {"unsteered": per_item[:, 0], "steered": per_item[:, 1]}
+        groups, start = {}, 2
+        for kind, draws in self.controls.items():
+            groups[kind] = per_item[:, start : start + len(draws)].T
+            start += len(draws)
+        return plain, groups

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,17 +15,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
-from corrsteer_pl.capture import Pooling, generate_with_features
+from corrsteer_pl.answer_cache import AnswerCache
+from corrsteer_pl.capture import Pooling, generate_with_features, recorded_features
 from corrsteer_pl.comparison import ConditionScores
-from corrsteer_pl.controls import random_direction_controls, random_feature_controls
+from corrsteer_pl.controls import ConditionSet
 from corrsteer_pl.diagnosis import nothing_steered
 from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
 from corrsteer_pl.recovery import IDENTITY_KEY, calibration_identity, check_same_calibration
 from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
-from corrsteer_pl.sae_training import METRICS_FILE, SAETrainingConfig, prepare_saes
-from corrsteer_pl.sources import TINY_RANDOM, cache_dir, load_pretrained, resolve_model, resolve_sae
+from corrsteer_pl.sae_training import SAETrainingConfig, trained_saes
+from corrsteer_pl.sources import TINY_RANDOM, load_pretrained, resolve_model, resolve_sae
 from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 
@@ -109,7 +107,7 @@ class CorrSteerModule(L.LightningModule):
         self.tokenizer: Any = None
         self.steering: SteeringVectors | None = None
         self.answer_cache: AnswerCache | None = None  # one-token calibration rows recorded while training SAEs
-        self.conditions: dict[str, SteeringVectors | None] = {}
+        self.conditions: ConditionSet | None = None
         self.comparison = ConditionScores()
 
     # -- set-up ---------------------------------------------------------------------------
@@ -133,24 +131,21 @@ class CorrSteerModule(L.LightningModule):
             self.sae_sources[layer] = spec.label()
 
     def _trained_saes(self) -> list[SAESpec]:
-        """SAEs trained here on the calibration prompts (rank 0 trains, the others wait), cached."""
+        """SAEs trained here on the calibration prompts, cached; with one-token answers, their recorded answers."""
         cfg = self.train_saes
         if not cfg or not cfg.layers:
             return []
-        data = self.trainer.datamodule
-        key = {"model": self.hparams.model, "dtype": self.hparams.dtype, "data": data.identity(), "sae": asdict(cfg)}
-        digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        folder = cache_dir() / "saes" / Path(self.hparams.model).name / f"{data.task.name}-{digest}"
-        if self.trainer.is_global_zero:
-            texts = data.prompts("calibration")  # never the test split
-            one_token = self._max_new_tokens() == 1
-            special = not data.hparams.chat_template  # as the batches tokenize
-            prepare_saes(self.lm, self.tokenizer, texts, cfg, folder, answers=one_token, add_special_tokens=special)
-        self.trainer.strategy.barrier("train_saes")
-        self.sae_metrics = {layer: _read_metrics(folder / f"layer_{layer}") for layer in cfg.layers}
-        if (folder / ANSWERS_FILE).is_file() and self._max_new_tokens() == 1:
-            self.answer_cache = AnswerCache.load(folder / ANSWERS_FILE)
-        return [SAESpec(str(folder / f"layer_{layer}")) for layer in cfg.layers]
+        trained = trained_saes(
+            self.trainer,
+            self.lm,
+            self.tokenizer,
+            self.hparams.model,
+            self.hparams.dtype,
+            cfg,
+            self._max_new_tokens() == 1,
+        )
+        self.sae_metrics, self.answer_cache = trained.metrics, trained.answers
+        return [SAESpec(str(path)) for path in trained.folders.values()]
 
     def on_fit_start(self) -> None:
         if self.answer_cache is not None:
@@ -262,7 +257,8 @@ class CorrSteerModule(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if not batch["examples"]:
             return {"labels": torch.zeros(0, dtype=torch.float64), "pooled": {}}
-        cached = self._cached_answers(batch)
+        one_token = self.answer_cache is not None and self._max_new_tokens() == 1
+        cached = recorded_features(self.answer_cache, batch["texts"], self.saes) if one_token else None
         if cached is not None:
             new, pooled = cached
             labels, _, _ = self.score(batch, new)
@@ -281,24 +277,14 @@ class CorrSteerModule(L.LightningModule):
         labels, _, _ = self.score(batch, new)
         return {"labels": labels, "pooled": pooled}
 
-    @torch.inference_mode()
-    def _cached_answers(self, batch: dict[str, Any]) -> tuple[Tensor, dict[int, Tensor]] | None:
-        """New tokens (B, 1) and features from the answer cache, or None to run the LM.
-
-        One answer token means one generation position, where max and mean pooling are both the
-        identity: the features are the SAE encodes of the cached residuals, as capture would compute.
-        """
-        if self.answer_cache is None or self._max_new_tokens() != 1:
-            return None
-        rows = self.answer_cache.rows(batch["texts"], list(self.saes))
-        if rows is None:
-            return None
-        new = self.answer_cache.tokens[rows].unsqueeze(1)
-        pooled = {}
-        for layer, sae in self.saes.items():
-            x = self.answer_cache.residuals[layer][rows].to(device=sae.W_enc.device, dtype=DTYPES[self.hparams.dtype])
-            pooled[layer] = sae.encode(x).float()
-        return new, pooled
+    def score_conditions(
+        self, batch: dict[str, Any], conditions: Conditions, prompt_caches: PromptCaches | None = None
+    ) -> dict[str, tuple[Tensor, Tensor, list[str | None]]]:
+        """Per condition: each item's score, whether its answer was valid, and the answer. The one way a batch is
+        answered and judged, for validation choices during fit and for validate / test alike."""
+        if not batch["examples"]:
+            return {}
+        return {name: self.score(batch, new) for name, new in self.answer(batch, conditions, prompt_caches).items()}
 
     @torch.inference_mode()
     def evaluate_split(
@@ -310,10 +296,7 @@ class CorrSteerModule(L.LightningModule):
         """
         results = {name: SplitResult() for name in conditions}
         for batch in self.trainer.datamodule.batches(split):
-            if not batch["examples"]:
-                continue
-            for name, new in self.answer(batch, conditions, prompt_caches).items():
-                scores, valid, answers = self.score(batch, new)
+            for name, (scores, valid, answers) in self.score_conditions(batch, conditions, prompt_caches).items():
                 results[name].add(scores, valid, answers)
         if dist.is_available() and dist.is_initialized():
             gathered: list[dict[str, SplitResult]] = [{} for _ in range(dist.get_world_size())]
@@ -339,16 +322,12 @@ class CorrSteerModule(L.LightningModule):
                 )
             self.steering = SteeringVectors.load(path)
             self.steering.validate(self.lm)
-        self.conditions = {"unsteered": None, "steered": self.steering}
         if not self.steering.layers:
             rank_zero_warn(nothing_steered(list(self.steering.info.get("warnings", []))))
-        if self.hparams.controls > 0 and self.steering.layers:
-            stats = load_layer_stats(self.export_dir / STATS_FILE)
-            draws, seed = self.hparams.controls, self.hparams.control_seed
-            for i, c in enumerate(random_feature_controls(self.steering, self.saes, stats, draws, seed)):
-                self.conditions[f"random_feature/{i}"] = c
-            for i, c in enumerate(random_direction_controls(self.steering, draws, seed)):
-                self.conditions[f"random_direction/{i}"] = c
+        stats = load_layer_stats(self.export_dir / STATS_FILE) if self.hparams.controls and self.steering.layers else {}
+        self.conditions = ConditionSet.with_random_controls(
+            self.steering, self.saes, stats, self.hparams.controls, self.hparams.control_seed
+        )
 
     def on_validation_start(self) -> None:
         self._prepare_conditions()
@@ -357,14 +336,11 @@ class CorrSteerModule(L.LightningModule):
         self._prepare_conditions()
 
     def _compare_step(self, batch: dict[str, Any]) -> None:
-        if not batch["examples"]:
-            return
-        scores, valid = [], []
-        for new in self.answer(batch, self.conditions).values():
-            s, v, _ = self.score(batch, new)
-            scores.append(s)
-            valid.append(v)
-        self.comparison.update(torch.stack(scores, 1).to(self.device), torch.stack(valid, 1).to(self.device))
+        results = self.score_conditions(batch, self.conditions.named())
+        if results:
+            scores = torch.stack([scores for scores, _, _ in results.values()], 1)
+            valid = torch.stack([valid for _, valid, _ in results.values()], 1)
+            self.comparison.update(scores.to(self.device), valid.to(self.device))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._compare_step(batch)
@@ -376,14 +352,9 @@ class CorrSteerModule(L.LightningModule):
         """Logs the comparison and, on rank 0, writes the report next to the steering export."""
         scores, valid = self.comparison.compute()  # (N, C): every item of every rank
         self.comparison.reset()
-        names = list(self.conditions)
-        column = {name: scores[:, i] for i, name in enumerate(names)}
-        is_valid = {name: valid[:, i] for i, name in enumerate(names)}
-        controls = {}
-        for kind in ("random_feature", "random_direction"):
-            idx = [i for i, name in enumerate(names) if name.startswith(kind + "/")]
-            if idx:
-                controls[kind] = (scores[:, idx].T, valid[:, idx].T)
+        column, control_scores = self.conditions.columns(scores)
+        is_valid, control_valid = self.conditions.columns(valid)
+        controls = {kind: (control_scores[kind], control_valid[kind]) for kind in control_scores}
         report = EvaluationReport.from_scores(
             column["unsteered"],
             column["steered"],
@@ -416,8 +387,3 @@ class CorrSteerModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._report("test", "test")
-
-
-def _read_metrics(folder: Path) -> dict[str, Any]:
-    path = folder / METRICS_FILE
-    return json.loads(path.read_text()) if path.exists() else {}

@@ -7,6 +7,7 @@ reads and steers, is out of distribution for an SAE trained on generic text.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
 from corrsteer_pl.hooks import LayerFn, LayerHooks
 from corrsteer_pl.layers import decoder_layers, hidden_size
+from corrsteer_pl.sources import cache_dir
 
 METRICS_FILE = "training_metrics.json"
 
@@ -314,3 +316,41 @@ def _save(sae: SAE, metrics: dict[str, Any], out: Path) -> None:
         os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class TrainedSAEs:
+    """SAEs trained here for one model and calibration split: their folders, metrics and recorded answers."""
+
+    folders: dict[int, Path]
+    metrics: dict[int, dict[str, Any]]
+    answers: AnswerCache | None
+    """One-token answers and answer-position residuals of every calibration prompt (None unless one-token)."""
+
+
+def trained_saes(
+    trainer: Any, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_id: str, dtype: str,
+    cfg: SAETrainingConfig, one_token: bool,
+) -> TrainedSAEs:  # fmt: skip
+    """Trains (rank 0; the other ranks wait) or reuses the cached SAEs of `cfg` on the calibration prompts only.
+
+    The cache folder is keyed by the model, its dtype, the data's identity and `cfg`: any change trains anew.
+    """
+    data = trainer.datamodule
+    key = {"model": model_id, "dtype": dtype, "data": data.identity(), "sae": asdict(cfg)}
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    folder = cache_dir() / "saes" / Path(model_id).name / f"{data.task.name}-{digest}"
+    if trainer.is_global_zero:
+        texts = data.prompts("calibration")  # never the test split
+        special = not data.hparams.chat_template  # as the batches tokenize
+        prepare_saes(model, tokenizer, texts, cfg, folder, answers=one_token, add_special_tokens=special)
+    trainer.strategy.barrier("train_saes")
+    folders = {layer: folder / f"layer_{layer}" for layer in cfg.layers}
+    metrics = {layer: _read_metrics(path) for layer, path in folders.items()}
+    answers = AnswerCache.load(folder / ANSWERS_FILE) if one_token and (folder / ANSWERS_FILE).is_file() else None
+    return TrainedSAEs(folders, metrics, answers)
+
+
+def _read_metrics(folder: Path) -> dict[str, Any]:
+    path = folder / METRICS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}

@@ -48,12 +48,12 @@ def rank_layer(
     layer: int,
     top_k: int = 10,
     active_only: bool = False,
-    scale: float = 1.0,
     ranking: Ranking = "pearson",
 ) -> list[SelectedFeature]:
     """The top-k features of one layer by `ranking`, best first, among those with r > 0 (negative r never steers).
 
-    The coefficient is the mean activation over correct samples (the mean difference for caa), times `scale`.
+    The coefficient is the mean activation over correct samples (the mean difference for caa); the run's scale
+    multiplies it later, in one place (`corrsteer_pl.validation.scale_features`).
     """
     scores = score(stats, ranking)
     k = min(top_k, int((scores > -torch.inf).sum()))
@@ -61,7 +61,7 @@ def rank_layer(
         return []
     values, ids = torch.topk(scores, k)
     r = stats.pearson()[ids]
-    coefficients = steering_coefficient(stats, ranking, active_only)[ids] * scale
+    coefficients = steering_coefficient(stats, ranking, active_only)[ids]
     frequency = stats.frequency()[ids]
     return [
         SelectedFeature(layer, int(i), float(ri), float(c), float(f), float(v))
@@ -74,7 +74,6 @@ def select_features(
     variant: Variant = "A",
     top_k: int = 10,
     active_only: bool = False,
-    scale: float = 1.0,
     evaluate: Callable[[dict[str, list[SelectedFeature]]], dict[str, float]] | None = None,
     ranking: Ranking = "pearson",
 ) -> Selection:
@@ -88,7 +87,7 @@ def select_features(
     if variant not in VARIANTS:
         raise ValueError(f"unknown selection variant '{variant}'; use one of {', '.join(VARIANTS)}")
     check_ranking(ranking)
-    candidates = {layer: rank_layer(s, layer, top_k, active_only, scale, ranking) for layer, s in sorted(stats.items())}
+    candidates = {layer: rank_layer(s, layer, top_k, active_only, ranking) for layer, s in sorted(stats.items())}
     best = [c[0] for c in candidates.values() if c]
     if variant == "A":
         return Selection("A", best, candidates, ranking=ranking)

@@ -1,37 +1,20 @@
+"""The scale grid: best validation accuracy wins, but never a collapse onto one answer on multiple choice."""
+
 from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 
-from callbacks.correlation import CorrelationCallback
 from corrsteer_pl.evaluation import SplitResult
-from corrsteer_pl.selection import SelectedFeature, Selection
-from corrsteer_pl.tasks import Example
-from corrsteer_pl.tiny import random_sae, tiny_model
+from corrsteer_pl.selection import SelectedFeature
+from corrsteer_pl.validation import Validator, scale_features
 
-
-def _module(results: dict[str, SplitResult], choices: tuple[str, ...]):
-    model = tiny_model("llama", num_layers=2)
-    example = Example("q/0", "Question", "B", choices)
-    datamodule = SimpleNamespace(examples=lambda split: [example])
-    return SimpleNamespace(
-        saes={0: random_sae(64, 16, 0)},
-        lm=model,
-        trainer=SimpleNamespace(datamodule=datamodule),
-        evaluate_split=lambda conditions, prompt_caches=None: {name: results[name] for name in conditions},
-    )
+FEATURES = [SelectedFeature(0, 3, 0.5, 1.0, 0.2)]
 
 
 def _result(accuracy: float, answers: dict[str, int]) -> SplitResult:
     n = sum(answers.values())
     return SplitResult(correct=accuracy * n, valid=n, n=n, answers=Counter(answers))
-
-
-@pytest.fixture()
-def callback():
-    callback = CorrelationCallback(scale_grid=[0.5, 1.0, 2.0, 4.0], max_answer_share=0.6)
-    callback.selection = Selection("A", [SelectedFeature(0, 3, 0.5, 1.0, 0.2)])
-    return callback
 
 
 GRID = {
@@ -42,17 +25,39 @@ GRID = {
 }
 
 
-def test_scale_grid_rejects_a_collapse_to_one_answer_on_multiple_choice(callback):
-    scale, grid = callback._pick_scale(_module(GRID, ("A", "B", "C", "D")))
+def _validator(multiple_choice: bool, passes: list) -> Validator:
+    def evaluate(conditions, caches):
+        passes.append({name: steering.layers[0].features[0].coefficient for name, steering in conditions.items()})
+        return {name: GRID[name] for name in conditions}
+
+    def build(features):
+        return SimpleNamespace(layers={0: SimpleNamespace(features=features)})
+
+    return Validator(evaluate=evaluate, build=build, multiple_choice=multiple_choice)
+
+
+def test_scale_grid_rejects_a_collapse_to_one_answer_on_multiple_choice():
+    scale, grid = _validator(True, []).pick_scale(FEATURES, [0.5, 1.0, 2.0, 4.0], 0.6, default=1.0)
     assert scale == 1.0
     assert grid["2"]["top_answer_share"] == 0.95
 
 
-def test_scale_grid_picks_best_accuracy_when_answers_are_free_form(callback):
-    scale, _ = callback._pick_scale(_module(GRID, ()))
+def test_scale_grid_picks_best_accuracy_when_answers_are_free_form():
+    scale, _ = _validator(False, []).pick_scale(FEATURES, [0.5, 1.0, 2.0, 4.0], 0.6, default=1.0)
     assert scale == 2.0, "ties go to the smaller scale"
 
 
-def test_without_a_grid_the_configured_scale_stands(callback):
-    callback.scale_grid = None
-    assert callback._pick_scale(_module(GRID, ("A", "B")))[0] == callback.scale
+def test_every_grid_scale_is_answered_in_one_pass_with_its_coefficients():
+    passes = []
+    _validator(True, passes).pick_scale(FEATURES, [0.5, 1.0, 2.0, 4.0], 0.6, default=1.0)
+    assert passes == [{"0.5": 0.5, "1": 1.0, "2": 2.0, "4": 4.0}]
+
+
+def test_when_every_scale_collapses_the_default_stands():
+    scale, _ = _validator(True, []).pick_scale(FEATURES, [2.0, 4.0], 0.6, default=0.5)
+    assert scale == 0.5
+
+
+def test_scale_features_multiplies_only_the_coefficients():
+    (f,) = scale_features(FEATURES, 3.0)
+    assert (f.layer, f.feature, f.r, f.coefficient, f.frequency) == (0, 3, 0.5, pytest.approx(3.0), 0.2)

@@ -4,6 +4,7 @@ import torch
 
 from corrsteer_pl.selection import select_features
 from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.validation import scale_features
 
 
 def _stats(r_signs: list[float], n: int = 400, seed: int = 0) -> CorrelationStats:
@@ -41,7 +42,7 @@ def test_negative_correlations_are_never_candidates(layers):
 
 def test_coefficient_is_the_mean_over_correct_samples_times_the_scale(layers):
     stats = layers[0]
-    f = select_features(layers, "A", scale=2.0).features[0]
+    f = scale_features(select_features(layers, "A").features, 2.0)[0]
     assert f.coefficient == pytest.approx(2.0 * float(stats.positive_mean()[2]))
     active = select_features(layers, "A", active_only=True).features[0]
     assert active.coefficient == pytest.approx(float(stats.positive_mean(active_only=True)[2]))

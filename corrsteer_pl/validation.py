@@ -1,0 +1,65 @@
+"""Choices made on the validation split: which layers CorrSteer-P keeps, and the scale.
+
+Every candidate steering is answered through one `evaluate` function over the validation split,
+sharing the prompts' caches (`PromptCaches`), so the prompts run once for the layer check and the
+scale grid together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult
+from corrsteer_pl.selection import SelectedFeature
+from corrsteer_pl.steering import SteeringVectors
+
+Evaluate = Callable[[Conditions, PromptCaches], Mapping[str, SplitResult]]
+Build = Callable[[list[SelectedFeature]], SteeringVectors]
+
+
+def scale_features(features: list[SelectedFeature], scale: float) -> list[SelectedFeature]:
+    """The features with their coefficients times `scale`: the one place a scale acts on a steering."""
+    return [replace(f, coefficient=f.coefficient * scale) for f in features]
+
+
+@dataclass
+class Validator:
+    """Scores candidate steerings on the validation split.
+
+    `evaluate` answers {name: steering or None} over the split; `build` turns features into a steering;
+    `multiple_choice` turns on the collapse guard of `pick_scale`.
+    """
+
+    evaluate: Evaluate
+    build: Build
+    multiple_choice: bool
+    caches: PromptCaches = field(default_factory=PromptCaches)
+
+    def results(self, candidates: Mapping[str, list[SelectedFeature]]) -> Mapping[str, SplitResult]:
+        """Each candidate's answers, all in one pass over the split; an empty candidate is the unsteered model."""
+        conditions = {name: self.build(features) if features else None for name, features in candidates.items()}
+        return self.evaluate(conditions, self.caches)
+
+    def accuracies(self, candidates: Mapping[str, list[SelectedFeature]], scale: float) -> dict[str, float]:
+        """Validation accuracy of each candidate with its coefficients times `scale`."""
+        scaled = {name: scale_features(features, scale) for name, features in candidates.items()}
+        return {name: r.accuracy for name, r in self.results(scaled).items()}
+
+    def pick_scale(
+        self, features: list[SelectedFeature], grid: list[float], max_answer_share: float, default: float
+    ) -> tuple[float, dict[str, dict[str, float]]]:
+        """The grid scale with the best validation accuracy whose answers did not collapse, and the grid's figures.
+
+        On multiple-choice tasks a scale is rejected when one answer takes more than `max_answer_share` of all
+        items ("always A" scores the share of gold A). `default` stands when every scale is rejected.
+        """
+        results = self.results({f"{s:g}": scale_features(features, s) for s in grid})
+        table = {name: {"accuracy": r.accuracy, "top_answer_share": r.top_answer_share} for name, r in results.items()}
+        allowed = [
+            name for name, r in results.items() if not (self.multiple_choice and r.top_answer_share > max_answer_share)
+        ]
+        if not allowed:
+            return default, table
+        best = max(allowed, key=lambda name: (results[name].accuracy, -float(name)))
+        return float(best), table
