@@ -10,7 +10,14 @@ import pytest
 import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-SCRIPTS = ("scaling", "stats_vs_torchmetrics", "stats_memory", "calibration_overhead", "steering_overhead")
+SCRIPTS = (
+    "scaling",
+    "stats_vs_torchmetrics",
+    "bootstrap_cost",
+    "stats_memory",
+    "calibration_overhead",
+    "steering_overhead",
+)
 ROW = re.compile(r"^\|( [^|]*(?:\\\|[^|]*)* \|){6}$")  # six cells; a cell may hold an escaped \|
 
 
