@@ -33,14 +33,20 @@ def selection_warnings(stats: Mapping[int, CorrelationStats], selection: Selecti
     return []
 
 
-def _p_kept_nothing(validation: Mapping[str, float]) -> str:
-    scores = {name: acc for name, acc in validation.items() if name != "unsteered"}
-    best = max(scores, key=scores.get) if scores else "none"
+def _p_kept_nothing(validation: Mapping[str, Mapping[str, float]]) -> str:
+    trials = {name: v for name, v in validation.items() if name != "unsteered"}
+    best = max(trials, key=lambda name: trials[name]["accuracy"], default=None)
+    unsteered = validation.get("unsteered", {}).get("accuracy", float("nan"))
+    figures = (
+        f"best {best}: {trials[best]['accuracy']:.3f}, {trials[best]['better']} items better, "
+        f"{trials[best]['worse']} worse, p = {trials[best]['p_value']:.3f}"
+        if best
+        else "no candidate"
+    )
     return (
-        f"variant P kept no layer: no layer's top feature beat the unsteered model on validation "
-        f"(unsteered {validation.get('unsteered', float('nan')):.3f}, best {best} "
-        f"{scores.get(best, float('nan')):.3f}); try more validation items (--data.limit_validation) or "
-        "--calibration.variant A"
+        f"variant P kept no layer: no candidate beat the unsteered model on validation by the paired test "
+        f"(unsteered {unsteered:.3f}; {figures}); try more validation items (--data.limit_validation), more "
+        "--calibration.candidates, or --calibration.variant A"
     )
 
 

@@ -211,12 +211,15 @@ class SplitResult:
     valid: int = 0
     n: int = 0
     answers: Counter = field(default_factory=Counter)
+    scores: list[float] = field(default_factory=list)
+    """Per-item scores in the split's order, the same for every condition answered in one pass (paired tests)."""
 
     def add(self, scores: Tensor, valid: Tensor, answers: list[str | None]) -> None:
         self.correct += float(scores.sum())
         self.valid += int(valid.sum())
         self.n += scores.numel()
         self.answers.update(a for a in answers if a is not None)
+        self.scores += scores.tolist()
 
     @classmethod
     def merged(cls, parts: list[SplitResult]) -> SplitResult:
@@ -224,7 +227,12 @@ class SplitResult:
         for part in parts:
             out.correct, out.valid, out.n = out.correct + part.correct, out.valid + part.valid, out.n + part.n
             out.answers.update(part.answers)
+            out.scores += part.scores
         return out
+
+    @property
+    def valid_rate(self) -> float:
+        return self.valid / max(self.n, 1)
 
     @property
     def accuracy(self) -> float:

@@ -21,6 +21,7 @@ from corrsteer_pl.comparison import ConditionScores
 from corrsteer_pl.controls import ConditionSet
 from corrsteer_pl.diagnosis import nothing_steered
 from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
+from corrsteer_pl.evidence import read_selection
 from corrsteer_pl.recovery import IDENTITY_KEY, calibration_identity, check_same_calibration
 from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
@@ -367,6 +368,7 @@ class CorrSteerModule(L.LightningModule):
             steering={"path": str(self.export_dir), **self.steering.info},
             data=self.trainer.datamodule.describe(),
             warnings=list(self.steering.info.get("warnings", [])),
+            selection=read_selection(self.export_dir),
         )
         self.log_dict({f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS})
         self.log(f"{stage}/samples", float(report.samples))

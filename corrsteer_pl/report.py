@@ -12,6 +12,7 @@ from torch import Tensor
 
 from corrsteer_pl.atomic import atomic_file
 from corrsteer_pl.diagnosis import nothing_steered
+from corrsteer_pl.evidence import candidates_table
 
 RESAMPLES = 10_000
 
@@ -138,6 +139,7 @@ class EvaluationReport:
     steering: dict[str, Any] = field(default_factory=dict)
     data: str = ""  # where the items come from (how the splits were made, limits)
     warnings: list[str] = field(default_factory=list)  # why the steering is empty or suspect, from the export
+    selection: dict[str, Any] = field(default_factory=dict)  # the export's selection.json: every candidate's evidence
 
     @classmethod
     def from_scores(
@@ -224,6 +226,8 @@ class EvaluationReport:
             f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
             for f in self.features
         ]
+        if self.selection:
+            lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
         return "\n".join(lines) + "\n"
 
     def save(self, folder: str | Path, stem: str = "report") -> None:

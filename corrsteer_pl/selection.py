@@ -8,15 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from corrsteer_pl.rankings import Ranking, check_ranking, score, steering_coefficient
+from corrsteer_pl.significance import paired_improvement
 from corrsteer_pl.stats import CorrelationStats
+
+if TYPE_CHECKING:  # evaluation imports steering, which imports this module
+    from corrsteer_pl.evaluation import SplitResult
 
 Variant = Literal["S", "A", "P"]
 VARIANTS: tuple[Variant, ...] = ("S", "A", "P")
+Evaluate = Callable[[dict[str, list["SelectedFeature"]]], Mapping[str, "SplitResult"]]
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,12 @@ class SelectedFeature:
     frequency: float
     score: float | None = None
     """The ranking's score it was chosen by (r for pearson); None where it was not ranked."""
+    p_value: float | None = None
+    """One-sided p-value of r > 0 (Student t on r with n - 2 degrees of freedom)."""
+    q_value: float | None = None
+    """Benjamini-Hochberg q-value of p over all features of all layers."""
+    stability: float | None = None
+    """Share of bootstrap replicates in which it is its layer's top-1 (for S: the overall top-1)."""
 
 
 @dataclass
@@ -39,7 +50,9 @@ class Selection:
     variant: Variant
     features: list[SelectedFeature]
     candidates: dict[int, list[SelectedFeature]] = field(default_factory=dict)
-    validation: dict[str, float] = field(default_factory=dict)  # P only: "unsteered" and "layer_{L}"
+    validation: dict[str, dict[str, float]] = field(default_factory=dict)
+    """P only: validation figures of "unsteered" and of each candidate "layer_{L}/{feature}" (accuracy, valid_rate,
+    better, worse, p_value against unsteered, kept)."""
     ranking: Ranking = "pearson"
 
 
@@ -74,28 +87,59 @@ def select_features(
     variant: Variant = "A",
     top_k: int = 10,
     active_only: bool = False,
-    evaluate: Callable[[dict[str, list[SelectedFeature]]], dict[str, float]] | None = None,
+    evaluate: Evaluate | None = None,
     ranking: Ranking = "pearson",
+    candidates: int = 1,
+    alpha: float = 0.05,
 ) -> Selection:
     """Runs CorrSteer's selection, ranking features by `ranking` (see `corrsteer_pl.rankings`).
 
     S: the single best (layer, feature) over all layers. A: the top-1 feature of every layer.
-    P: a layer's top-1 is kept only if steering it alone scores above the unsteered model under
-    `evaluate`, which scores several candidate steerings at once ({name: features} -> {name:
-    validation accuracy}; "unsteered" maps to []), so one pass over the split serves them all.
+    P: each layer's top `candidates` features are steered alone on validation by `evaluate` ({name: features} ->
+    {name: per-item results}, one pass for all; "unsteered" maps to []). A layer keeps its most accurate candidate
+    only if it beats the unsteered model by an exact one-sided paired sign test at `alpha`, so one item of
+    difference never decides.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown selection variant '{variant}'; use one of {', '.join(VARIANTS)}")
     check_ranking(ranking)
-    candidates = {layer: rank_layer(s, layer, top_k, active_only, ranking) for layer, s in sorted(stats.items())}
-    best = [c[0] for c in candidates.values() if c]
+    ranked = {layer: rank_layer(s, layer, top_k, active_only, ranking) for layer, s in sorted(stats.items())}
+    best = [c[0] for c in ranked.values() if c]
     if variant == "A":
-        return Selection("A", best, candidates, ranking=ranking)
+        return Selection("A", best, ranked, ranking=ranking)
     if variant == "S":
         top = sorted(best, key=lambda f: -(f.r if f.score is None else f.score))[:1]
-        return Selection("S", top, candidates, ranking=ranking)
+        return Selection("S", top, ranked, ranking=ranking)
     if evaluate is None:
         raise ValueError("variant P needs a validation scorer (evaluate); use S or A without one")
-    validation = evaluate({"unsteered": []} | {f"layer_{f.layer}": [f] for f in best})
-    kept = [f for f in best if validation[f"layer_{f.layer}"] > validation["unsteered"]]
-    return Selection("P", kept, candidates, validation, ranking)
+    kept, validation = validated_layers(ranked, evaluate, candidates, alpha)
+    return Selection("P", kept, ranked, validation, ranking)
+
+
+def validated_layers(
+    ranked: Mapping[int, list[SelectedFeature]], evaluate: Evaluate, candidates: int, alpha: float
+) -> tuple[list[SelectedFeature], dict[str, dict[str, float]]]:
+    """CorrSteer-P's check: per layer, the most accurate of its top candidates if a paired test says it helps."""
+    trials = {f"layer_{f.layer}/{f.feature}": f for fs in ranked.values() for f in fs[:candidates]}
+    results = evaluate({"unsteered": []} | {name: [f] for name, f in trials.items()})
+    base = results["unsteered"]
+    validation = {"unsteered": {"accuracy": base.accuracy, "valid_rate": base.valid_rate}}
+    kept = []
+    for layer in ranked:
+        names = [name for name, f in trials.items() if f.layer == layer]
+        for name in names:
+            test = paired_improvement(results[name].scores, base.scores, alpha)
+            validation[name] = {
+                "accuracy": results[name].accuracy,
+                "valid_rate": results[name].valid_rate,
+                "better": test.better,
+                "worse": test.worse,
+                "p_value": test.p_value,
+                "kept": False,
+            }
+        if names:
+            best = max(names, key=lambda name: (validation[name]["accuracy"], trials[name].r))
+            if validation[best]["p_value"] < alpha:
+                validation[best]["kept"] = True
+                kept.append(trials[best])
+    return kept, validation

@@ -217,7 +217,8 @@ class SteeringVectors:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
-                f"{folder / META_FILE} is an inconsistent export: {_reason(err)}; export again with SteeringVectors.save"
+                f"{folder / META_FILE} is an inconsistent export: {_reason(err)}; "
+                "export again with SteeringVectors.save"
             ) from None
 
 

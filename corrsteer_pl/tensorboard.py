@@ -7,6 +7,7 @@ from collections.abc import Mapping
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from corrsteer_pl.evidence import candidates_table
 from corrsteer_pl.selection import Selection
 from corrsteer_pl.stats import CorrelationStats
 
@@ -44,8 +45,10 @@ def r_figure(layer: int, stats: CorrelationStats, selection: Selection):
     return fig
 
 
-def log_selection(trainer: L.Trainer, stats: Mapping[int, CorrelationStats], selection: Selection) -> None:
-    """Histograms of r per layer, the selection table and one r figure per layer."""
+def log_selection(
+    trainer: L.Trainer, stats: Mapping[int, CorrelationStats], selection: Selection, record: dict | None = None
+) -> None:
+    """Histograms of r per layer, the selection table, every candidate's evidence and one r figure per layer."""
     logger = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
     if logger is None:
         return
@@ -54,6 +57,6 @@ def log_selection(trainer: L.Trainer, stats: Mapping[int, CorrelationStats], sel
         writer.add_histogram(f"r/layer_{layer}", layer_stats.pearson().float().cpu(), step)
         writer.add_figure(f"r_distribution/layer_{layer}", r_figure(layer, layer_stats, selection), step)
     writer.add_text("selection", selection_table(selection), step)
-    if selection.validation:
-        writer.add_text("selection_validation", "\n".join(f"- {k}: {v:.4f}" for k, v in selection.validation.items()))
+    if record is not None:
+        writer.add_text("selection_candidates", candidates_table(record), step)
     writer.flush()

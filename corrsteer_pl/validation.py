@@ -41,10 +41,9 @@ class Validator:
         conditions = {name: self.build(features) if features else None for name, features in candidates.items()}
         return self.evaluate(conditions, self.caches)
 
-    def accuracies(self, candidates: Mapping[str, list[SelectedFeature]], scale: float) -> dict[str, float]:
-        """Validation accuracy of each candidate with its coefficients times `scale`."""
-        scaled = {name: scale_features(features, scale) for name, features in candidates.items()}
-        return {name: r.accuracy for name, r in self.results(scaled).items()}
+    def results_at(self, candidates: Mapping[str, list[SelectedFeature]], scale: float) -> Mapping[str, SplitResult]:
+        """Each candidate's answers with its coefficients times `scale`."""
+        return self.results({name: scale_features(features, scale) for name, features in candidates.items()})
 
     def pick_scale(
         self, features: list[SelectedFeature], grid: list[float], max_answer_share: float, default: float

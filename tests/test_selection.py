@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from corrsteer_pl.evaluation import SplitResult
 from corrsteer_pl.selection import select_features
 from corrsteer_pl.stats import CorrelationStats
 from corrsteer_pl.validation import scale_features
@@ -48,18 +49,59 @@ def test_coefficient_is_the_mean_over_correct_samples_times_the_scale(layers):
     assert active.coefficient == pytest.approx(float(stats.positive_mean(active_only=True)[2]))
 
 
-def test_p_keeps_only_layers_that_beat_unsteered_on_validation(layers):
-    scores = {(): 0.5, ((0, 2),): 0.45, ((1, 0),): 0.6}
-    calls = []
+def _items(correct: list[int]) -> SplitResult:
+    result = SplitResult()
+    result.add(
+        torch.tensor(correct, dtype=torch.float64), torch.ones(len(correct), dtype=torch.bool), ["A"] * len(correct)
+    )
+    return result
 
+
+UNSTEERED = [0] * 20 + [1] * 20
+
+
+def _evaluator(per_candidate: dict[tuple[int, int], list[int]], calls: list):
     def evaluate(candidates):
         calls.append(sorted(candidates))
-        return {name: scores[tuple((f.layer, f.feature) for f in fs)] for name, fs in candidates.items()}
+        return {
+            name: _items(per_candidate[(fs[0].layer, fs[0].feature)] if fs else UNSTEERED)
+            for name, fs in candidates.items()
+        }
 
-    selection = select_features(layers, "P", evaluate=evaluate)
-    assert [(f.layer, f.feature) for f in selection.features] == [(1, 0)]
-    assert selection.validation == {"unsteered": 0.5, "layer_0": 0.45, "layer_1": 0.6}
-    assert calls == [["layer_0", "layer_1", "unsteered"]], "one evaluation pass scores every candidate"
+    return evaluate
+
+
+def test_p_keeps_a_layer_only_when_its_candidate_wins_the_paired_test_in_one_pass(layers):
+    top = {layer: [f.feature for f in fs] for layer, fs in select_features(layers, "A", top_k=2).candidates.items()}
+    gains = {(0, f): [0] * 19 + [1] * 21 for f in top[0]}  # one item better: p = 0.5
+    gains |= {(1, f): [1] * 12 + [0] * 8 + [1] * 20 for f in top[1]}  # 12 better, 0 worse
+    calls = []
+    selection = select_features(layers, "P", top_k=2, evaluate=_evaluator(gains, calls), candidates=2, alpha=0.05)
+    assert [f.layer for f in selection.features] == [1]
+    assert len(calls) == 1 and len(calls[0]) == 1 + len(top[0]) + len(top[1]), "one pass scores every candidate"
+    kept = selection.validation[f"layer_1/{selection.features[0].feature}"]
+    assert (kept["better"], kept["worse"], kept["kept"]) == (12, 0, True) and kept["p_value"] < 0.001
+    assert all(
+        not v["kept"] and v["p_value"] == 0.5 for k, v in selection.validation.items() if k.startswith("layer_0")
+    )
+
+
+def test_one_item_of_difference_never_keeps_a_layer(layers):
+    one_better = {(layer, f.feature): [0] * 19 + [1] * 21 for layer, fs in layers.items() for f in rank(layers, layer)}
+    selection = select_features(layers, "P", evaluate=_evaluator(one_better, []), candidates=1, alpha=0.5)
+    assert selection.features == []
+
+
+def test_p_picks_the_most_accurate_of_its_candidates(layers):
+    first, second = rank(layers, 1)[:2]
+    gains = {(0, f.feature): UNSTEERED for f in rank(layers, 0)}
+    gains |= {(1, first.feature): [1] * 10 + [0] * 10 + [1] * 20, (1, second.feature): [1] * 15 + [0] * 5 + [1] * 20}
+    selection = select_features(layers, "P", top_k=2, evaluate=_evaluator(gains, []), candidates=2)
+    assert [(f.layer, f.feature) for f in selection.features] == [(1, second.feature)]
+
+
+def rank(layers, layer):
+    return select_features(layers, "A", top_k=10).candidates[layer]
 
 
 def test_p_without_a_validation_scorer_and_unknown_variants_are_refused(layers):
