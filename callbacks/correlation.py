@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -11,10 +12,11 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from corrsteer_pl.atomic import atomic_folder, check_writable
 from corrsteer_pl.bootstrap import BootstrapStats
+from corrsteer_pl.controls import SEARCH_CONTROLS_DIR, search_matched_controls
 from corrsteer_pl.diagnosis import selection_warnings
 from corrsteer_pl.evidence import annotate, selection_record, significance_warning, write_selection
 from corrsteer_pl.rankings import Ranking, check_ranking
-from corrsteer_pl.selection import Selection, Variant, select_features
+from corrsteer_pl.selection import SelectedFeature, Selection, Variant, select_features
 from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 from corrsteer_pl.tensorboard import log_selection
@@ -37,6 +39,7 @@ class CorrelationCallback(L.Callback):
         candidates: int = 3,
         alpha: float = 0.05,
         bootstrap: int = 20,
+        search_draws: int = 10,
         include_model: bool = False,
     ) -> None:
         """
@@ -61,6 +64,8 @@ class CorrelationCallback(L.Callback):
                 whose answer changed, and of the q-value warning (no feature significant).
             bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability (share of
                 replicates where it is its layer's top-1) and its 90% interval of r.
+            search_draws: P only: repeat P's search (same candidates count, norms and test) on random firing
+                features this many times; test then compares the steering with these searched controls (0 = off).
             include_model: also write the base model's weights into the export so it stands alone.
         """
         check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap)
@@ -68,6 +73,9 @@ class CorrelationCallback(L.Callback):
         self.active_only = active_only
         self.scale_grid, self.max_answer_share = scale_grid, max_answer_share
         self.candidates, self.alpha, self.replicates = candidates, alpha, bootstrap
+        if search_draws < 0:
+            raise ValueError(f"--calibration.search_draws must be >= 0 (0 turns it off), got {search_draws}")
+        self.search_draws = search_draws
         self.include_model = include_model
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
@@ -137,7 +145,13 @@ class CorrelationCallback(L.Callback):
         for layer in self.stats:
             self.stats[layer].all_reduce()
             self.bootstrap[layer].all_reduce()
-        self.selection, scale, grid = self._select(pl_module)
+        validator = Validator(
+            evaluate=lambda conditions, caches: pl_module.evaluate_split(conditions, prompt_caches=caches),
+            build=lambda features: SteeringVectors.from_selection(features, pl_module.saes, pl_module.lm),
+            multiple_choice=bool(pl_module.trainer.datamodule.examples("validation")[0].choices),
+        )
+        self.selection, scale, grid = self._select(validator)
+        searched = self._search_controls(pl_module, validator, scale)
         evidence = annotate(self.selection, self.stats, self.bootstrap)
         warnings = selection_warnings(self.stats, self.selection) + significance_warning(evidence, self.alpha)
         for warning in warnings:
@@ -145,21 +159,21 @@ class CorrelationCallback(L.Callback):
         pl_module.steering = self._steering(trainer, pl_module, scale, grid, warnings)
         settings = {"variant": self.variant, "ranking": self.ranking, "candidates": self.candidates}
         settings |= {"alpha": self.alpha, "bootstrap": self.replicates, "scale": scale, "top_k": self.top_k}
+        settings |= {"search_draws": len(searched)}
         record = selection_record(self.selection, evidence, warnings, settings)
+        record["search_controls"] = [
+            {"kept": [asdict(f) for f in kept], "validation": figures} for kept, figures in searched
+        ]
+        controls = [SteeringVectors.from_selection(kept, pl_module.saes, pl_module.lm) for kept, _ in searched]
         if trainer.is_global_zero:
-            self._export(pl_module, record)
+            self._export(pl_module, record, controls)
             log_selection(trainer, self.stats, self.selection, record)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         self.exported = True
 
-    def _select(self, pl_module: L.LightningModule) -> tuple[Selection, float, dict[str, dict[str, float]]]:
+    def _select(self, validator: Validator) -> tuple[Selection, float, dict[str, dict[str, float]]]:
         """Ranks, validates (P: each layer at --calibration.scale), picks the scale, and scales the features once."""
-        validator = Validator(
-            evaluate=lambda conditions, caches: pl_module.evaluate_split(conditions, prompt_caches=caches),
-            build=lambda features: SteeringVectors.from_selection(features, pl_module.saes, pl_module.lm),
-            multiple_choice=bool(pl_module.trainer.datamodule.examples("validation")[0].choices),
-        )
         evaluate = (lambda candidates: validator.results_at(candidates, self.scale)) if self.variant == "P" else None
         selection = select_features(
             self.stats, self.variant, self.top_k, self.active_only, evaluate, self.ranking, self.candidates, self.alpha
@@ -169,6 +183,23 @@ class CorrelationCallback(L.Callback):
             scale, grid = validator.pick_scale(selection.features, self.scale_grid, self.max_answer_share, self.scale)
         selection.features = scale_features(selection.features, scale)
         return selection, scale, grid
+
+    def _search_controls(
+        self, pl_module: L.LightningModule, validator: Validator, scale: float
+    ) -> list[tuple[list[SelectedFeature], dict[str, dict[str, float]]]]:
+        """P's search repeated on random firing features (--calibration.search_draws times), at the chosen scale."""
+        if self.variant != "P" or self.search_draws == 0 or not any(self.selection.candidates.values()):
+            return []
+        draws = search_matched_controls(
+            self.selection.candidates,
+            self.stats,
+            pl_module.saes,
+            lambda candidates: validator.results_at(candidates, self.scale),
+            self.candidates,
+            self.alpha,
+            self.search_draws,
+        )
+        return [(scale_features(kept, scale), figures) for kept, figures in draws]
 
     def _steering(
         self, trainer: L.Trainer, pl_module: L.LightningModule, scale: float, grid: dict, warnings: list[str]
@@ -191,7 +222,7 @@ class CorrelationCallback(L.Callback):
             self.selection, pl_module.saes, pl_module.lm, pl_module.sae_sources, info=info
         )
 
-    def _export(self, pl_module: L.LightningModule, record: dict[str, Any]) -> None:
+    def _export(self, pl_module: L.LightningModule, record: dict[str, Any], controls: list[SteeringVectors]) -> None:
         """Writes the export folder whole or not at all: a failure leaves the previous export as it was."""
         folder = pl_module.export_dir
         model = pl_module.lm if self.include_model else None
@@ -200,6 +231,8 @@ class CorrelationCallback(L.Callback):
                 pl_module.steering.save(tmp, model=model, tokenizer=pl_module.tokenizer if model is not None else None)
                 save_layer_stats(self.stats, tmp / STATS_FILE)
                 write_selection(tmp, record)
+                for i, control in enumerate(controls):
+                    control.save(tmp / SEARCH_CONTROLS_DIR / str(i))
         except OSError as err:
             raise OSError(
                 f"could not write the export to {folder} ({err.strerror or err}); any previous export there is "

@@ -7,16 +7,21 @@ positions during calibration, each layer's vector rescaled to the selected vecto
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from corrsteer_pl.selection import SelectedFeature
+from corrsteer_pl.selection import SelectedFeature, validated_layers
 from corrsteer_pl.stats import CorrelationStats
 from corrsteer_pl.steering import LayerSteering, SteeringVectors, decoder_vector
+
+SEARCH_CONTROLS_DIR = "search_controls"
+"""Export subfolder with one steering per search-matched control draw (`0/`, `1/`, ...; an empty one steers nothing)."""
 
 
 def random_feature_controls(
@@ -106,3 +111,68 @@ class ConditionSet:
             groups[kind] = per_item[:, start : start + len(draws)].T
             start += len(draws)
         return plain, groups
+
+
+def search_matched_controls(
+    ranked: Mapping[int, list[SelectedFeature]],
+    stats: Mapping[int, CorrelationStats],
+    saes: Mapping[int, SAE],
+    evaluate: Callable[[dict[str, list[SelectedFeature]]], Mapping[str, Any]],
+    candidates: int,
+    alpha: float,
+    draws: int,
+    seed: int = 0,
+) -> list[tuple[list[SelectedFeature], dict[str, dict[str, float]]]]:
+    """CorrSteer-P's search, run on random features: per draw, the features it kept and its validation figures.
+
+    A P steering was *searched for* on the validation items, so it had several chances to look good by luck.
+    Each draw replaces every layer's top `candidates` by as many random firing features, each scaled to the
+    norm of the candidate of the same rank, and applies the same paired test at `alpha`. All draws' trials
+    are answered in one `evaluate` pass.
+    """
+    g = torch.Generator().manual_seed(seed)
+    drawn = [_random_candidates(ranked, stats, saes, candidates, g) for _ in range(draws)]
+    trials = {f"{i}|{name}": fs for i, ranked_i in enumerate(drawn) for name, fs in _trials(ranked_i, candidates)}
+    results = evaluate({"unsteered": []} | trials)
+    out = []
+    for i, ranked_i in enumerate(drawn):
+        mine = {"unsteered": results["unsteered"]} | {
+            name.split("|", 1)[1]: r for name, r in results.items() if name.startswith(f"{i}|")
+        }
+        out.append(validated_layers(ranked_i, lambda _, mine=mine: mine, candidates, alpha))
+    return out
+
+
+def _trials(ranked: Mapping[int, list[SelectedFeature]], candidates: int) -> list[tuple[str, list[SelectedFeature]]]:
+    return [(f"layer_{f.layer}/{f.feature}", [f]) for fs in ranked.values() for f in fs[:candidates]]
+
+
+def _random_candidates(
+    ranked: Mapping[int, list[SelectedFeature]],
+    stats: Mapping[int, CorrelationStats],
+    saes: Mapping[int, SAE],
+    candidates: int,
+    g: torch.Generator,
+) -> dict[int, list[SelectedFeature]]:
+    """Per layer, random firing features in place of its top candidates, norm-matched rank by rank."""
+    out = {}
+    for layer, fs in ranked.items():
+        pool = _firing_pool(stats[layer], fs)
+        picks = pool[torch.randperm(len(pool), generator=g)[: min(candidates, len(fs))]]
+        out[layer] = []
+        for f, feature in zip(fs, picks.tolist(), strict=False):
+            target = decoder_vector(saes[layer], [f]).norm()
+            unit = decoder_vector(saes[layer], [SelectedFeature(layer, feature, 0.0, 1.0, 0.0)]).norm()
+            coefficient = float(target / unit.clamp_min(1e-12))
+            r, frequency = float(stats[layer].pearson()[feature]), float(stats[layer].frequency()[feature])
+            out[layer].append(SelectedFeature(layer, feature, r, coefficient, frequency))
+    return out
+
+
+def load_search_controls(folder: Path) -> list[SteeringVectors]:
+    """The search-matched control draws of an export (none for an export without them)."""
+    root = Path(folder) / SEARCH_CONTROLS_DIR
+    if not root.is_dir():
+        return []
+    draws = sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    return [SteeringVectors.load(p) for p in draws]

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from corrsteer_pl.answer_cache import AnswerCache
 from corrsteer_pl.capture import Pooling, generate_with_features, recorded_features
 from corrsteer_pl.comparison import ConditionScores
-from corrsteer_pl.controls import ConditionSet
+from corrsteer_pl.controls import ConditionSet, load_search_controls
 from corrsteer_pl.diagnosis import nothing_steered
 from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
 from corrsteer_pl.evidence import read_selection
@@ -329,6 +329,9 @@ class CorrSteerModule(L.LightningModule):
         self.conditions = ConditionSet.with_random_controls(
             self.steering, self.saes, stats, self.hparams.controls, self.hparams.control_seed
         )
+        searched = load_search_controls(self.export_dir) if self.hparams.controls else []
+        if searched and self.steering.layers:
+            self.conditions.controls["search_matched"] = searched
 
     def on_validation_start(self) -> None:
         self._prepare_conditions()

@@ -221,6 +221,7 @@ class EvaluationReport:
                 f"(95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}], resampling items and draws); "
                 f"rank {c.rank} of {c.draws + 1}, permutation p = {c.p_value:.3f}.",
             ]
+        lines += self._search_verdict()
         lines += ["", "| layer | feature | r | coefficient | activation frequency |", "|---|---|---|---|---|"]
         lines += [
             f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
@@ -229,6 +230,23 @@ class EvaluationReport:
         if self.selection:
             lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
         return "\n".join(lines) + "\n"
+
+    def _search_verdict(self, alpha: float = 0.05) -> list[str]:
+        """What the search-matched control says about the unsearched one: selection, or the search's luck?"""
+        by_kind = {c.kind: c for c in self.controls}
+        searched, plain = by_kind.get("search_matched"), by_kind.get("random_feature")
+        if searched is None or plain is None:
+            return []
+        if plain.p_value < alpha <= searched.p_value:
+            verdict = (
+                "the steering beats unsearched random features but not random features put through the same "
+                "validation search: its edge may come from the search's chances, not from the correlation"
+            )
+        elif searched.p_value < alpha:
+            verdict = "the steering beats random features put through the same validation search"
+        else:
+            verdict = "the steering does not beat random features put through the same validation search"
+        return ["", f"Search-matched verdict (p < {alpha}): {verdict}."]
 
     def save(self, folder: str | Path, stem: str = "report") -> None:
         """Writes `<stem>.json` and `<stem>.md`."""

@@ -1,0 +1,84 @@
+"""The search-matched control runs CorrSteer-P's own search, same k, norms and test, on random firing features."""
+
+import json
+
+import torch
+
+from corrsteer_pl.cli import main
+from corrsteer_pl.controls import search_matched_controls
+from corrsteer_pl.evaluation import SplitResult
+from corrsteer_pl.selection import select_features
+from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.steering import decoder_vector
+from corrsteer_pl.tiny import random_sae
+
+D_SAE, K = 64, 3
+
+
+def _world():
+    g = torch.Generator().manual_seed(0)
+    z = torch.rand(200, D_SAE, generator=g) * (torch.rand(200, D_SAE, generator=g) < 0.3)
+    y = (z[:, 5] + 0.3 * torch.rand(200, generator=g) > 0.4).double()
+    stats = {0: CorrelationStats(D_SAE), 1: CorrelationStats(D_SAE)}
+    for s in stats.values():
+        s.update(z, y)
+    return stats, {layer: random_sae(64, D_SAE, layer, seed=layer) for layer in (0, 1)}
+
+
+def _result(scores: list[float]) -> SplitResult:
+    result = SplitResult()
+    result.add(
+        torch.tensor(scores, dtype=torch.float64), torch.ones(len(scores), dtype=torch.bool), [None] * len(scores)
+    )
+    return result
+
+
+def test_each_draw_tries_k_random_firing_features_per_layer_norm_matched_rank_by_rank_in_one_pass():
+    stats, saes = _world()
+    ranked = select_features(stats, "A", top_k=5).candidates
+    calls = []
+
+    def evaluate(trials):
+        calls.append(trials)
+        return {name: _result([0.0] * 10) for name in trials}
+
+    draws = search_matched_controls(ranked, stats, saes, evaluate, K, 0.05, draws=4, seed=1)
+    assert len(draws) == 4 and len(calls) == 1, "every draw's trials are answered in one pass"
+    trials = {name: fs for name, fs in calls[0].items() if name != "unsteered"}
+    assert len(trials) == 4 * 2 * K
+    for name, (f,) in trials.items():
+        rank = [n for n in trials if n.split("|")[0] == name.split("|")[0] and f"layer_{f.layer}/" in n].index(name)
+        candidate = ranked[f.layer][rank]
+        assert f.feature not in [c.feature for c in ranked[f.layer][:5]], "a random feature, never a candidate"
+        assert stats[f.layer].active[f.feature] > 0, "drawn from features that fired during calibration"
+        expected = decoder_vector(saes[f.layer], [candidate]).norm()
+        assert torch.isclose(decoder_vector(saes[f.layer], [f]).norm(), expected, rtol=1e-5)
+
+
+def test_a_draw_keeps_a_layer_exactly_when_the_same_paired_test_passes():
+    stats, saes = _world()
+    ranked = select_features(stats, "A", top_k=5).candidates
+    unsteered = [0.0] * 20 + [1.0] * 20
+
+    def evaluate(trials):
+        out = {"unsteered": _result(unsteered)}
+        for name, (f,) in ((n, fs) for n, fs in trials.items() if n != "unsteered"):
+            better = 12 if name.startswith("0|") and f.layer == 1 else 1  # draw 0, layer 1: 12 better; else 1
+            out[name] = _result([1.0] * better + [0.0] * (20 - better) + [1.0] * 20)
+        return out
+
+    (kept_0, figures_0), (kept_1, _) = search_matched_controls(ranked, stats, saes, evaluate, K, 0.05, draws=2)
+    assert [f.layer for f in kept_0] == [1] and kept_1 == [], "one item better never keeps a layer"
+    assert sum(v.get("kept", False) for v in figures_0.values()) == 1
+
+
+def test_test_stage_compares_a_p_steering_with_its_search_matched_draws(tmp_path):
+    args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P"]
+    args += ["--calibration.alpha", "0.99", "--calibration.search_draws", "3", "--test_after_fit", "true"]
+    main(["fit", *args])
+    report = json.loads((tmp_path / "steered" / "report.json").read_text())
+    assert json.loads((tmp_path / "steered" / "steering.json").read_text())["layers"], "P kept a layer at alpha 0.99"
+    kinds = {c["kind"]: c["draws"] for c in report["controls"]}
+    assert kinds["search_matched"] == 3
+    assert "Search-matched verdict" in (tmp_path / "steered" / "report.md").read_text()
