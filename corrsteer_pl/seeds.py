@@ -1,0 +1,106 @@
+"""Selection and test repeated over seeds, reported as the paper reports them: mean ± sd and every seed's row.
+
+    python -m corrsteer_pl.seeds --seeds 0 1 2 [--root runs/seeds] [-- <train.py fit options>]
+
+Each seed s runs `train.py fit --test_after_fit true` with `--seed_everything s --data.seed s` (the data split)
+and, where SAEs are trained here, `--model.train_saes.seed s`, into `<root>/seed_<s>`. What does not depend on
+the seed is reused: the converted model, and every seed's SAEs and recorded answers from the cache on a rerun.
+A finished seed (its report exists) is not run again. The table goes to `<root>/seeds.md` and `seeds.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from corrsteer_pl.atomic import atomic_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_seed(seed: int, folder: Path, fit_args: list[str], trains_saes: bool) -> dict[str, Any]:
+    """Runs fit + test for one seed (unless its report exists) and returns the report."""
+    report = folder / "steered" / "report.json"
+    if not report.is_file():
+        args = ["--seed_everything", str(seed), "--data.seed", str(seed), "--test_after_fit", "true"]
+        args += ["--trainer.default_root_dir", str(folder)]
+        if trains_saes:
+            args += ["--model.train_saes.seed", str(seed)]
+        done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *fit_args, *args], cwd=ROOT)
+        if done.returncode != 0:
+            raise SystemExit(f"error: seed {seed} failed (exit {done.returncode}); its log is above")
+    return json.loads(report.read_text())
+
+
+def seed_row(seed: int, report: dict[str, Any]) -> dict[str, Any]:
+    """One seed's figures: chosen features, test accuracy, valid rate, SER and p against each control."""
+    valid = {c["name"]: c["valid_rate"] for c in report["conditions"]}
+    return {
+        "seed": seed,
+        "features": [f"L{f['layer']}#{f['feature']}" for f in report["features"]],
+        "accuracy_unsteered": report["accuracy_unsteered"],
+        "accuracy_steered": report["accuracy_steered"],
+        "difference": report["difference"],
+        "valid_rate": valid.get("steered"),
+        "ser": report["ser"],
+        "better": report["better"],
+        "worse": report["worse"],
+        "p": {c["kind"]: c["p_value"] for c in report["controls"]},
+        "warnings": report.get("warnings", []),
+    }
+
+
+def seeds_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: one row per seed, then mean ± sd of the numeric columns."""
+    kinds = sorted({kind for row in rows for kind in row["p"]})
+    head = ["seed", "chosen features", "acc. unsteered", "acc. steered", "valid rate", "better / worse", "SER"]
+    lines = ["| " + " | ".join(head + [f"p vs {k}" for k in kinds]) + " |", "|" + "---|" * (len(head) + len(kinds))]
+    for r in rows:
+        chosen = ", ".join(r["features"]) or "nothing steered"
+        cells = [str(r["seed"]), chosen, f"{r['accuracy_unsteered']:.3f}", f"{r['accuracy_steered']:.3f}"]
+        cells += [_f(r["valid_rate"]), f"{r['better']} / {r['worse']}", f"{r['ser']:.3f}"]
+        lines.append("| " + " | ".join(cells + [_f(r["p"].get(k)) for k in kinds]) + " |")
+    mean = ["mean ± sd", ""] + [
+        _mean_sd([r[key] for r in rows]) for key in ("accuracy_unsteered", "accuracy_steered", "valid_rate")
+    ]
+    lines.append("| " + " | ".join(mean + ["", _mean_sd([r["ser"] for r in rows])] + [""] * len(kinds)) + " |")
+    return "\n".join(lines)
+
+
+def _f(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _mean_sd(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds to run (default 0 1 2)")
+    parser.add_argument("--root", default="runs/seeds", help="one folder per seed under this root")
+    parser.add_argument("--no-sae-seed", action="store_true", help="the config trains no SAEs: do not seed them")
+    args, fit_args = parser.parse_known_args(argv)
+    fit_args = [a for a in fit_args if a != "--"] or ["--config", str(ROOT / "configs" / "default.yaml")]
+    root = Path(args.root)
+    rows = [seed_row(s, run_seed(s, root / f"seed_{s}", fit_args, not args.no_sae_seed)) for s in args.seeds]
+    table = seeds_table(rows)
+    with atomic_file(root / "seeds.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=2))
+    with atomic_file(root / "seeds.md") as tmp:
+        tmp.write_text(table + "\n")
+    print(table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
