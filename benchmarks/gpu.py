@@ -239,10 +239,9 @@ def make_batches(lengths: Sequence[int], n: int, shapes: Shapes, device: torch.d
 
 def layer_outputs(model: nn.Module, batch: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
     """Per layer, the residual stream (positions, d) over the batch's real tokens, each row's BOS left out."""
-    from corrsteer_pl.hooks import LayerHooks
+    from corrsteer_pl.hooks import LayerHooks, without_attention_sink
 
-    mask = batch.mask.bool()
-    keep = mask & ~((batch.mask.cumsum(1) == 1) & mask)  # (B, T) real tokens but the attention sink
+    keep = without_attention_sink(batch.mask)  # (B, T) real tokens but the attention sink
     seen: dict[int, Tensor] = {}
     record = {layer: (lambda h, m, layer=layer: seen.__setitem__(layer, h[keep])) for layer in layers}
     with torch.inference_mode(), LayerHooks(model, record, positions="all"):
@@ -257,6 +256,8 @@ def sparse_saes(model: nn.Module, shapes: Shapes, batch: Batch, device: torch.de
     it is read from `encode` with zero thresholds (then relu(pre-activation)), so it is the SAE's own input path.
     """
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
+
+    from corrsteer_pl.tiny import firing_thresholds
 
     residuals = layer_outputs(model, batch, range(shapes.layers))
     g = torch.Generator(device=device).manual_seed(0)
@@ -273,8 +274,7 @@ def sparse_saes(model: nn.Module, shapes: Shapes, batch: Batch, device: torch.de
             sae.threshold.zero_()
             acts = sae.encode(residuals.pop(layer))  # (positions, d_sae)
             rate = 0.01 + 0.02 * torch.rand(shapes.d_sae, generator=g, device=device)  # (d_sae,)
-            index = ((1 - rate) * (acts.shape[0] - 1)).round().long()
-            sae.threshold.copy_(acts.sort(dim=0).values.gather(0, index[None])[0].clamp_min(1e-6))
+            sae.threshold.copy_(firing_thresholds(acts, rate).clamp_min(1e-6))
         saes[layer] = sae
     return saes
 

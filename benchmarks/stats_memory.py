@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     ratio = C.median_ratio(rss[args.large], rss[args.small])
     C.log(f"[memory] peak RSS kB, {args.small} samples: {rss[args.small]}; {args.large} samples: {rss[args.large]}")
     C.log(f"[memory] peak growth after the first update, kB: {growth[args.small]} vs {growth[args.large]}")
-    state_mb = args.layers * 7 * args.d_sae * 8 / 2**20  # 7 float64 vectors of d_sae per layer (stats.py)
+    state_mb = args.layers * 9 * args.d_sae * 8 / 2**20  # shift_z + 8 sums: 9 float64 vectors of d_sae per layer
     setting = (
         f"{args.layers} layers x {args.d_sae:,} features (state {state_mb:.1f} MiB), batch {args.batch}, "
         f"{seen[args.small]:,} vs {seen[args.large]:,} samples, fresh subprocess each"

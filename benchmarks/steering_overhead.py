@@ -72,9 +72,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         if skipped:
             out.append(skipped)
         else:
-            model, tokenizer = C.smollm2_setup()
-            prompts = C.mmlu_prompts(tokenizer, args.batch or 4)
-            saes = C.sparse_saes(model, tokenizer, C.mmlu_prompts(tokenizer, 32), (6, 12, 18, 24), 4608)
+            model, tokenizer, saes, prompts = C.smollm2_setup(C.mmlu_prompts, args.batch or 4)
             out.append(
                 measure("SmolLM2-135M-Instruct", model, tokenizer, saes, prompts, args.new_tokens, C.rounds(args, 7), 1)
             )

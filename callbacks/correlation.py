@@ -68,14 +68,11 @@ class CorrelationCallback(L.Callback):
                 features this many times; test then compares the steering with these searched controls (0 = off).
             include_model: also write the base model's weights into the export so it stands alone.
         """
-        check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap)
+        check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
         self.active_only = active_only
         self.scale_grid, self.max_answer_share = scale_grid, max_answer_share
-        self.candidates, self.alpha, self.replicates = candidates, alpha, bootstrap
-        if search_draws < 0:
-            raise ValueError(f"--calibration.search_draws must be >= 0 (0 turns it off), got {search_draws}")
-        self.search_draws = search_draws
+        self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
         self.include_model = include_model
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
@@ -282,17 +279,19 @@ class CorrelationCallback(L.Callback):
 
 def check_options(
     top_k: int, scale: float, scale_grid: list[float] | None, max_answer_share: float, candidates: int, alpha: float,
-    bootstrap: int,
+    bootstrap: int, search_draws: int,
 ) -> None:  # fmt: skip
     """Refuses selection options that would silently do something else than asked, naming the flag."""
+    if top_k < 1:
+        raise ValueError(f"--calibration.top_k must be >= 1 (candidates kept per layer), got {top_k}")
+    if search_draws < 0:
+        raise ValueError(f"--calibration.search_draws must be >= 0 (0 turns it off), got {search_draws}")
     if not 1 <= candidates <= top_k:
         raise ValueError(f"--calibration.candidates must lie in 1..--calibration.top_k ({top_k}), got {candidates}")
     if not 0 < alpha < 1:
         raise ValueError(f"--calibration.alpha must lie in (0, 1), got {alpha}")
     if bootstrap < 0:
         raise ValueError(f"--calibration.bootstrap must be >= 0 replicates (0 turns it off), got {bootstrap}")
-    if top_k < 1:
-        raise ValueError(f"--calibration.top_k must be >= 1 (candidates kept per layer), got {top_k}")
     if not scale > 0:
         raise ValueError(
             f"--calibration.scale must be > 0, got {scale}: a negative scale subtracts the features, "

@@ -2,7 +2,8 @@
 
 The YAML files are committed; tests/test_real_configs.py fails when they drift from this script.
 Each preset's memory note is computed here from the model and SAE shapes, so the batch sizes can
-be checked (and re-derived for another GPU) without loading anything.
+be checked (and re-derived for another GPU) without loading anything. `MODELS` is the one table of
+the two models' and SAEs' dimensions: benchmarks/scaling.py reads it too.
 """
 
 from __future__ import annotations
@@ -22,17 +23,22 @@ class Model:
     hub_id: str
     release: str
     sae_id: str  # with {L} for the layer
-    layers: int
+    layers: int  # decoder layers, each with an SAE
     d_model: int
     d_sae: int
-    params: float  # LM parameters
+    params: int  # LM parameters, as published (benchmarks/scaling.py recounts them from the shapes)
     kv_heads: int
     head_dim: int
     heads: int
     mlp_dim: int
+    vocab: int
+    tied: bool  # the output head shares the input embedding
+    norms_per_layer: int  # RMSNorm weight vectors per decoder layer
     eager_attention: bool  # Gemma 2 (logit soft-capping) runs eager attention: B x heads x T^2 scores
     sae_dtype: str
+    name: str
     title: str
+    source: str  # where the numbers come from
 
     def sae_ids(self) -> list[str]:
         return [self.sae_id.format(L=layer) for layer in range(self.layers)]
@@ -60,14 +66,21 @@ MODELS: dict[str, Model] = {
         layers=26,
         d_model=2304,
         d_sae=16384,
-        params=2.614e9,
+        params=2_614_341_888,
         kv_heads=4,
         head_dim=256,
         heads=8,
         mlp_dim=9216,
+        vocab=256000,
+        tied=True,
+        norms_per_layer=4,
         eager_attention=True,
         sae_dtype="float32",  # as Gemma Scope ships it; bf16 would save 3.9 GB that 80 GB does not need
+        name="Gemma-2-2B",
         title="Gemma Scope 16k residual SAEs",
+        source="huggingface.co/google/gemma-2-2b config.json (hidden_size 2304, num_hidden_layers 26, heads 8/4, "
+        "head_dim 256, intermediate_size 9216, vocab_size 256000, tied); params 2,614,341,888 (safetensors "
+        "total); SAEs: google/gemma-scope-2b-pt-res, layer_0..25/width_16k (JumpReLU, 16,384 latents)",
     ),
     "llama3.1-8b": Model(
         hub_id="meta-llama/Llama-3.1-8B",
@@ -76,14 +89,21 @@ MODELS: dict[str, Model] = {
         layers=32,
         d_model=4096,
         d_sae=32768,
-        params=8.030e9,
+        params=8_030_261_248,
         kv_heads=8,
         head_dim=128,
         heads=32,
         mlp_dim=14336,
+        vocab=128256,
+        tied=False,
+        norms_per_layer=2,
         eager_attention=False,
         sae_dtype="bfloat16",  # Llama Scope ships bf16 weights; float32 would double them to 34 GB
+        name="Llama-3.1-8B",
         title="Llama Scope 32k residual SAEs",
+        source="huggingface.co/meta-llama/Llama-3.1-8B config.json (hidden_size 4096, num_hidden_layers 32, "
+        "heads 32/8, intermediate_size 14336, vocab_size 128256, untied); params 8,030,261,248; SAEs: "
+        "fnlp/Llama-Scope LXR-8x (residual stream, every layer, 32,768 latents; He et al. 2024, arXiv:2410.20526)",
     ),
 }
 

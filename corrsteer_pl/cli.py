@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import CalibrationCheckpoint, CorrelationCallback
@@ -42,6 +43,7 @@ class CorrSteerCLI(LightningCLI):
 def main(args: list[str] | None = None) -> CorrSteerCLI | None:
     """Runs the CLI; a configuration mistake ends with one line naming it (CORRSTEER_TRACEBACK=1 for more)."""
     register()
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the docstring under each option is its help
     given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
     if len(given) == (2 if args is None else 1) and given[-1] in SUBCOMMANDS:
         given.extend(["--config", str(DEFAULT_CONFIG)])  # `python train.py fit`: the offline default job

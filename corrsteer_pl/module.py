@@ -22,6 +22,7 @@ from corrsteer_pl.controls import ConditionSet, load_search_controls
 from corrsteer_pl.diagnosis import nothing_steered
 from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
 from corrsteer_pl.evidence import read_selection
+from corrsteer_pl.hooks import eos_ids
 from corrsteer_pl.recovery import IDENTITY_KEY, calibration_identity, check_same_calibration
 from corrsteer_pl.report import EvaluationReport
 from corrsteer_pl.sae import check_sae_fits, load_sae
@@ -88,14 +89,7 @@ class CorrSteerModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if controls < 0:
-            raise ValueError(f"--model.controls must be >= 0 (0 leaves the random controls out), got {controls}")
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"--model.max_new_tokens must be >= 1 (or null for the task's own), got {max_new_tokens}")
-        if not saes and not (train_saes and train_saes.layers):
-            raise ValueError(
-                "no SAEs configured: add entries to model.saes (source, sae_id) or layers to model.train_saes"
-            )
+        _check_options(controls, max_new_tokens, bool(saes or (train_saes and train_saes.layers)))
         # hparams turn dataclasses into dicts: keep the typed objects for our own use
         self.sae_specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in saes or []]
         self.train_saes = train_saes if not isinstance(train_saes, dict) else SAETrainingConfig(**train_saes)
@@ -218,15 +212,12 @@ class CorrSteerModule(L.LightningModule):
     def _max_new_tokens(self) -> int:
         return self.hparams.max_new_tokens or self.task.max_new_tokens
 
-    def _eos_ids(self) -> list[int]:
-        eos = self.lm.generation_config.eos_token_id
-        ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
-
     def _pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_ids()[0]
+        return (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else eos_ids(self.lm, self.tokenizer)[0]
+        )
 
     def score(self, batch: dict[str, Any], new_tokens: Tensor) -> tuple[Tensor, Tensor, list[str | None]]:
         """Per item: score (float64), whether the answer was valid, and the extracted answer."""
@@ -248,7 +239,7 @@ class CorrSteerModule(L.LightningModule):
             batch["attention_mask"].to(self.device),
             conditions,
             self._max_new_tokens(),
-            self._eos_ids(),
+            eos_ids(self.lm, self.tokenizer),
             self._pad_id(),
             prompt_caches,
         )
@@ -272,7 +263,7 @@ class CorrSteerModule(L.LightningModule):
                 self._max_new_tokens(),
                 self.saes,
                 self.hparams.pooling,
-                eos_token_ids=self._eos_ids(),
+                eos_token_ids=eos_ids(self.lm, self.tokenizer),
                 pad_token_id=self._pad_id(),
             )
         labels, _, _ = self.score(batch, new)
@@ -392,3 +383,15 @@ class CorrSteerModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._report("test", "test")
+
+
+def _check_options(controls: int, max_new_tokens: int | None, has_saes: bool) -> None:
+    """Refuses module options that would silently do something else than asked, naming the flag."""
+    if controls < 0:
+        raise ValueError(f"--model.controls must be >= 0 (0 leaves the random controls out), got {controls}")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--model.max_new_tokens must be >= 1 (or null for the task's own), got {max_new_tokens}")
+    if not has_saes:
+        raise ValueError(
+            "no SAEs configured: add entries to --model.saes (source, sae_id) or layers to --model.train_saes"
+        )

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
-from corrsteer_pl.hooks import LayerFn, LayerHooks
+from corrsteer_pl.hooks import LayerFn, LayerHooks, position_ids, without_attention_sink
 from corrsteer_pl.layers import decoder_layers, hidden_size
 from corrsteer_pl.sources import cache_dir
 
@@ -71,11 +71,15 @@ class SAETrainingConfig:
     def __post_init__(self) -> None:
         self.layers = list(self.layers)
         if not self.layers:
-            raise ValueError("SAETrainingConfig.layers is empty: name the layers to train SAEs for, e.g. [6, 12]")
+            raise ValueError("--model.train_saes.layers is empty: name the layers to train SAEs for, e.g. [6, 12]")
         if not 0 < self.holdout_fraction < 1:
-            raise ValueError(f"holdout_fraction={self.holdout_fraction} must lie strictly between 0 and 1")
+            raise ValueError(
+                f"--model.train_saes.holdout_fraction must lie strictly between 0 and 1, got {self.holdout_fraction}"
+            )
         if not 0 < self.k <= self.d_sae:
-            raise ValueError(f"k={self.k} must lie in 1..d_sae ({self.d_sae})")
+            raise ValueError(
+                f"--model.train_saes.k must lie in 1..--model.train_saes.d_sae ({self.d_sae}), got {self.k}"
+            )
 
 
 class _StopForward(Exception):
@@ -101,62 +105,74 @@ def collect_activations(
     """
     if not texts:
         raise ValueError("no texts to collect activations from: pass the task's calibration prompts")
-    layers = sorted(set(layers))
     ids = tokenizer(list(texts), add_special_tokens=add_special_tokens)["input_ids"]
     lengths = [len(row) - 1 for row in ids]  # kept positions per text
-    used, gathered = 0, 0  # the first `used` texts hold `max_tokens` kept positions (or all texts, if fewer)
-    while used < len(texts) and gathered < max_tokens:
-        gathered += lengths[used]
-        used += 1
-    per_text: dict[int, list[Tensor]] = {layer: [torch.empty(0)] * used for layer in layers}
-    last: dict[int, Tensor] = {}  # the current batch's last-position residuals, for `answers`
-    rows: list[int] = []  # text index of each row of the current batch
-    keep = torch.empty(0, dtype=torch.bool)  # (B, T) positions to record in the current batch
-
-    def record(layer: int) -> LayerFn:
-        def fn(hidden: Tensor, mask: Tensor) -> None:
-            kept = mask & keep
-            for row, text in enumerate(rows):
-                if text < used:
-                    per_text[layer][text] = hidden[row][kept[row]].float().cpu()
-            if answers is not None:
-                last[layer] = hidden[:, -1].clone()  # left padding: every row's last prompt position
-            elif layer == layers[-1]:
-                raise _StopForward  # the layers after the deepest SAE layer are not needed
-
-        return fn
-
-    read = len(texts) if answers is not None else used
+    recorder = _Recorder(sorted(set(layers)), _texts_within(lengths, max_tokens), last=answers is not None)
+    read = len(texts) if answers is not None else recorder.used
     by_length = sorted(range(read), key=lambda i: lengths[i])
     progress = tqdm(total=sum(lengths[:read]), desc="collecting activations", unit="tok")
-    with torch.no_grad(), LayerHooks(model, {layer: record(layer) for layer in layers}, positions="all"):
+    with torch.no_grad(), LayerHooks(model, recorder.hooks(), positions="all"):
         for start in range(0, read, batch_size):
             rows = by_length[start : start + batch_size]
             batch_texts = [texts[i] for i in rows]
             batch = tokenizer(batch_texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
             batch = batch.to(model.device)
-            keep = _kept_positions(batch["attention_mask"])
-            try:
-                positions = _position_ids(batch["attention_mask"])
-                out = model(**batch, position_ids=positions, use_cache=False, logits_to_keep=1)
-            except _StopForward:
-                out = None
+            recorder.start_batch(rows, without_attention_sink(batch["attention_mask"]))
+            logits = _forward(model, batch)
             if answers is not None:
-                answers.add(batch_texts, out.logits[:, -1].argmax(-1), last)
-            progress.update(int(keep.sum()))
+                answers.add(batch_texts, logits[:, -1].argmax(-1), recorder.last)
+            progress.update(int(recorder.keep.sum()))
     progress.close()
-    return {layer: torch.cat(per_text[layer])[:max_tokens] for layer in layers}
+    return {layer: torch.cat(recorder.per_text[layer])[:max_tokens] for layer in recorder.layers}
 
 
-def _kept_positions(attention_mask: Tensor) -> Tensor:
-    """(B, T) True at real tokens except each row's first one (BOS or not, it is the attention sink)."""
-    real = attention_mask.bool()
-    return real & (attention_mask.cumsum(dim=1) > 1)
+def _texts_within(lengths: Sequence[int], max_tokens: int) -> int:
+    """How many texts, from the first, hold `max_tokens` kept positions (all of them when they hold fewer)."""
+    used, gathered = 0, 0
+    while used < len(lengths) and gathered < max_tokens:
+        gathered += lengths[used]
+        used += 1
+    return used
 
 
-def _position_ids(attention_mask: Tensor) -> Tensor:
-    """Positions counted from each text's first real token, as `generate` does: padding must not shift them."""
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+class _Recorder:
+    """The hooks of `collect_activations`: each of the first `used` texts' residuals at its kept positions, per
+    layer, and with `last` every row's last-position residuals (else the pass stops after the deepest layer)."""
+
+    def __init__(self, layers: list[int], used: int, last: bool) -> None:
+        self.layers, self.used, self.keep_last = layers, used, last
+        self.per_text: dict[int, list[Tensor]] = {layer: [torch.empty(0)] * used for layer in layers}
+        self.last: dict[int, Tensor] = {}  # the current batch's last-position residuals
+        self.rows: list[int] = []  # text index of each row of the current batch
+        self.keep = torch.empty(0, dtype=torch.bool)  # (B, T) positions to record in the current batch
+
+    def hooks(self) -> dict[int, LayerFn]:
+        return {layer: self._record(layer) for layer in self.layers}
+
+    def start_batch(self, rows: list[int], keep: Tensor) -> None:
+        self.rows, self.keep = rows, keep
+
+    def _record(self, layer: int) -> LayerFn:
+        def fn(hidden: Tensor, mask: Tensor) -> None:
+            kept = mask & self.keep
+            for row, text in enumerate(self.rows):
+                if text < self.used:
+                    self.per_text[layer][text] = hidden[row][kept[row]].float().cpu()
+            if self.keep_last:
+                self.last[layer] = hidden[:, -1].clone()  # left padding: every row's last prompt position
+            elif layer == self.layers[-1]:
+                raise _StopForward  # the layers after the deepest SAE layer are not needed
+
+        return fn
+
+
+def _forward(model: PreTrainedModel, batch: Any) -> Tensor | None:
+    """The logits at the last position (B, 1, vocab), or None when the deepest hook stopped the pass."""
+    try:
+        out = model(**batch, position_ids=position_ids(batch["attention_mask"]), use_cache=False, logits_to_keep=1)
+    except _StopForward:
+        return None
+    return out.logits
 
 
 def train_topk_sae(acts: Tensor, layer: int, cfg: SAETrainingConfig) -> tuple[SAE, dict[str, Any]]:
@@ -273,7 +289,10 @@ def prepare_saes(
     paths = {layer: folder / f"layer_{layer}" for layer in cfg.layers}
     for layer, path in paths.items():
         if not 0 <= layer < num_layers:
-            raise ValueError(f"cannot train an SAE for layer {layer}: the model has layers 0..{num_layers - 1}")
+            raise ValueError(
+                f"--model.train_saes.layers: cannot train an SAE for layer {layer}: the model has layers "
+                f"0..{num_layers - 1}"
+            )
         if path.is_dir():
             _check_existing(path, cfg, d_model)
     missing = [layer for layer, path in paths.items() if not path.is_dir()]

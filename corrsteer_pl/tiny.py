@@ -88,6 +88,22 @@ def random_sae(d_in: int, d_sae: int, layer: int, seed: int = 0, threshold: floa
     return sae.eval()
 
 
+def firing_thresholds(pre: torch.Tensor, rate: float | torch.Tensor) -> torch.Tensor:
+    """Per feature, the (1 - rate) quantile of its pre-activations `pre` (positions, d_sae), interpolated linearly
+    as `torch.quantile` does: the JumpReLU threshold at which it fires on about `rate` of those positions.
+
+    `rate` is one share for every feature, or one per feature (d_sae,). `torch.quantile` would give every q for
+    every feature (d_sae x d_sae values for per-feature rates), and it refuses inputs over 16M values.
+    """
+    q = (1 - torch.as_tensor(rate, dtype=torch.float64)).to(pre.dtype).to(pre.device)
+    rank = q.expand(pre.shape[1]) * (pre.shape[0] - 1)  # (d_sae,) fractional row of each feature's quantile
+    below = rank.long()
+    ordered = pre.sort(dim=0).values  # (positions, d_sae)
+    low = ordered.gather(0, below[None])[0]
+    high = ordered.gather(0, rank.ceil().long()[None])[0]
+    return low.lerp(high, rank - below)
+
+
 def build_tiny_checkpoint(
     folder: str | Path,
     arch: Arch = "llama",
@@ -115,7 +131,7 @@ def build_tiny_checkpoint(
         sae = random_sae(hidden, d_sae, layer, seed + 1 + layer)
         with torch.no_grad():
             pre = activations[layer] @ sae.W_enc  # (positions, d_sae); b_enc and b_dec are zero
-            sae.threshold.copy_(torch.quantile(pre, 1 - firing_rate, dim=0).clamp_min(0))
+            sae.threshold.copy_(firing_thresholds(pre, firing_rate).clamp_min(0))
         sae.save_model(folder / "saes" / f"layer_{layer}")
     done.touch()
     return folder

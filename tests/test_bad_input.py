@@ -39,6 +39,20 @@ def test_an_out_of_range_option_is_refused_naming_the_flag_before_any_model_load
     assert _exit_line(["fit", flag, value], tmp_path).startswith(f"error: {flag} must")
 
 
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--data.task", "Synthetic", "--data.task.size", "3"], "--data.task.size"),
+        (["--data.task", "Synthetic", "--data.task.max_new_tokens", "0"], "--data.task.max_new_tokens"),
+        (["--data.task", "MMLU", "--data.task.fractions", "[0.5, 0.5, 0.5]"], "--data.task.fractions"),
+    ],
+)
+def test_a_bad_task_option_is_refused_naming_its_flag_before_any_model_loads(tmp_path, monkeypatch, args, flag):
+    monkeypatch.setattr(CorrSteerModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
+    line = _exit_line(["fit", *args], tmp_path)
+    assert line.startswith("error: ") and flag in line and "\n" not in line
+
+
 # -- exports that do not check out ------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from corrsteer_pl.cli import main
+from corrsteer_pl.tasks import TASKS
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
 SMALL = [
@@ -58,7 +59,7 @@ def _fixture(task, tmp_path, n=24):
     return _jsonl(tmp_path / f"{task}.jsonl", rows)
 
 
-OPTIONS = {
+OPTIONS = {  # --data.task SimpleQA --data.task.judge exact-match, or all at once in --data.task.init_args
     "simpleqa": {"judge": "exact-match"},
     "harmbench": {"judge": "refusal-phrases"},
     "xstest": {"judge": "refusal-phrases"},
@@ -71,11 +72,11 @@ OPTIONS = {
 )
 def test_task_runs_by_name_through_fit_and_test(task, tmp_path):
     args = [*TINY, *SMALL, "--trainer.default_root_dir", str(tmp_path), "--data.task", task]
+    if task in OPTIONS:  # a task's options follow its class name
+        args[-1:] = [TASKS[task].__name__, "--data.task.init_args", json.dumps(OPTIONS[task])]
     source = _fixture(task, tmp_path)
     if source:
         args += ["--data.source", source]
-    if task in OPTIONS:
-        args += ["--data.options", json.dumps(OPTIONS[task])]
     main(["fit", *args])
     main(["test", *args])
     report = json.loads((tmp_path / "steered" / "report.json").read_text())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from corrsteer_pl.hooks import LayerHooks
+from corrsteer_pl.hooks import LayerHooks, eos_ids, position_ids, without_attention_sink
 from corrsteer_pl.layers import decoder_layers
 
 
@@ -90,3 +90,31 @@ def test_right_padded_prompts_are_refused(llama, tokenizer):
 def test_a_layer_the_model_lacks_is_refused(llama):
     with pytest.raises(ValueError, match="layer 7 does not exist"):
         LayerHooks(llama, {7: lambda h, m: None})
+
+
+def test_position_ids_count_from_each_rows_first_real_token_as_generate_does(llama, batch):
+    mask = batch["attention_mask"]
+    positions = position_ids(mask)
+    assert torch.equal(positions[mask.bool()], torch.cat([torch.arange(int(n)) for n in mask.sum(1)]))
+    assert (positions[~mask.bool()] == 0).all()
+    with torch.no_grad():  # left padding does not move a row's logits when the positions skip it
+        padded = llama(**batch, position_ids=positions).logits[1, -1]
+        alone = llama(input_ids=batch["input_ids"][1:2, ~(mask[1] == 0)]).logits[0, -1]
+    torch.testing.assert_close(padded, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_without_attention_sink_keeps_real_tokens_but_each_rows_first():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    expected = torch.tensor([[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(without_attention_sink(mask), expected)
+
+
+def test_eos_ids_are_the_generation_configs_then_the_tokenizers_own_once(llama, tokenizer):
+    assert eos_ids(llama) == [1]
+    assert eos_ids(llama, tokenizer) == [1]  # the tiny tokenizer's <eos> is id 1 too: not repeated
+    llama.generation_config.eos_token_id = [5, 7]
+    try:
+        assert eos_ids(llama, tokenizer) == [5, 7, 1]
+    finally:
+        llama.generation_config.eos_token_id = 1
+    assert eos_ids(torch.nn.Linear(2, 2)) == []  # a model without a generation config

@@ -84,18 +84,9 @@ def test_preset_parses_and_names_every_layer_of_the_real_release(name, capsys):
     assert trainer["precision"] is None, "the module sets dtypes itself"
     assert trainer["default_root_dir"] == f"runs/{name}"
     assert config["calibration"]["variant"] == "A" and config["checkpoint"]["every_n_batches"] >= 1
-    # The task accepts the preset's data options (construction reads no data), and agrees on the budget.
-    built = get_task(task, seed=data["seed"], source=data["source"], **(data["options"] or {}))
+    # The task accepts the preset's data settings (construction reads no data), and agrees on the budget.
+    built = get_task(data["task"], seed=data["seed"], source=data["source"])
     assert built.max_new_tokens == model["max_new_tokens"]
-
-
-@pytest.fixture()
-def one_thread():
-    """Tensors here are tiny: a second intra-op thread only adds synchronisation (2-3x slower on busy shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture()

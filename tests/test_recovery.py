@@ -42,7 +42,7 @@ def no_calibration(monkeypatch):
 @pytest.mark.parametrize(
     ("change", "flag"),
     [
-        (["--data.options", '{"size": 50}'], "--data.options"),
+        (["--data.task", "Synthetic", "--data.task.size", "50"], "--data.task.size"),
         (["--data.batch_size", "4"], "--data.batch_size"),
         (["--model.saes", '[{"source": "tiny-random", "sae_id": "layer_1"}]'], "--model.saes"),
         (["--model.pooling", "mean"], "--model.pooling"),
@@ -110,7 +110,7 @@ def _never_right(tmp_path):
     rows = [{"question": f"item {i} alpha beta", "answer": "zzzq never said"} for i in range(40)]
     path = tmp_path / "never.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return ["--data.task", "custom", "--data.source", str(path), "--data.options", '{"max_new_tokens": 2}']
+    return ["--data.task", "Custom", "--data.source", str(path), "--data.task.max_new_tokens", "2"]
 
 
 def test_constant_labels_export_an_empty_steering_that_warns_everywhere(tmp_path):

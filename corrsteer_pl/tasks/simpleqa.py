@@ -28,10 +28,10 @@ class SimpleQA(TableTask):
     hub_id: ClassVar[str | None] = HUB_ID
 
     seed: int = 0
-    """Decides the 30% / 70% split and the validation rows, and orders every split."""
+    """Set by `--data.seed`: decides the 30% / 70% split and the validation rows, and orders every split."""
     source: str | None = None
-    """None or "hub": basicv8vc/SimpleQA (no offline package carries it); or a local .jsonl/.json/.csv/.parquet
-    file with `problem` (or `question`) and `answer`, optionally `split`."""
+    """Set by `--data.source`: None or "hub": basicv8vc/SimpleQA (no offline package carries it); or a local
+    .jsonl/.json/.csv/.parquet file with `problem` (or `question`) and `answer`, optionally `split`."""
     judge: str = STS_MODEL
     """STS cross-encoder (hub id or local folder, one output logit), or "exact-match" for the rule alone; falls
     back to exact match, with a warning, when the model cannot load."""

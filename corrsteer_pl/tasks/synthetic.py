@@ -26,19 +26,21 @@ class Synthetic(Task):
     name: ClassVar[str] = "synthetic"
 
     seed: int = 0
-    """Decides the prompts and labels."""
+    """Set by `--data.seed`: decides the prompts and labels."""
     size: int = 96
     """Examples over all splits: 60% calibration, 20% validation, the rest test."""
     max_new_tokens: int = 4
     """Tokens generated per prompt."""
     source: str | None = None
-    """Accepted so every task takes the same options; this task has no data source."""
+    """Set by `--data.source`, which must stay unset: this task has no data source."""
 
     def __post_init__(self) -> None:
         if self.size < 5:
-            raise ValueError(f"synthetic size {self.size} is too small; set size >= 5 so every split gets examples")
+            raise ValueError(
+                f"synthetic size {self.size} is too small; set --data.task.size >= 5 so every split gets examples"
+            )
         if self.max_new_tokens < 1:
-            raise ValueError(f"synthetic max_new_tokens {self.max_new_tokens} must be >= 1")
+            raise ValueError(f"--data.task.max_new_tokens: synthetic max_new_tokens {self.max_new_tokens} must be >= 1")
         if self.source is not None:
             raise ValueError(f"the synthetic task has no data source, got '{self.source}'; unset --data.source")
 

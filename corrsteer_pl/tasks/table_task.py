@@ -1,7 +1,7 @@
 """The shared loading path of tasks built from table rows: source -> rows -> examples -> seeded splits."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: jsonargparse resolves the annotations a task inherits from this
+# class in the task's own module, where `Package` is not imported; evaluated annotations need no resolving.
 from abc import abstractmethod
 from dataclasses import dataclass
 from functools import cached_property

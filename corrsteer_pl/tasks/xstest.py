@@ -30,10 +30,10 @@ class XSTest(TableTask, RefusalTask):
     hub_id: ClassVar[str | None] = HUB_ID
 
     seed: int = 0
-    """Decides the 30% / 70% split and the validation rows, and orders every split."""
+    """Set by `--data.seed`: decides the 30% / 70% split and the validation rows, and orders every split."""
     source: str | None = None
-    """None or "hub": walledai/XSTest (no offline package carries it); or a local .jsonl/.json/.csv/.parquet file
-    with `prompt` and `label` ("safe" or "unsafe"), optionally `split`."""
+    """Set by `--data.source`: None or "hub": walledai/XSTest (no offline package carries it); or a local
+    .jsonl/.json/.csv/.parquet file with `prompt` and `label` ("safe" or "unsafe"), optionally `split`."""
     judge: str = REFUSAL_MODEL
     """Refusal classifier (hub id or local folder for a text-classification pipeline), or "refusal-phrases" for the
     phrase rule; falls back to the rule, with a warning, when the model cannot load."""
