@@ -45,7 +45,7 @@ class GenerationPositions:
             return
         if input_ids is not None and self.eos.numel():
             fed = input_ids[:, -1]
-            self._finished = self._finished | torch.isin(fed, self.eos.to(fed.device))
+            self._finished = self._finished | torch.isin(fed, self.eos)
         self.mask = (~self._finished)[:, None].expand(shape).contiguous()
 
     def _start(self, attention_mask: Tensor | None, shape: torch.Size, device: torch.device) -> None:
@@ -56,6 +56,7 @@ class GenerationPositions:
         self.mask = torch.zeros(shape, dtype=torch.bool, device=device)
         self.mask[:, -1] = True
         self._finished = torch.zeros(shape[0], dtype=torch.bool, device=device)
+        self.eos = self.eos.to(device)  # once per generate, not a host-to-device copy at every decoding step
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

@@ -78,14 +78,14 @@ def test_test_compares_unsteered_and_steered_with_side_effect_ratio(fitted):
     assert {"test/accuracy_unsteered", "test/accuracy_steered", "test/ser"} <= set(logged)
 
 
-def test_variant_p_records_validation_scores_per_layer(tmp_path):
+def test_variant_p_records_validation_scores_per_candidate(tmp_path):
     main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P"])
-    info = json.loads((tmp_path / "steered" / "steering.json").read_text())["info"]
-    assert set(info["validation"]) == {"unsteered", "layer_0", "layer_1"}
-    kept = {entry["layer"] for entry in json.loads((tmp_path / "steered" / "steering.json").read_text())["layers"]}
-    assert kept == {
-        int(k[6:]) for k, v in info["validation"].items() if k != "unsteered" and v > info["validation"]["unsteered"]
-    }
+    meta = json.loads((tmp_path / "steered" / "steering.json").read_text())
+    validation = meta["info"]["validation"]
+    trials = {k for k in validation if k != "unsteered"}
+    assert {k.split("/")[0] for k in trials} == {"layer_0", "layer_1"} and len(trials) == 2 * 3, "top 3 per layer"
+    kept = {(entry["layer"], f["feature"]) for entry in meta["layers"] for f in entry["features"]}
+    assert kept == {(int(k[6:].split("/")[0]), int(k.split("/")[1])) for k in trials if validation[k]["kept"]}
 
 
 def test_variant_p_and_the_scale_grid_run_the_validation_prompts_once(tmp_path, monkeypatch):
