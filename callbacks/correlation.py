@@ -52,36 +52,31 @@ class CorrelationCallback(L.Callback):
             scale: global multiplier (> 0) of the coefficients (mean activation on correct answers); P's layer
                 check steers at this scale. Negative scales (subtracting features) are refused: the paper
                 reports they collapse accuracy.
-            scale_grid: pick the scale from these values (each > 0) by validation accuracy instead
-                (e.g. [0.5, 1, 2, 4]).
+            scale_grid: pick the scale from these values (each > 0) by validation accuracy, e.g. [0.5, 1, 2, 4].
             max_answer_share: on multiple-choice tasks a grid scale is rejected when one answer letter takes
                 more than this share (0 < share <= 1) of validation answers (collapse to "always A" must not win).
             active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
-            candidates: P steers each layer's top this-many features alone on validation (one pass for all) and
-                keeps the most accurate if it passes the paired test. 3 covers the statistical ties seen on
-                SmolLM2 (a layer's top three r within one standard error) at 3 x layers + 1 conditions.
+            candidates: P tries each layer's top this-many features on validation (one pass) and keeps the best if
+                it passes the paired test; 3 covers the ties seen on SmolLM2 (top three r within one s.e.).
             alpha: level of P's one-sided paired sign test against the unsteered model on the validation items
                 whose answer changed, and of the q-value warning (no feature significant).
-            bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability (share of
-                replicates where it is its layer's top-1) and its 90% interval of r.
+            bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability (share of replicates
+                where it is its layer's top-1) and its 90% interval of r.
             search_draws: P only: repeat P's search (same candidates count, norms and test) on random firing
                 features this many times; test then compares the steering with these searched controls (0 = off).
             include_model: also write the base model's weights into the export so it stands alone.
         """
         check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
-        self.active_only = active_only
-        self.scale_grid, self.max_answer_share = scale_grid, max_answer_share
+        self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
-        self.include_model = include_model
+        self.include_model, self.exported = include_model, False
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
         self.selection: Selection | None = None
-        self.exported = False
         self.restored_complete = False  # resumed from a checkpoint written after the last calibration batch
         self._trainer: L.Trainer | None = None
-        self._started = 0.0
-        self._samples_at_start = 0
+        self._started, self._samples_at_start = 0.0, 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:  # fail now, not after an hour of calibration
