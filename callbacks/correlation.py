@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,7 @@ from corrsteer_pl.bootstrap import BootstrapStats
 from corrsteer_pl.controls import SEARCH_CONTROLS_DIR, search_matched_controls
 from corrsteer_pl.diagnosis import selection_warnings
 from corrsteer_pl.evidence import annotate, selection_record, significance_warning, write_selection
+from corrsteer_pl.export import FORMATS, write_formats
 from corrsteer_pl.rankings import Ranking, check_ranking
 from corrsteer_pl.selection import SelectedFeature, Selection, Variant, select_features
 from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
@@ -41,6 +43,7 @@ class CorrelationCallback(L.Callback):
         bootstrap: int = 20,
         search_draws: int = 10,
         include_model: bool = False,
+        export_formats: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -49,9 +52,8 @@ class CorrelationCallback(L.Callback):
                 success), fisher (DSG: E[z^2 | correct] / E[z^2 | wrong]) or caa (|mean difference|, whose
                 coefficient is the mean difference); every ranking keeps only features with r > 0.
             top_k: candidates kept per layer for the report.
-            scale: global multiplier (> 0) of the coefficients (mean activation on correct answers); P's layer
-                check steers at this scale. Negative scales (subtracting features) are refused: the paper
-                reports they collapse accuracy.
+            scale: multiplier (> 0) of the coefficients (mean activation on correct answers); P's layer check
+                steers at this scale. Negative scales are refused: the paper reports they collapse accuracy.
             scale_grid: pick the scale from these values (each > 0) by validation accuracy, e.g. [0.5, 1, 2, 4].
             max_answer_share: on multiple-choice tasks a grid scale is rejected when one answer letter takes
                 more than this share (0 < share <= 1) of validation answers (collapse to "always A" must not win).
@@ -65,12 +67,14 @@ class CorrelationCallback(L.Callback):
             search_draws: P only: repeat P's search (same candidates count, norms and test) on random firing
                 features this many times; test then compares the steering with these searched controls (0 = off).
             include_model: also write the base model's weights into the export so it stands alone.
+            export_formats: also write gguf (steering.gguf, a llama.cpp control vector) and/or merged (merged/, an HF
+                folder with the steering in its MLP biases); both steer every position, the prompt included.
         """
         check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
         self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
-        self.include_model, self.exported = include_model, False
+        self.include_model, self.export_formats, self.exported = include_model, check_formats(export_formats), False
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
         self.selection: Selection | None = None
@@ -225,6 +229,7 @@ class CorrelationCallback(L.Callback):
                 write_selection(tmp, record)
                 for i, control in enumerate(controls):
                     control.save(tmp / SEARCH_CONTROLS_DIR / str(i))
+                self._serving_formats(pl_module, tmp)
         except OSError as err:
             raise OSError(
                 f"could not write the export to {folder} ({err.strerror or err}); any previous export there is "
@@ -232,6 +237,15 @@ class CorrelationCallback(L.Callback):
                 "`fit --ckpt_path last` to export without recalibrating"
             ) from None
         rank_zero_info(f"exported the steering to {folder}")
+
+    def _serving_formats(self, pl_module: L.LightningModule, folder: Path) -> None:
+        """--calibration.export_formats, each format on its own: one the steering cannot take is a warning, and the
+        main export still lands (an empty steering, or layer 0 in a control vector, is no reason to lose the run)."""
+        for fmt in self.export_formats:
+            try:
+                write_formats(folder, pl_module.steering, pl_module.lm, pl_module.tokenizer, [fmt])
+            except ValueError as err:
+                rank_zero_warn(f"--calibration.export_formats: {fmt} not written: {err}")
 
     # -- checkpointing --------------------------------------------------------------------
 
@@ -299,3 +313,13 @@ def check_options(
             f"--calibration.max_answer_share must lie in (0, 1], got {max_answer_share} "
             "(1 turns the collapse guard off)"
         )
+
+
+def check_formats(formats: list[str] | None) -> list[str]:
+    """--calibration.export_formats, deduplicated; an unknown format is refused before any model loads."""
+    unknown = [f for f in formats or [] if f not in FORMATS]
+    if unknown:
+        raise ValueError(
+            f"--calibration.export_formats must name formats from {', '.join(FORMATS)}; got {', '.join(unknown)}"
+        )
+    return list(dict.fromkeys(formats or []))

@@ -32,6 +32,7 @@ def _exit_line(args: list[str], tmp_path) -> str:
         ("--model.controls", "-1"),
         ("--checkpoint.every_n_batches", "-1"),
         ("--data.max_prompt_tokens", "0"),
+        ("--calibration.export_formats", "[onnx]"),
     ],
 )
 def test_an_out_of_range_option_is_refused_naming_the_flag_before_any_model_loads(tmp_path, monkeypatch, flag, value):

@@ -192,3 +192,19 @@ def test_failed_merged_write_leaves_the_old_folder_intact(saved_llama, tmp_path)
         write_merged(_steering(scale=5.0), model, BrokenTokenizer(), folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == [MERGED_DIR]
+
+
+def test_fit_writes_the_requested_serving_formats_and_warns_for_one_it_cannot(tmp_path):
+    """--calibration.export_formats: merged/ lands in the export; gguf cannot hold layer 0, so fit warns and goes on."""
+    from corrsteer_pl.cli import main as cli
+
+    args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.export_formats", "[gguf, merged]"]
+    with pytest.warns(UserWarning, match="export_formats: gguf not written: layer 0"):
+        cli(["fit", *args])
+    export = tmp_path / "steered"
+    steering = SteeringVectors.load(export)
+    assert sorted(steering.layers) == [0, 1] and not (export / CONTROL_VECTOR_FILE).exists()
+    merged = AutoModelForCausalLM.from_pretrained(export / MERGED_DIR)
+    for layer, steer in steering.layers.items():
+        torch.testing.assert_close(merged.model.layers[layer].mlp.down_proj.bias, steer.vector, rtol=0, atol=0)
