@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from corrsteer_pl.atomic import atomic_folder, check_writable
 from corrsteer_pl.bootstrap import BootstrapStats
+from corrsteer_pl.comparison import SelectionOptions
 from corrsteer_pl.controls import SEARCH_CONTROLS_DIR, search_matched_controls
 from corrsteer_pl.diagnosis import selection_warnings
 from corrsteer_pl.evidence import annotate, selection_record, significance_warning, write_selection
@@ -82,6 +83,13 @@ class CorrelationCallback(L.Callback):
         self._trainer: L.Trainer | None = None
         self._started, self._samples_at_start = 0.0, 0
 
+    def selection_options(self) -> SelectionOptions:
+        """These options as a comparison applies them to every method."""
+        grid = tuple(self.scale_grid) if self.scale_grid else None
+        return SelectionOptions(
+            self.top_k, self.active_only, self.candidates, self.alpha, self.scale, grid, self.max_answer_share
+        )
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:  # fail now, not after an hour of calibration
             check_writable(pl_module.export_dir, "--model.steering_path")
@@ -141,11 +149,7 @@ class CorrelationCallback(L.Callback):
         for layer in self.stats:
             self.stats[layer].all_reduce()
             self.bootstrap[layer].all_reduce()
-        validator = Validator(
-            evaluate=lambda conditions, caches: pl_module.evaluate_split(conditions, prompt_caches=caches),
-            build=lambda features: SteeringVectors.from_selection(features, pl_module.saes, pl_module.lm),
-            multiple_choice=bool(pl_module.trainer.datamodule.examples("validation")[0].choices),
-        )
+        validator = pl_module.validator()
         self.selection, scale, grid = self._select(validator)
         searched = self._search_controls(pl_module, validator, scale)
         evidence = annotate(self.selection, self.stats, self.bootstrap)

@@ -9,7 +9,7 @@ from pathlib import Path
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks import CalibrationCheckpoint, CorrelationCallback
+from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCallback
 from corrsteer_pl.data import TaskDataModule
 from corrsteer_pl.module import CorrSteerModule
 from corrsteer_pl.strategy import register
@@ -30,6 +30,7 @@ class CorrSteerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(CorrelationCallback, "calibration")
         parser.add_lightning_class_args(CalibrationCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ComparisonCallback, "comparison")
         parser.link_arguments("model.model", "data.tokenizer")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, evaluate the export on the test split"

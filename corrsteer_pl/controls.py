@@ -16,9 +16,10 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from corrsteer_pl.selection import SelectedFeature, validated_layers
+from corrsteer_pl.selection import SelectedFeature, validated_layers, validation_trials
 from corrsteer_pl.stats import CorrelationStats
 from corrsteer_pl.steering import LayerSteering, SteeringVectors, decoder_vector
+from corrsteer_pl.validation import group, grouped
 
 SEARCH_CONTROLS_DIR = "search_controls"
 """Export subfolder with one steering per search-matched control draw (`0/`, `1/`, ...; an empty one steers nothing)."""
@@ -73,12 +74,19 @@ def _matched(selected: LayerSteering, direction: Tensor, features: list[Selected
     return LayerSteering(selected.layer, vector, features, selected.hook_name, selected.sae_source)
 
 
+Scorer = Callable[[dict[str, Any]], tuple[Tensor, Tensor]]
+"""A batch -> per-item (scores, valid) of a model other than the steered one (e.g. a fine-tuned baseline)."""
+
+
 @dataclass
 class ConditionSet:
-    """Steerings answered on the same items: the unsteered model, the steered one, and groups of controls."""
+    """What is answered on the same items: the unsteered model, the steered one, other methods' steerings,
+    baselines that are other models, and groups of random controls."""
 
     steered: SteeringVectors
     controls: dict[str, list[SteeringVectors]] = field(default_factory=dict)  # kind -> draws
+    methods: dict[str, SteeringVectors] = field(default_factory=dict)  # a comparison's other selections
+    baselines: dict[str, Scorer] = field(default_factory=dict)  # scored by their own models, after the steerings
 
     @classmethod
     def with_random_controls(
@@ -97,19 +105,22 @@ class ConditionSet:
         )
 
     def named(self) -> dict[str, SteeringVectors | None]:
-        """Every condition by a unique name, in column order: unsteered, steered, then each control draw."""
-        named: dict[str, SteeringVectors | None] = {"unsteered": None, "steered": self.steered}
+        """Every steering condition by a unique name, in column order: unsteered, steered, each method, then each
+        control draw ("kind/draw"). The baselines' columns follow these."""
+        named: dict[str, SteeringVectors | None] = {"unsteered": None, "steered": self.steered} | self.methods
         for kind, draws in self.controls.items():
             named |= {f"{kind}/{i}": steering for i, steering in enumerate(draws)}
         return named
 
     def columns(self, per_item: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """(N, C) per-item results in `named()` order -> ({unsteered, steered}: (N,), {kind: (draws, N)})."""
-        plain = {"unsteered": per_item[:, 0], "steered": per_item[:, 1]}
-        groups, start = {}, 2
+        """(N, C) per-item results in `named()` order, then the baselines' -> ({unsteered, steered, each method,
+        each baseline}: (N,), {control kind: (draws, N)})."""
+        plain = {name: per_item[:, i] for i, name in enumerate(["unsteered", "steered", *self.methods])}
+        groups, start = {}, len(plain)
         for kind, draws in self.controls.items():
             groups[kind] = per_item[:, start : start + len(draws)].T
             start += len(draws)
+        plain |= {name: per_item[:, start + i] for i, name in enumerate(self.baselines)}
         return plain, groups
 
 
@@ -132,19 +143,13 @@ def search_matched_controls(
     """
     g = torch.Generator().manual_seed(seed)
     drawn = [_random_candidates(ranked, stats, saes, candidates, g) for _ in range(draws)]
-    trials = {f"{i}|{name}": fs for i, ranked_i in enumerate(drawn) for name, fs in _trials(ranked_i, candidates)}
+    trials = grouped({str(i): validation_trials(ranked_i, candidates) for i, ranked_i in enumerate(drawn)})
     results = evaluate({"unsteered": []} | trials)
     out = []
     for i, ranked_i in enumerate(drawn):
-        mine = {"unsteered": results["unsteered"]} | {
-            name.split("|", 1)[1]: r for name, r in results.items() if name.startswith(f"{i}|")
-        }
+        mine = {"unsteered": results["unsteered"]} | group(results, str(i))
         out.append(validated_layers(ranked_i, lambda _, mine=mine: mine, candidates, alpha))
     return out
-
-
-def _trials(ranked: Mapping[int, list[SelectedFeature]], candidates: int) -> list[tuple[str, list[SelectedFeature]]]:
-    return [(f"layer_{f.layer}/{f.feature}", [f]) for fs in ranked.values() for f in fs[:candidates]]
 
 
 def _random_candidates(

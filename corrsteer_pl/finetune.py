@@ -43,7 +43,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corrsteer_pl.comparison import ConditionScores
+from corrsteer_pl.condition_scores import ConditionScores
 from corrsteer_pl.data import ShardedBatches, TaskDataModule
 from corrsteer_pl.evaluation import answer_conditions
 from corrsteer_pl.report import RESAMPLES, EvaluationReport

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corrsteer_pl.answer_cache import AnswerCache
 from corrsteer_pl.capture import Pooling, generate_with_features, recorded_features
-from corrsteer_pl.comparison import ConditionScores
+from corrsteer_pl.comparison import method_rows
+from corrsteer_pl.condition_scores import ConditionScores
 from corrsteer_pl.controls import ConditionSet, load_search_controls
 from corrsteer_pl.diagnosis import nothing_steered
 from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
@@ -30,6 +31,7 @@ from corrsteer_pl.sae_training import SAETrainingConfig, trained_saes
 from corrsteer_pl.sources import TINY_RANDOM, load_pretrained, resolve_model, resolve_sae
 from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.validation import Validator
 
 REPORT_SCALARS = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -296,6 +298,14 @@ class CorrSteerModule(L.LightningModule):
             results = {name: SplitResult.merged([r[name] for r in gathered]) for name in conditions}
         return results
 
+    def validator(self) -> Validator:
+        """Scores candidate steerings on the validation split: P's check, the scale grid, a comparison's methods."""
+        return Validator(
+            evaluate=lambda conditions, caches: self.evaluate_split(conditions, prompt_caches=caches),
+            build=lambda features: SteeringVectors.from_selection(features, self.saes, self.lm),
+            multiple_choice=bool(self.trainer.datamodule.examples("validation")[0].choices),
+        )
+
     # -- validate / test: unsteered vs steered --------------------------------------------
 
     @property
@@ -333,8 +343,10 @@ class CorrSteerModule(L.LightningModule):
     def _compare_step(self, batch: dict[str, Any]) -> None:
         results = self.score_conditions(batch, self.conditions.named())
         if results:
-            scores = torch.stack([scores for scores, _, _ in results.values()], 1)
-            valid = torch.stack([valid for _, valid, _ in results.values()], 1)
+            columns = [(scores, valid) for scores, valid, _ in results.values()]
+            columns += [scorer(batch) for scorer in self.conditions.baselines.values()]
+            scores = torch.stack([scores.cpu() for scores, _ in columns], 1)
+            valid = torch.stack([valid.cpu() for _, valid in columns], 1)
             self.comparison.update(scores.to(self.device), valid.to(self.device))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -363,6 +375,7 @@ class CorrSteerModule(L.LightningModule):
             data=self.trainer.datamodule.describe(),
             warnings=list(self.steering.info.get("warnings", [])),
             selection=read_selection(self.export_dir),
+            methods=method_rows(self.conditions, column, is_valid, control_scores),
         )
         self.log_dict({f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS})
         self.log(f"{stage}/samples", float(report.samples))
@@ -372,6 +385,10 @@ class CorrSteerModule(L.LightningModule):
             )
         for c in report.controls:
             self.log_dict({f"{stage}/{c.kind}/accuracy_mean": c.accuracy_mean, f"{stage}/{c.kind}/p_value": c.p_value})
+        for m in report.methods:
+            self.log_dict(
+                {f"{stage}/method/{m.name}/{k}": float(getattr(m, k)) for k in ("accuracy", "difference", "ser")}
+            )
         if self.trainer.is_global_zero:
             report.save(self.export_dir, "report" if split == "test" else f"{split}_report")
             for logger in self.loggers:

@@ -78,6 +78,69 @@ class ConditionResult:
         )
 
 
+def control_rank(accuracy: float, controls: Tensor) -> int:
+    """1 + the number of control draws (rows of `controls`, (draws, n) per-item scores) at least as accurate."""
+    return 1 + int((controls.double().mean(dim=1) >= accuracy).sum())
+
+
+@dataclass
+class MethodRow:
+    """One row of a comparison table: a method answered on the same items as the unsteered model and the controls."""
+
+    name: str  # key, e.g. "mi-A" (TensorBoard tags)
+    label: str  # what the table shows, e.g. "SPARE (MI)-A"
+    accuracy: float
+    valid_rate: float
+    accuracy_valid: float
+    difference: float  # accuracy - unsteered accuracy
+    ci_low: float  # paired bootstrap 95% CI of the difference
+    ci_high: float
+    better: int  # wrong -> right against unsteered
+    worse: int  # right -> wrong
+    ser: float
+    p_values: dict[str, float] = field(default_factory=dict)  # control kind -> permutation p among its draws
+    features: list[str] = field(default_factory=list)  # "L{layer}/{feature}"
+    scale: float | None = None  # the coefficients' scale (None: not a steering)
+
+    @classmethod
+    def from_scores(
+        cls, name: str, label: str, unsteered: Tensor, scores: Tensor, valid: Tensor,
+        controls: dict[str, Tensor] | None = None, features: list[str] | None = None, scale: float | None = None,
+    ) -> MethodRow:  # fmt: skip
+        """`controls`: kind -> (draws, n) per-item scores on the same items; p = rank / (draws + 1)."""
+        unsteered, scores = unsteered.double().cpu(), scores.double().cpu()
+        plain = ConditionResult.from_scores(label, scores, valid.cpu())
+        better, worse = int((scores > unsteered).sum()), int((scores < unsteered).sum())
+        low, high = paired_bootstrap_ci(unsteered, scores)
+        p_values = {
+            kind: control_rank(plain.accuracy, draws.cpu()) / (draws.shape[0] + 1)
+            for kind, draws in (controls or {}).items()
+        }
+        difference = plain.accuracy - float(unsteered.mean())
+        ser = worse / (better + worse) if better + worse else 0.0
+        return cls(
+            name, label, plain.accuracy, plain.valid_rate, plain.accuracy_valid, difference, low, high, better, worse,
+            ser, p_values, features or [], scale,
+        )  # fmt: skip
+
+
+def methods_table(rows: list[MethodRow]) -> str:
+    """The comparison as Markdown: one row per method, p against each control kind."""
+    kinds = list(dict.fromkeys(kind for row in rows for kind in row.p_values))
+    head = ["method", "accuracy", "valid rate", "accuracy among valid", "vs unsteered [95% CI]"]
+    head += ["better / worse", "SER"]
+    lines = ["| " + " | ".join(head + [f"p vs {kind}" for kind in kinds] + ["scale", "features"]) + " |"]
+    lines.append("|" + "---|" * (len(head) + len(kinds) + 2))
+    for r in rows:
+        cells = [r.label, f"{r.accuracy:.4f}", f"{r.valid_rate:.4f}", f"{r.accuracy_valid:.4f}"]
+        cells += [f"{r.difference:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]", f"{r.better} / {r.worse}", f"{r.ser:.3f}"]
+        cells += [f"{r.p_values[k]:.3f}" if k in r.p_values else "" for k in kinds]
+        cells.append(f"{r.scale:g}" if r.scale is not None else "")
+        cells.append(", ".join(r.features) if r.features else ("none" if r.scale is not None else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 @dataclass
 class ControlSummary:
     """How the selected steering compares with `draws` random steerings of one kind."""
@@ -99,7 +162,7 @@ class ControlSummary:
     def from_scores(cls, kind: str, steered: Tensor, controls: Tensor, valid: Tensor) -> ControlSummary:
         acc = controls.double().mean(dim=1)  # (draws,)
         steered_acc = float(steered.double().mean())
-        rank = 1 + int((acc >= steered_acc).sum())
+        rank = control_rank(steered_acc, controls)
         low, high = control_bootstrap_ci(steered, controls)
         return cls(
             kind=kind,
@@ -140,6 +203,7 @@ class EvaluationReport:
     data: str = ""  # where the items come from (how the splits were made, limits)
     warnings: list[str] = field(default_factory=list)  # why the steering is empty or suspect, from the export
     selection: dict[str, Any] = field(default_factory=dict)  # the export's selection.json: every candidate's evidence
+    methods: list[MethodRow] = field(default_factory=list)  # a comparison's rows (empty without one)
 
     @classmethod
     def from_scores(
@@ -227,6 +291,15 @@ class EvaluationReport:
             f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
             for f in self.features
         ]
+        if self.methods:
+            lines += ["", f"## Comparison ({self.split} split, the same {self.samples} items)", ""]
+            lines += [
+                "Each method is selected from this run's statistics with its options (candidates, paired test, "
+                "scale grid on validation); p: permutation p of its accuracy among the control draws above "
+                "(norm-matched to the exported steering).",
+                "",
+                methods_table(self.methods),
+            ]
         if self.selection:
             lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
         return "\n".join(lines) + "\n"

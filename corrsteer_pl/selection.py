@@ -120,7 +120,7 @@ def validated_layers(
     ranked: Mapping[int, list[SelectedFeature]], evaluate: Evaluate, candidates: int, alpha: float
 ) -> tuple[list[SelectedFeature], dict[str, dict[str, float]]]:
     """CorrSteer-P's check: per layer, the most accurate of its top candidates if a paired test says it helps."""
-    trials = {f"layer_{f.layer}/{f.feature}": f for fs in ranked.values() for f in fs[:candidates]}
+    trials = {name: fs[0] for name, fs in validation_trials(ranked, candidates).items()}
     results = evaluate({"unsteered": []} | {name: [f] for name, f in trials.items()})
     base = results["unsteered"]
     validation = {"unsteered": {"accuracy": base.accuracy, "valid_rate": base.valid_rate}}
@@ -143,3 +143,8 @@ def validated_layers(
                 validation[best]["kept"] = True
                 kept.append(trials[best])
     return kept, validation
+
+
+def validation_trials(ranked: Mapping[int, list[SelectedFeature]], candidates: int) -> dict[str, list[SelectedFeature]]:
+    """P's trials: each layer's top `candidates` features, each steered alone, named "layer_{L}/{feature}"."""
+    return {f"layer_{f.layer}/{f.feature}": [f] for fs in ranked.values() for f in fs[:candidates]}

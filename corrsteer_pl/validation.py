@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult
 from corrsteer_pl.selection import SelectedFeature
@@ -16,6 +17,7 @@ from corrsteer_pl.steering import SteeringVectors
 
 Evaluate = Callable[[Conditions, PromptCaches], Mapping[str, SplitResult]]
 Build = Callable[[list[SelectedFeature]], SteeringVectors]
+T = TypeVar("T")
 
 
 def scale_features(features: list[SelectedFeature], scale: float) -> list[SelectedFeature]:
@@ -48,17 +50,34 @@ class Validator:
     def pick_scale(
         self, features: list[SelectedFeature], grid: list[float], max_answer_share: float, default: float
     ) -> tuple[float, dict[str, dict[str, float]]]:
-        """The grid scale with the best validation accuracy whose answers did not collapse, and the grid's figures.
-
-        On multiple-choice tasks a scale is rejected when one answer takes more than `max_answer_share` of all
-        items ("always A" scores the share of gold A). `default` stands when every scale is rejected.
-        """
+        """The grid scale with the best validation accuracy whose answers did not collapse (`choose_scale`)."""
         results = self.results({f"{s:g}": scale_features(features, s) for s in grid})
-        table = {name: {"accuracy": r.accuracy, "top_answer_share": r.top_answer_share} for name, r in results.items()}
-        allowed = [
-            name for name, r in results.items() if not (self.multiple_choice and r.top_answer_share > max_answer_share)
-        ]
-        if not allowed:
-            return default, table
-        best = max(allowed, key=lambda name: (results[name].accuracy, -float(name)))
-        return float(best), table
+        return choose_scale(results, self.multiple_choice, max_answer_share, default)
+
+
+def choose_scale(
+    results: Mapping[str, SplitResult], multiple_choice: bool, max_answer_share: float, default: float
+) -> tuple[float, dict[str, dict[str, float]]]:
+    """The best scale of {scale as "%g": its validation results}, and the grid's figures.
+
+    On multiple-choice tasks a scale is rejected when one answer takes more than `max_answer_share` of all
+    items ("always A" scores the share of gold A). Ties go to the smaller scale; `default` stands when every
+    scale is rejected.
+    """
+    table = {name: {"accuracy": r.accuracy, "top_answer_share": r.top_answer_share} for name, r in results.items()}
+    allowed = [name for name, r in results.items() if not (multiple_choice and r.top_answer_share > max_answer_share)]
+    if not allowed:
+        return default, table
+    best = max(allowed, key=lambda name: (results[name].accuracy, -float(name)))
+    return float(best), table
+
+
+def grouped(groups: Mapping[str, Mapping[str, T]]) -> dict[str, T]:
+    """Several groups' candidates as one {"group|name": ...} mapping, to be answered in one pass."""
+    return {f"{group}|{name}": value for group, items in groups.items() for name, value in items.items()}
+
+
+def group(results: Mapping[str, T], name: str) -> dict[str, T]:
+    """One group's results of a `grouped` pass, under their own names."""
+    prefix = f"{name}|"
+    return {key[len(prefix) :]: value for key, value in results.items() if key.startswith(prefix)}

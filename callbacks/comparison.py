@@ -1,0 +1,92 @@
+"""ComparisonCallback: `train.py test` with the paper's table: other rankings, variants and a fine-tuned model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from callbacks.correlation import CorrelationCallback
+from corrsteer_pl.comparison import SelectionOptions, check_methods, method_key, method_selections
+from corrsteer_pl.controls import Scorer
+from corrsteer_pl.rankings import Ranking
+from corrsteer_pl.selection import Variant
+from corrsteer_pl.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.steering import SteeringVectors
+
+FINETUNE_ROW = "fine-tuning"
+
+
+class ComparisonCallback(L.Callback):
+    """Adds the comparison's methods to the test pass: every item is answered by the unsteered model, the export,
+    each other ranking x variant, the fine-tuned model and the controls, and the report gains one table."""
+
+    def __init__(
+        self, rankings: list[str] | None = None, variants: list[str] | None = None, finetune: str | None = None
+    ) -> None:
+        """
+        Args:
+            rankings: test also selects with these rankings (pearson, mi, fisher, caa) from the export's statistics,
+                each with every variant below and the --calibration options, and answers them on the test split
+                beside the report's conditions (one pass for one-token answers). Empty: no comparison.
+            variants: the variants every ranking selects with (S, A, P); the export's own is its "steered" row.
+            finetune: a fine-tuning checkpoint (`python -m corrsteer_pl.finetune fit` writes
+                <default_root_dir>/finetune/checkpoints/best.ckpt): its model answers the same test items, as a row.
+        """
+        check_methods(rankings or [], variants or [])  # plain strings: a typo gets one line, not a parser dump
+        self.rankings: list[Ranking] = list(rankings or [])
+        self.variants: list[Variant] = list(variants or ["S", "A", "P"])
+        if finetune is not None and not Path(finetune).is_file():
+            raise ValueError(
+                f"--comparison.finetune: no checkpoint at {finetune}; run `python -m corrsteer_pl.finetune fit` "
+                "first (it writes <default_root_dir>/finetune/checkpoints/best.ckpt)"
+            )
+        self.finetune = finetune
+        self.scales: dict[str, float] = {}
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the module's own conditions are set: adds the methods' steerings and the fine-tuned scorer."""
+        if self.rankings:
+            pl_module.conditions.methods |= self._methods(trainer, pl_module)
+        if self.finetune is not None:
+            pl_module.conditions.baselines[FINETUNE_ROW] = finetuned_scorer(self.finetune, pl_module)
+
+    def _methods(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, SteeringVectors]:
+        calibration = next((cb for cb in trainer.callbacks if isinstance(cb, CorrelationCallback)), None)
+        options = calibration.selection_options() if calibration is not None else SelectionOptions()
+        stats = load_layer_stats(pl_module.export_dir / STATS_FILE)
+        chosen = method_selections(stats, pl_module.validator(), self.rankings, self.variants, options)
+        info = pl_module.steering.info
+        own = method_key(info.get("ranking", "pearson"), info.get("variant", ""))
+        methods = {}
+        for key, (selection, scale) in chosen.items():
+            if key != own:
+                methods[key] = SteeringVectors.from_selection(
+                    selection, pl_module.saes, pl_module.lm, info={"method": key, "scale": scale}
+                )
+                self.scales[key] = scale
+        rank_zero_info(f"comparison: {len(methods)} methods beside the export ({own}): {', '.join(methods)}")
+        return methods
+
+
+def finetuned_scorer(checkpoint: str, pl_module: L.LightningModule) -> Scorer:
+    """The fine-tuned model of `checkpoint` as a scorer of the module's batches; it must share the module's model."""
+    from corrsteer_pl.finetune import load_finetuned  # peft loads only when a fine-tuned row is asked for
+
+    tuned = load_finetuned(checkpoint).to(pl_module.device)
+    if tuned.hparams.model != pl_module.hparams.model:
+        raise ValueError(
+            f"--comparison.finetune: {checkpoint} fine-tuned --model.model {tuned.hparams.model}, this test runs "
+            f"{pl_module.hparams.model}: compare models of the same base"
+        )
+    task = pl_module.task
+
+    @torch.inference_mode()
+    def score(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, valid, _ = tuned.scored(batch, task)
+        return scores, valid
+
+    return score
