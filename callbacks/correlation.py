@@ -14,16 +14,23 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from corrsteer_pl.atomic import atomic_folder, check_writable
 from corrsteer_pl.bootstrap import BootstrapStats
 from corrsteer_pl.comparison import SelectionOptions
-from corrsteer_pl.controls import SEARCH_CONTROLS_DIR, search_matched_controls
+from corrsteer_pl.controls import SEARCH_CONTROLS_DIR, search_draws, search_trials, searched_layers
 from corrsteer_pl.diagnosis import selection_warnings
 from corrsteer_pl.evidence import annotate, selection_record, significance_warning, write_selection
 from corrsteer_pl.export import FORMATS, write_formats
 from corrsteer_pl.rankings import Ranking, check_ranking
-from corrsteer_pl.selection import SelectedFeature, Selection, Variant, select_features
+from corrsteer_pl.selection import (
+    SelectedFeature,
+    Selection,
+    Variant,
+    ranked_layers,
+    select_features,
+    validation_trials,
+)
 from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 from corrsteer_pl.tensorboard import log_selection
-from corrsteer_pl.validation import Validator, scale_features
+from corrsteer_pl.validation import Validator, group, grouped, scale_features
 
 
 class CorrelationCallback(L.Callback):
@@ -150,8 +157,7 @@ class CorrelationCallback(L.Callback):
             self.stats[layer].all_reduce()
             self.bootstrap[layer].all_reduce()
         validator = pl_module.validator()
-        self.selection, scale, grid = self._select(validator)
-        searched = self._search_controls(pl_module, validator, scale)
+        self.selection, scale, grid, searched = self._select(validator, pl_module.saes)
         evidence = annotate(self.selection, self.stats, self.bootstrap)
         warnings = selection_warnings(self.stats, self.selection) + significance_warning(evidence, self.alpha)
         for warning in warnings:
@@ -172,34 +178,42 @@ class CorrelationCallback(L.Callback):
             dist.barrier()
         self.exported = True
 
-    def _select(self, validator: Validator) -> tuple[Selection, float, dict[str, dict[str, float]]]:
-        """Ranks, validates (P: each layer at --calibration.scale), picks the scale, and scales the features once."""
-        evaluate = (lambda candidates: validator.results_at(candidates, self.scale)) if self.variant == "P" else None
+    def _select(
+        self, validator: Validator, saes: dict
+    ) -> tuple[Selection, float, dict[str, dict[str, float]], list[tuple[list[SelectedFeature], dict]]]:
+        """Ranks and validates (P and its search-matched draws in one pass, at --calibration.scale), picks the scale
+        on the grid, and scales the features once; the draws' kept features get the same scale."""
+        results, drawn = {}, []
+        if self.variant == "P":
+            ranked = ranked_layers(self.stats, self.top_k, self.active_only, self.ranking)
+            if self.search_draws and any(ranked.values()):
+                drawn = search_draws(ranked, self.stats, saes, self.candidates, self.search_draws)
+            trials = grouped({"P": validation_trials(ranked, self.candidates)}) | search_trials(drawn, self.candidates)
+            results = self._timed(
+                f"P's check and {len(drawn)} search-matched draws", validator, {"unsteered": []} | trials
+            )
+        mine = {"unsteered": results["unsteered"]} | group(results, "P") if results else {}
         selection = select_features(
-            self.stats, self.variant, self.top_k, self.active_only, evaluate, self.ranking, self.candidates, self.alpha
-        )
+            self.stats, self.variant, self.top_k, self.active_only, (lambda _: mine) if results else None,
+            self.ranking, self.candidates, self.alpha,
+        )  # fmt: skip
         scale, grid = self.scale, {}
         if self.scale_grid and selection.features:
+            started = time.perf_counter()
             scale, grid = validator.pick_scale(selection.features, self.scale_grid, self.max_answer_share, self.scale)
+            rank_zero_info(f"validation: the scale grid {self.scale_grid}: {time.perf_counter() - started:.0f} s")
         selection.features = scale_features(selection.features, scale)
-        return selection, scale, grid
+        searched = searched_layers(drawn, results, self.candidates, self.alpha) if drawn else []
+        return selection, scale, grid, [(scale_features(kept, scale), figures) for kept, figures in searched]
 
-    def _search_controls(
-        self, pl_module: L.LightningModule, validator: Validator, scale: float
-    ) -> list[tuple[list[SelectedFeature], dict[str, dict[str, float]]]]:
-        """P's search repeated on random firing features (--calibration.search_draws times), at the chosen scale."""
-        if self.variant != "P" or self.search_draws == 0 or not any(self.selection.candidates.values()):
-            return []
-        draws = search_matched_controls(
-            self.selection.candidates,
-            self.stats,
-            pl_module.saes,
-            lambda candidates: validator.results_at(candidates, self.scale),
-            self.candidates,
-            self.alpha,
-            self.search_draws,
+    def _timed(self, what: str, validator: Validator, candidates: dict[str, list[SelectedFeature]]) -> dict:
+        started = time.perf_counter()
+        results = validator.results_at(candidates, self.scale)
+        items = next(iter(results.values())).n if results else 0
+        rank_zero_info(
+            f"validation: {what}, {len(candidates)} conditions on {items} items: {time.perf_counter() - started:.0f} s"
         )
-        return [(scale_features(kept, scale), figures) for kept, figures in draws]
+        return results
 
     def _steering(
         self, trainer: L.Trainer, pl_module: L.LightningModule, scale: float, grid: dict, warnings: list[str]

@@ -17,7 +17,7 @@ from torch import Tensor
 from corrsteer_pl.controls import ConditionSet
 from corrsteer_pl.rankings import Ranking, check_ranking
 from corrsteer_pl.report import MethodRow
-from corrsteer_pl.selection import VARIANTS, Selection, Variant, rank_layer, select_features, validation_trials
+from corrsteer_pl.selection import VARIANTS, Selection, Variant, ranked_layers, select_features, validation_trials
 from corrsteer_pl.stats import CorrelationStats
 from corrsteer_pl.steering import SteeringVectors
 from corrsteer_pl.validation import Validator, choose_scale, group, grouped, scale_features
@@ -92,12 +92,7 @@ def _selections(
     o = options
     results = {}
     if "P" in variants:
-        trials = {}
-        for ranking in rankings:
-            ranked = {
-                layer: rank_layer(s, layer, o.top_k, o.active_only, ranking) for layer, s in sorted(stats.items())
-            }
-            trials[ranking] = validation_trials(ranked, o.candidates)
+        trials = {r: validation_trials(ranked_layers(stats, o.top_k, o.active_only, r), o.candidates) for r in rankings}
         results = validator.results_at({"unsteered": []} | grouped(trials), o.scale)
     out: dict[str, dict[str, Selection]] = {}
     for ranking in rankings:

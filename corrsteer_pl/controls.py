@@ -141,13 +141,36 @@ def search_matched_controls(
     norm of the candidate of the same rank, and applies the same paired test at `alpha`. All draws' trials
     are answered in one `evaluate` pass.
     """
+    drawn = search_draws(ranked, stats, saes, candidates, draws, seed)
+    results = evaluate({"unsteered": []} | search_trials(drawn, candidates))
+    return searched_layers(drawn, results, candidates, alpha)
+
+
+def search_draws(
+    ranked: Mapping[int, list[SelectedFeature]],
+    stats: Mapping[int, CorrelationStats],
+    saes: Mapping[int, SAE],
+    candidates: int,
+    draws: int,
+    seed: int = 0,
+) -> list[dict[int, list[SelectedFeature]]]:
+    """`draws` stand-ins for `ranked`: per layer, random firing features norm-matched rank by rank (seeded)."""
     g = torch.Generator().manual_seed(seed)
-    drawn = [_random_candidates(ranked, stats, saes, candidates, g) for _ in range(draws)]
-    trials = grouped({str(i): validation_trials(ranked_i, candidates) for i, ranked_i in enumerate(drawn)})
-    results = evaluate({"unsteered": []} | trials)
+    return [_random_candidates(ranked, stats, saes, candidates, g) for _ in range(draws)]
+
+
+def search_trials(drawn: list[dict[int, list[SelectedFeature]]], candidates: int) -> dict[str, list[SelectedFeature]]:
+    """Every draw's P trials, named "search{draw}|layer_{L}/{feature}", to be answered in one pass."""
+    return grouped({f"search{i}": validation_trials(ranked_i, candidates) for i, ranked_i in enumerate(drawn)})
+
+
+def searched_layers(
+    drawn: list[dict[int, list[SelectedFeature]]], results: Mapping[str, Any], candidates: int, alpha: float
+) -> list[tuple[list[SelectedFeature], dict[str, dict[str, float]]]]:
+    """P's paired test on each draw, from `results` holding "unsteered" and the `search_trials`."""
     out = []
     for i, ranked_i in enumerate(drawn):
-        mine = {"unsteered": results["unsteered"]} | group(results, str(i))
+        mine = {"unsteered": results["unsteered"]} | group(results, f"search{i}")
         out.append(validated_layers(ranked_i, lambda _, mine=mine: mine, candidates, alpha))
     return out
 

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -147,7 +148,18 @@ def _last_positions(
             ).logits
     finally:
         cache.crop(-c)
+        _compact(cache)
     return logits.argmax(-1)
+
+
+def _compact(cache: Any) -> None:
+    """Gives each cropped layer its own storage: a crop is a view into the tensor that also held the queries, so a
+    kept cache would otherwise grow by the last pass's C positions (and a `PromptCaches` budget undercount)."""
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+                setattr(layer, name, t.clone())
 
 
 def _queries_mask(body: Tensor, c: int, model: nn.Module) -> Tensor:
@@ -169,10 +181,11 @@ class PromptCaches:
     """Prompt-body KV caches kept across passes over the same batches, up to `max_bytes` in all.
 
     Variant P's per-layer check and the scale grid both answer the validation split: with these, the second
-    pass costs only its conditions' last positions, not the prompts again.
+    pass costs only its conditions' last positions, not the prompts again. `max_bytes` None: a quarter of the
+    memory free on the caches' device when the first one arrives (400 MMLU prompts of SmolLM2 take ~3.5 GB fp32).
     """
 
-    def __init__(self, max_bytes: int = 2**31) -> None:
+    def __init__(self, max_bytes: int | None = None) -> None:
         self.max_bytes, self.bytes = max_bytes, 0
         self._caches: dict[bytes, Any] = {}
 
@@ -181,12 +194,27 @@ class PromptCaches:
 
     def put(self, input_ids: Tensor, attention_mask: Tensor, cache: Any) -> None:
         size = _cache_bytes(cache)
+        if self.max_bytes is None:
+            self.max_bytes = free_memory(cache.layers[0].keys.device) // 4
         if self.bytes + size <= self.max_bytes:  # past the budget, later passes run those prompts again
             self._caches[_batch_key(input_ids, attention_mask)] = cache
             self.bytes += size
 
     def __len__(self) -> int:
         return len(self._caches)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device`: CUDA's free memory, else the host's MemAvailable (Linux; 8 GiB where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return 8 * 2**30
 
 
 def _batch_key(input_ids: Tensor, attention_mask: Tensor) -> bytes:

@@ -82,6 +82,13 @@ def rank_layer(
     ]
 
 
+def ranked_layers(
+    stats: Mapping[int, CorrelationStats], top_k: int = 10, active_only: bool = False, ranking: Ranking = "pearson"
+) -> dict[int, list[SelectedFeature]]:
+    """Every layer's top-k features by `ranking` (`rank_layer`), layers in ascending order."""
+    return {layer: rank_layer(s, layer, top_k, active_only, ranking) for layer, s in sorted(stats.items())}
+
+
 def select_features(
     stats: Mapping[int, CorrelationStats],
     variant: Variant = "A",
@@ -103,7 +110,7 @@ def select_features(
     if variant not in VARIANTS:
         raise ValueError(f"unknown selection variant '{variant}'; use one of {', '.join(VARIANTS)}")
     check_ranking(ranking)
-    ranked = {layer: rank_layer(s, layer, top_k, active_only, ranking) for layer, s in sorted(stats.items())}
+    ranked = ranked_layers(stats, top_k, active_only, ranking)
     best = [c[0] for c in ranked.values() if c]
     if variant == "A":
         return Selection("A", best, ranked, ranking=ranking)

@@ -82,3 +82,22 @@ def test_prompt_caches_over_their_byte_budget_are_not_kept(llama, batch):
     caches = evaluation.PromptCaches(max_bytes=0)
     answer_conditions(llama, batch["input_ids"], batch["attention_mask"], {"unsteered": None}, 1, [1], 0, caches)
     assert len(caches) == 0 and caches.bytes == 0
+
+
+def test_a_kept_prompt_cache_owns_just_its_prompt_after_a_query_pass(llama, batch):
+    """The C query positions are cropped off and their storage freed: a kept cache does not grow pass by pass."""
+    caches = evaluation.PromptCaches()
+    answer_conditions(llama, batch["input_ids"], batch["attention_mask"], _conditions(llama), 1, [1], 0, caches)
+    (cache,) = caches._caches.values()
+    body = batch["input_ids"].shape[1] - 1
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values):
+            assert t.shape[-2] == body
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), "storage still holds the queries"
+
+
+def test_prompt_caches_budget_by_default_a_quarter_of_the_free_memory(llama, batch, monkeypatch):
+    monkeypatch.setattr(evaluation, "free_memory", lambda device: 4 * 1000)
+    caches = evaluation.PromptCaches()
+    answer_conditions(llama, batch["input_ids"], batch["attention_mask"], {"unsteered": None}, 1, [1], 0, caches)
+    assert caches.max_bytes == 1000 and len(caches) == 0, "a cache larger than the budget is not kept"

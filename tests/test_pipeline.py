@@ -95,8 +95,10 @@ def test_variant_p_and_the_scale_grid_run_the_validation_prompts_once(tmp_path, 
         evaluation.PromptCaches, "get", lambda self, *a: found.append(get(self, *a) is not None) or get(self, *a)
     )
     args = ["--calibration.variant", "P", "--calibration.scale_grid", "[0.5, 2.0]", "--model.max_new_tokens", "1"]
+    args += ["--calibration.alpha", "0.99"]  # P keeps a layer, so the grid runs
     main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), *args])
-    assert json.loads((tmp_path / "steered" / "steering.json").read_text())["info"]["validation"]
+    steering = json.loads((tmp_path / "steered" / "steering.json").read_text())
+    assert steering["info"]["validation"] and steering["layers"]
     batches = len(found) // 2
     assert batches > 0 and found == [False] * batches + [True] * batches, "the grid pass reuses P's prompt caches"
 

@@ -63,7 +63,7 @@ def test_a_draw_keeps_a_layer_exactly_when_the_same_paired_test_passes():
     def evaluate(trials):
         out = {"unsteered": _result(unsteered)}
         for name, (f,) in ((n, fs) for n, fs in trials.items() if n != "unsteered"):
-            better = 12 if name.startswith("0|") and f.layer == 1 else 1  # draw 0, layer 1: 12 better; else 1
+            better = 12 if name.startswith("search0|") and f.layer == 1 else 1  # draw 0, layer 1: 12 better; else 1
             out[name] = _result([1.0] * better + [0.0] * (20 - better) + [1.0] * 20)
         return out
 
@@ -82,3 +82,22 @@ def test_test_stage_compares_a_p_steering_with_its_search_matched_draws(tmp_path
     kinds = {c["kind"]: c["draws"] for c in report["controls"]}
     assert kinds["search_matched"] == 3
     assert "Search-matched verdict" in (tmp_path / "steered" / "report.md").read_text()
+
+
+def test_p_and_its_search_matched_draws_are_answered_in_one_validation_pass(tmp_path, monkeypatch):
+    from corrsteer_pl.module import CorrSteerModule
+
+    passes = []
+    evaluate_split = CorrSteerModule.evaluate_split
+
+    def recorded(self, conditions, *args, **kwargs):
+        passes.append(sorted(conditions))
+        return evaluate_split(self, conditions, *args, **kwargs)
+
+    monkeypatch.setattr(CorrSteerModule, "evaluate_split", recorded)
+    args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P", "--calibration.alpha", "0.99"]
+    main(["fit", *args, "--calibration.search_draws", "2", "--calibration.scale_grid", "[1.0, 2.0]"])
+    first, grid = passes  # P's check with the draws, then the scale grid: nothing else runs over validation
+    assert {name.split("|")[0] for name in first} == {"unsteered", "P", "search0", "search1"}
+    assert grid == ["1", "2"]
