@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from callbacks.correlation import CorrelationCallback
-from corrsteer_pl.comparison import SelectionOptions, check_methods, method_key, method_selections
+from corrsteer_pl.comparison import SelectionOptions, check_methods, method_key, method_label, method_selections
 from corrsteer_pl.controls import Scorer
 from corrsteer_pl.rankings import Ranking
 from corrsteer_pl.selection import Variant
@@ -18,6 +19,7 @@ from corrsteer_pl.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.steering import SteeringVectors
 
 FINETUNE_ROW = "fine-tuning"
+ALL_POSITIONS_ROW = "steered-all-positions"
 
 
 class ComparisonCallback(L.Callback):
@@ -25,7 +27,11 @@ class ComparisonCallback(L.Callback):
     each other ranking x variant, the fine-tuned model and the controls, and the report gains one table."""
 
     def __init__(
-        self, rankings: list[str] | None = None, variants: list[str] | None = None, finetune: str | None = None
+        self,
+        rankings: list[str] | None = None,
+        variants: list[str] | None = None,
+        finetune: str | None = None,
+        all_positions: bool = False,
     ) -> None:
         """
         Args:
@@ -35,6 +41,8 @@ class ComparisonCallback(L.Callback):
             variants: the variants every ranking selects with (S, A, P); the export's own is its "steered" row.
             finetune: a fine-tuning checkpoint (`python -m corrsteer_pl.finetune fit` writes
                 <default_root_dir>/finetune/checkpoints/best.ckpt): its model answers the same test items, as a row.
+            all_positions: also answer with the export's vectors added at every position, the prompt included: what
+                steering.gguf (llama.cpp) and merged/ (transformers, vLLM) do; CorrSteer steers generation positions.
         """
         check_methods(rankings or [], variants or [])  # plain strings: a typo gets one line, not a parser dump
         self.rankings: list[Ranking] = list(rankings or [])
@@ -44,13 +52,17 @@ class ComparisonCallback(L.Callback):
                 f"--comparison.finetune: no checkpoint at {finetune}; run `python -m corrsteer_pl.finetune fit` "
                 "first (it writes <default_root_dir>/finetune/checkpoints/best.ckpt)"
             )
-        self.finetune = finetune
+        self.finetune, self.all_positions = finetune, all_positions
         self.scales: dict[str, float] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After the module's own conditions are set: adds the methods' steerings and the fine-tuned scorer."""
         if self.rankings:
             pl_module.conditions.methods |= self._methods(trainer, pl_module)
+        steering = pl_module.steering
+        if self.all_positions and steering.layers:
+            info = steering.info | {"label": f"{_label(steering)} (export, every position)"}
+            pl_module.conditions.methods[ALL_POSITIONS_ROW] = replace(steering, positions="all", info=info)
         if self.finetune is not None:
             pl_module.conditions.baselines[FINETUNE_ROW] = finetuned_scorer(self.finetune, pl_module)
 
@@ -90,3 +102,7 @@ def finetuned_scorer(checkpoint: str, pl_module: L.LightningModule) -> Scorer:
         return scores, valid
 
     return score
+
+
+def _label(steering: SteeringVectors) -> str:
+    return method_label(method_key(steering.info.get("ranking", "pearson"), steering.info.get("variant", "?")))

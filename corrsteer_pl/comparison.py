@@ -145,7 +145,8 @@ def method_rows(
     own = method_key(info.get("ranking", "pearson"), info.get("variant", "?"))
     steerings = {"steered": conditions.steered} | conditions.methods
     labels = {"unsteered": "unsteered", "steered": f"{method_label(own)} (export)"}
-    labels |= {key: method_label(key) for key in conditions.methods} | {key: key for key in conditions.baselines}
+    labels |= {key: s.info.get("label") or method_label(key) for key, s in conditions.methods.items()}
+    labels |= {key: key for key in conditions.baselines}
     return [
         MethodRow.from_scores(
             name,

@@ -41,23 +41,22 @@ def answer_conditions(
 ) -> dict[str, Tensor]:
     """New tokens (B, N) per condition, greedy; identical to `generate` under each steering.
 
-    With `prompt_caches`, a one-token pass keeps its prompt-body cache there and a later pass over the
-    same prompts starts from it instead of running the prompt body again.
+    One-token answers of generation-position steerings share one prompt pass; a steering of every position
+    (positions="all") changes the prompt's cache, so it runs its own. With `prompt_caches`, a one-token pass
+    keeps its prompt-body cache there and a later pass over the same prompts starts from it.
     """
     eos = list(eos_token_ids)
-    if max_new_tokens == 1 and input_ids.shape[1] > 1 and _positions_are_generation(conditions):
-        return _one_token(model, input_ids, attention_mask, conditions, prompt_caches)
-    out = {}
+    one_token = max_new_tokens == 1 and input_ids.shape[1] > 1
+    shared = {n: s for n, s in conditions.items() if one_token and (s is None or s.positions == "generation")}
+    out = _one_token(model, input_ids, attention_mask, shared, prompt_caches) if shared else {}
     for name, steering in conditions.items():
-        with steering.apply(model) if steering is not None else nullcontext():
+        if name in shared:
+            continue
+        with steering.apply(model) if steering is not None else nullcontext():  # e.g. positions="all": own prefill
             out[name], _ = generate_with_features(
                 model, input_ids, attention_mask, max_new_tokens, eos_token_ids=eos, pad_token_id=pad_token_id
             )
-    return out
-
-
-def _positions_are_generation(conditions: Conditions) -> bool:
-    return all(s is None or s.positions == "generation" for s in conditions.values())
+    return {name: out[name] for name in conditions}
 
 
 def _one_token(

@@ -27,6 +27,7 @@ def compared(tmp_path_factory):
     finetune.main(["fit", *FINETUNE, "--trainer.default_root_dir", str(root)])
     checkpoint = root / "finetune" / "checkpoints" / "best.ckpt"
     args = ["--comparison.rankings", f"[{', '.join(RANKINGS)}]", "--comparison.finetune", str(checkpoint)]
+    args += ["--comparison.all_positions", "true"]
     main(["test", *TINY, "--trainer.default_root_dir", str(root), *args])
     return root, json.loads((root / "steered" / "report.json").read_text())
 
@@ -38,8 +39,9 @@ def _rows(report):
 def test_the_table_holds_unsteered_the_export_every_other_method_and_the_finetuned_model(compared):
     _, report = compared
     others = [f"{r}-{v}" for r in RANKINGS for v in "SAP" if f"{r}-{v}" != "pearson-A"]
-    assert list(_rows(report)) == ["unsteered", "steered", *others, "fine-tuning"]
+    assert list(_rows(report)) == ["unsteered", "steered", *others, "steered-all-positions", "fine-tuning"]
     assert _rows(report)["steered"]["label"] == "CorrSteer-A (export)"
+    assert _rows(report)["steered-all-positions"]["label"] == "CorrSteer-A (export, every position)"
     assert _rows(report)["mi-P"]["label"] == method_label("mi-P") == "SPARE (MI)-P"
 
 

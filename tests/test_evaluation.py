@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -101,3 +103,21 @@ def test_prompt_caches_budget_by_default_a_quarter_of_the_free_memory(llama, bat
     caches = evaluation.PromptCaches()
     answer_conditions(llama, batch["input_ids"], batch["attention_mask"], {"unsteered": None}, 1, [1], 0, caches)
     assert caches.max_bytes == 1000 and len(caches) == 0, "a cache larger than the budget is not kept"
+
+
+def test_an_every_position_steering_among_one_token_conditions_gets_its_own_prefill_and_equals_generate(model, batch):
+    conditions = _conditions(model)
+    conditions["x20_all"] = replace(conditions["x20"], positions="all")
+    lengths = []
+    handle = model.register_forward_pre_hook(
+        lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        fast = answer_conditions(model, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
+    finally:
+        handle.remove()
+    assert list(fast) == list(conditions)
+    width = batch["input_ids"].shape[1]
+    assert lengths.count(width - 1) == 1, "the generation-position conditions share one prompt-body pass"
+    assert lengths.count(width) == 1, "the every-position steering runs its own prefill of the whole prompt"
+    _assert_equal_generate_per_condition(model, batch, conditions, fast)
