@@ -15,12 +15,15 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from corrsteer_pl.atomic import atomic_file
 
 ROOT = Path(__file__).resolve().parents[1]
+WALL_FILE = "wall_time.json"
+"""Seconds that a seed's fit + test took in this command (absent for a seed found finished)."""
 
 
 def run_seed(seed: int, folder: Path, fit_args: list[str], trains_saes: bool) -> dict[str, Any]:
@@ -31,16 +34,20 @@ def run_seed(seed: int, folder: Path, fit_args: list[str], trains_saes: bool) ->
         args += ["--trainer.default_root_dir", str(folder)]
         if trains_saes:
             args += ["--model.train_saes.seed", str(seed)]
+        started = time.perf_counter()
         done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *fit_args, *args], cwd=ROOT)
         if done.returncode != 0:
             raise SystemExit(f"error: seed {seed} failed (exit {done.returncode}); its log is above")
+        with atomic_file(folder / WALL_FILE) as tmp:  # a resumed or partly cached run says less about a first run
+            tmp.write_text(json.dumps({"seconds": time.perf_counter() - started}))
     return json.loads(report.read_text())
 
 
-def seed_row(seed: int, report: dict[str, Any]) -> dict[str, Any]:
-    """One seed's figures: chosen features, test accuracy, valid rate, SER and p against each control."""
+def seed_row(seed: int, report: dict[str, Any], wall_s: float | None = None) -> dict[str, Any]:
+    """One seed's figures: chosen features, test accuracy, valid rate, SER, p against each control, wall time."""
     valid = {c["name"]: c["valid_rate"] for c in report["conditions"]}
     return {
+        "wall_s": wall_s,
         "seed": seed,
         "features": [f"L{f['layer']}#{f['feature']}" for f in report["features"]],
         "accuracy_unsteered": report["accuracy_unsteered"],
@@ -59,16 +66,19 @@ def seeds_table(rows: list[dict[str, Any]]) -> str:
     """Markdown: one row per seed, then mean ± sd of the numeric columns."""
     kinds = sorted({kind for row in rows for kind in row["p"]})
     head = ["seed", "chosen features", "acc. unsteered", "acc. steered", "valid rate", "better / worse", "SER"]
-    lines = ["| " + " | ".join(head + [f"p vs {k}" for k in kinds]) + " |", "|" + "---|" * (len(head) + len(kinds))]
+    head += [f"p vs {k}" for k in kinds] + ["wall time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         chosen = ", ".join(r["features"]) or "nothing steered"
         cells = [str(r["seed"]), chosen, f"{r['accuracy_unsteered']:.3f}", f"{r['accuracy_steered']:.3f}"]
         cells += [_f(r["valid_rate"]), f"{r['better']} / {r['worse']}", f"{r['ser']:.3f}"]
-        lines.append("| " + " | ".join(cells + [_f(r["p"].get(k)) for k in kinds]) + " |")
+        wall = r.get("wall_s")
+        cells += [_f(r["p"].get(k)) for k in kinds] + [f"{wall / 60:.1f} min" if wall is not None else ""]
+        lines.append("| " + " | ".join(cells) + " |")
     mean = ["mean ± sd", ""] + [
         _mean_sd([r[key] for r in rows]) for key in ("accuracy_unsteered", "accuracy_steered", "valid_rate")
     ]
-    lines.append("| " + " | ".join(mean + ["", _mean_sd([r["ser"] for r in rows])] + [""] * len(kinds)) + " |")
+    lines.append("| " + " | ".join(mean + ["", _mean_sd([r["ser"] for r in rows])] + [""] * (len(kinds) + 1)) + " |")
     return "\n".join(lines)
 
 
@@ -92,7 +102,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args, fit_args = parser.parse_known_args(argv)
     fit_args = [a for a in fit_args if a != "--"] or ["--config", str(ROOT / "configs" / "default.yaml")]
     root = Path(args.root)
-    rows = [seed_row(s, run_seed(s, root / f"seed_{s}", fit_args, not args.no_sae_seed)) for s in args.seeds]
+    rows = []
+    for seed in args.seeds:
+        report = run_seed(seed, root / f"seed_{seed}", fit_args, not args.no_sae_seed)
+        wall = root / f"seed_{seed}" / WALL_FILE
+        rows.append(seed_row(seed, report, json.loads(wall.read_text())["seconds"] if wall.is_file() else None))
     table = seeds_table(rows)
     with atomic_file(root / "seeds.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))

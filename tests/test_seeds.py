@@ -14,6 +14,7 @@ def test_two_seeds_give_a_row_each_and_a_mean_and_a_rerun_reuses_them(tmp_path, 
     table = (tmp_path / "seeds.md").read_text().splitlines()
     assert len(table) == 2 + 2 + 1 and table[-1].startswith("| mean ± sd |")
     assert {"random_feature", "random_direction"} <= set(json.loads((tmp_path / "seeds.json").read_text())[0]["p"])
+    assert all(r["wall_s"] > 0 for r in rows) and table[0].endswith("| wall time |"), "each seed's wall time is kept"
 
     monkeypatch.setattr(seeds.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran again")))
     assert seeds.main(["--seeds", "0", "1", "--root", str(tmp_path), "--no-sae-seed", *TINY]) == rows
