@@ -305,21 +305,34 @@ class EvaluationReport:
         return "\n".join(lines) + "\n"
 
     def _search_verdict(self, alpha: float = 0.05) -> list[str]:
-        """What the search-matched control says about the unsearched one: selection, or the search's luck?"""
+        """What the search-matched control says about the unsearched one: selection, or the search's luck?
+
+        With fewer than 1 / alpha - 1 draws the permutation p cannot reach alpha (6 draws: p >= 1/7), so the
+        verdict then rests on the 95% CI over items and draws, and says so.
+        """
         by_kind = {c.kind: c for c in self.controls}
         searched, plain = by_kind.get("search_matched"), by_kind.get("random_feature")
         if searched is None or plain is None:
             return []
-        if plain.p_value < alpha <= searched.p_value:
+        floor = 1 / (searched.draws + 1)
+        if floor < alpha:
+            beats, how = searched.p_value < alpha, f"permutation p < {alpha}"
+        else:
+            beats = searched.ci_low > 0
+            how = (
+                f"{searched.draws} draws cannot give a permutation p below {floor:.3f}, so by the 95% CI over items "
+                f"and draws, [{searched.ci_low:+.4f}, {searched.ci_high:+.4f}]"
+            )
+        if plain.p_value < alpha and not beats:
             verdict = (
                 "the steering beats unsearched random features but not random features put through the same "
                 "validation search: its edge may come from the search's chances, not from the correlation"
             )
-        elif searched.p_value < alpha:
+        elif beats:
             verdict = "the steering beats random features put through the same validation search"
         else:
             verdict = "the steering does not beat random features put through the same validation search"
-        return ["", f"Search-matched verdict (p < {alpha}): {verdict}."]
+        return ["", f"Search-matched verdict ({how}): {verdict}."]
 
     def save(self, folder: str | Path, stem: str = "report") -> None:
         """Writes `<stem>.json` and `<stem>.md`."""

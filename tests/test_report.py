@@ -78,3 +78,28 @@ def test_condition_result_separates_validity_from_accuracy():
         "steered", torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([True, True, False, True])
     )
     assert result.accuracy == 0.5 and result.valid_rate == 0.75 and result.accuracy_valid == pytest.approx(2 / 3)
+
+
+def _verdict(draws: int, control_rate: float) -> str:
+    g = torch.Generator().manual_seed(0)
+    unsteered = (torch.rand(400, generator=g) < 0.1).double()
+    steered = torch.maximum(unsteered, (torch.rand(400, generator=g) < 0.4).double())  # clearly better
+    controls = {
+        kind: ((torch.rand(n, 400, generator=g) < rate).double(), torch.ones(n, 400, dtype=torch.bool))
+        for kind, n, rate in (("random_feature", 20, 0.1), ("search_matched", draws, control_rate))
+    }
+    report = EvaluationReport.from_scores(unsteered, steered, "t", "test", "j", controls=controls)
+    (line,) = [line for line in report.to_markdown().splitlines() if line.startswith("Search-matched verdict")]
+    return line
+
+
+def test_too_few_search_draws_for_the_permutation_p_leave_the_verdict_to_the_ci_and_say_so():
+    line = _verdict(draws=6, control_rate=0.12)  # rank 1 of 7: p = 0.143 at best
+    assert "6 draws cannot give a permutation p below 0.143" in line
+    assert "beats random features put through the same validation search" in line and "does not" not in line
+    line = _verdict(draws=6, control_rate=0.45)  # as good as the steering: the CI includes 0
+    assert "does not beat" in line
+
+
+def test_enough_search_draws_decide_by_the_permutation_p():
+    assert "(permutation p < 0.05): the steering beats random" in _verdict(draws=20, control_rate=0.12)
