@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,9 @@ class ComparisonCallback(L.Callback):
         calibration = next((cb for cb in trainer.callbacks if isinstance(cb, CorrelationCallback)), None)
         options = calibration.selection_options() if calibration is not None else SelectionOptions()
         stats = load_layer_stats(pl_module.export_dir / STATS_FILE)
+        started = time.perf_counter()
         chosen = method_selections(stats, pl_module.validator(), self.rankings, self.variants, options)
+        seconds = time.perf_counter() - started
         info = pl_module.steering.info
         own = method_key(info.get("ranking", "pearson"), info.get("variant", ""))
         methods = {}
@@ -80,7 +83,10 @@ class ComparisonCallback(L.Callback):
                     selection, pl_module.saes, pl_module.lm, info={"method": key, "scale": scale}
                 )
                 self.scales[key] = scale
-        rank_zero_info(f"comparison: {len(methods)} methods beside the export ({own}): {', '.join(methods)}")
+        rank_zero_info(
+            f"comparison: {len(methods)} methods beside the export ({own}), selected on validation in "
+            f"{seconds:.0f} s: {', '.join(methods)}"
+        )
         return methods
 
 
