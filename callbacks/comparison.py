@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.correlation import CorrelationCallback
 from corrsteer_pl.comparison import SelectionOptions, check_methods, method_key, method_label, method_selections
@@ -54,7 +54,13 @@ class ComparisonCallback(L.Callback):
                 "first (it writes <default_root_dir>/finetune/checkpoints/best.ckpt)"
             )
         self.finetune, self.all_positions = finetune, all_positions
-        self.scales: dict[str, float] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "validate" and (self.rankings or self.finetune or self.all_positions):
+            rank_zero_warn(
+                "--comparison.* acts in `test` only: its methods are chosen on the validation split, so comparing "
+                "them there would grade them on what chose them"
+            )
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After the module's own conditions are set: adds the methods' steerings and the fine-tuned scorer."""
@@ -82,7 +88,6 @@ class ComparisonCallback(L.Callback):
                 methods[key] = SteeringVectors.from_selection(
                     selection, pl_module.saes, pl_module.lm, info={"method": key, "scale": scale}
                 )
-                self.scales[key] = scale
         rank_zero_info(
             f"comparison: {len(methods)} methods beside the export ({own}), selected on validation in "
             f"{seconds:.0f} s: {', '.join(methods)}"

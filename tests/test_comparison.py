@@ -110,3 +110,9 @@ def test_without_comparison_options_the_report_has_no_table(tmp_path):
     main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "true"])
     report = json.loads((tmp_path / "steered" / "report.json").read_text())
     assert report["methods"] == [] and "## Comparison" not in (tmp_path / "steered" / "report.md").read_text()
+
+
+def test_validate_with_comparison_options_warns_that_they_act_in_test_only(compared):
+    root, _ = compared
+    with pytest.warns(UserWarning, match="--comparison.* acts in `test` only"):
+        main(["validate", *TINY, "--trainer.default_root_dir", str(root), "--comparison.all_positions", "true"])
