@@ -1,7 +1,7 @@
 """llama.cpp itself runs our `steering.gguf`: does it steer like corrsteer's `positions="all"` hooks?
 
 Not part of CI (pytest does not collect tools/). Needs llama-cpp-python, built from source by hand:
-    CMAKE_BUILD_PARALLEL_LEVEL=2 .venv/bin/pip install llama-cpp-python     # 12 min on 2 shared cores
+    CMAKE_BUILD_PARALLEL_LEVEL=2 .venv/bin/pip install llama-cpp-python     # 4 min 23 s on 2 quiet AVX-512 cores
 Run:
     .venv/bin/python tools/llamacpp_check.py [--export DIR] [--items 100]
 
