@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 from jsonargparse import set_parsing_settings
@@ -11,6 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCallback
 from corrsteer_pl.data import TaskDataModule
+from corrsteer_pl.entry import run_cli
 from corrsteer_pl.module import CorrSteerModule
 from corrsteer_pl.strategy import register
 
@@ -23,7 +22,6 @@ TRAINER_DEFAULTS = {
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-SUBCOMMANDS = ("fit", "validate", "test")
 
 
 class CorrSteerCLI(LightningCLI):
@@ -42,22 +40,16 @@ class CorrSteerCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> CorrSteerCLI | None:
-    """Runs the CLI; a configuration mistake ends with one line naming it (CORRSTEER_TRACEBACK=1 for more)."""
+    """Runs the CLI (`python train.py fit`: the offline default job); a configuration mistake ends in one line."""
     register()
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the docstring under each option is its help
-    given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
-    if len(given) == (2 if args is None else 1) and given[-1] in SUBCOMMANDS:
-        given.extend(["--config", str(DEFAULT_CONFIG)])  # `python train.py fit`: the offline default job
-    try:
-        return CorrSteerCLI(
-            CorrSteerModule,
-            TaskDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-        )
-    except (ValueError, OSError, ModuleNotFoundError) as err:  # OSError: unreadable input, full disk
-        if os.environ.get("CORRSTEER_TRACEBACK"):
-            raise
-        sys.exit(f"error: {err} (CORRSTEER_TRACEBACK=1 shows where)")
+    return run_cli(
+        CorrSteerCLI,
+        DEFAULT_CONFIG,
+        args,
+        model_class=CorrSteerModule,
+        datamodule_class=TaskDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )

@@ -87,6 +87,8 @@ def _one_token(
         chunk = names[start : start + per_pass]
         tokens = _last_positions(model, input_ids, attention_mask, positions, cache, [conditions[n] for n in chunk])
         out.update({name: tokens[:, i : i + 1] for i, name in enumerate(chunk)})
+    if prompt_caches is not None:
+        _compact(cache)  # once per batch, and only for a cache kept for a later pass
     return out
 
 
@@ -147,7 +149,6 @@ def _last_positions(
             ).logits
     finally:
         cache.crop(-c)
-        _compact(cache)
     return logits.argmax(-1)
 
 

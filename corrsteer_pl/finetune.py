@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -45,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corrsteer_pl.condition_scores import ConditionScores
 from corrsteer_pl.data import ShardedBatches, TaskDataModule
+from corrsteer_pl.entry import run_cli
 from corrsteer_pl.evaluation import answer_conditions
 from corrsteer_pl.report import RESAMPLES, EvaluationReport
 from corrsteer_pl.sources import TINY_RANDOM, load_pretrained, resolve_model
@@ -718,7 +718,6 @@ def checkpoint_callbacks(root: str | Path) -> list[ModelCheckpoint]:
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
-SUBCOMMANDS = ("fit", "validate", "test")
 
 
 class FineTuneCLI(LightningCLI):
@@ -750,23 +749,18 @@ class FineTuneCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> FineTuneCLI | None:
-    """Runs the CLI; a configuration mistake ends with one line naming it (CORRSTEER_TRACEBACK=1 for more)."""
-    given = sys.argv if args is None else args
-    if len(given) == (2 if args is None else 1) and given[-1] in SUBCOMMANDS:
-        given.extend(["--config", str(DEFAULT_CONFIG)])  # `python -m corrsteer_pl.finetune fit`: the offline default
-    try:
-        return FineTuneCLI(
-            FineTuneModule,
-            FineTuneData,
-            trainer_defaults=TRAINER_DEFAULTS,
-            save_config_kwargs={"overwrite": True},
-            auto_configure_optimizers=False,
-            args=args,
-        )
-    except (ValueError, OSError, ModuleNotFoundError) as err:  # OSError: unreadable input, full disk
-        if os.environ.get("CORRSTEER_TRACEBACK"):
-            raise
-        sys.exit(f"error: {err} (CORRSTEER_TRACEBACK=1 shows where)")
+    """Runs the CLI (`python -m corrsteer_pl.finetune fit`: the offline default); a configuration mistake ends in
+    one line."""
+    return run_cli(
+        FineTuneCLI,
+        DEFAULT_CONFIG,
+        args,
+        model_class=FineTuneModule,
+        datamodule_class=FineTuneData,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
 
 
 __all__ = [

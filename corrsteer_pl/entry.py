@@ -1,0 +1,28 @@
+"""Running a LightningCLI as a command: the offline default config, and configuration mistakes in one line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+SUBCOMMANDS = ("fit", "validate", "test")
+
+
+def run_cli(
+    cli: type[LightningCLI], default_config: Path, args: list[str] | None, **kwargs: Any
+) -> LightningCLI | None:
+    """`cli(**kwargs, args=args)`; a bare subcommand runs on `default_config`. A ValueError, OSError (unreadable
+    input, full disk) or missing module ends with one line naming it (CORRSTEER_TRACEBACK=1 for the trace)."""
+    given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
+    if len(given) == (2 if args is None else 1) and given[-1] in SUBCOMMANDS:
+        given.extend(["--config", str(default_config)])
+    try:
+        return cli(args=args, **kwargs)
+    except (ValueError, OSError, ModuleNotFoundError) as err:
+        if os.environ.get("CORRSTEER_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err} (CORRSTEER_TRACEBACK=1 shows where)")
