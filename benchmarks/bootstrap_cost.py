@@ -25,8 +25,8 @@ SPEED_GOAL = 10.0
 REPLICATES = 20
 
 if TYPE_CHECKING:
-    from corrsteer_pl.bootstrap import BootstrapStats
-    from corrsteer_pl.stats import CorrelationStats
+    from corrsteer_pl.calibration.bootstrap import BootstrapStats
+    from corrsteer_pl.calibration.stats import CorrelationStats
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -44,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     import torch
     from torchmetrics.regression import PearsonCorrCoef
 
-    from corrsteer_pl.bootstrap import BootstrapStats
-    from corrsteer_pl.stats import CorrelationStats
+    from corrsteer_pl.calibration.bootstrap import BootstrapStats
+    from corrsteer_pl.calibration.stats import CorrelationStats
 
     features = args.layers * args.d_sae
     batches = sparse_batches(args.distinct, args.batch, features)

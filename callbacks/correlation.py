@@ -12,14 +12,17 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from corrsteer_pl.atomic import atomic_folder, check_writable
-from corrsteer_pl.bootstrap import BootstrapStats
-from corrsteer_pl.comparison import SelectionOptions
-from corrsteer_pl.controls import SEARCH_CONTROLS_DIR, search_draws, search_trials, searched_layers
-from corrsteer_pl.diagnosis import selection_warnings
-from corrsteer_pl.evidence import annotate, selection_record, significance_warning, write_selection
+from corrsteer_pl.calibration.bootstrap import BootstrapStats
+from corrsteer_pl.calibration.rankings import Ranking, check_ranking
+from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
+from corrsteer_pl.evaluation.comparison import SelectionOptions
+from corrsteer_pl.evaluation.controls import SEARCH_CONTROLS_DIR, search_draws, search_trials, searched_layers
+from corrsteer_pl.evaluation.tensorboard import log_selection
+from corrsteer_pl.evaluation.validation import Validator, group, grouped, scale_features
 from corrsteer_pl.export import FORMATS, write_formats
-from corrsteer_pl.rankings import Ranking, check_ranking
-from corrsteer_pl.selection import (
+from corrsteer_pl.selection.diagnosis import selection_warnings
+from corrsteer_pl.selection.evidence import annotate, selection_record, significance_warning, write_selection
+from corrsteer_pl.selection.variants import (
     SelectedFeature,
     Selection,
     Variant,
@@ -27,10 +30,7 @@ from corrsteer_pl.selection import (
     select_features,
     validation_trials,
 )
-from corrsteer_pl.stats import STATS_FILE, CorrelationStats, save_layer_stats
-from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.tensorboard import log_selection
-from corrsteer_pl.validation import Validator, group, grouped, scale_features
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 
 class CorrelationCallback(L.Callback):

@@ -2,12 +2,12 @@
 
 __version__ = "0.1.0"
 
-from corrsteer_pl.capture import FeatureCapture, generate_with_features  # noqa: E402
-from corrsteer_pl.hooks import LayerHooks  # noqa: E402
-from corrsteer_pl.sae import load_sae  # noqa: E402
-from corrsteer_pl.selection import SelectedFeature, Selection, select_features  # noqa: E402
-from corrsteer_pl.stats import CorrelationStats, pearson_corrcoef  # noqa: E402
-from corrsteer_pl.steering import SteeringVectors, load_steered_model  # noqa: E402
+from corrsteer_pl.calibration.capture import FeatureCapture, generate_with_features  # noqa: E402
+from corrsteer_pl.calibration.stats import CorrelationStats, pearson_corrcoef  # noqa: E402
+from corrsteer_pl.models.hooks import LayerHooks  # noqa: E402
+from corrsteer_pl.models.sae import load_sae  # noqa: E402
+from corrsteer_pl.selection.variants import SelectedFeature, Selection, select_features  # noqa: E402
+from corrsteer_pl.steering.vectors import SteeringVectors, load_steered_model  # noqa: E402
 
 __all__ = [
     "CorrelationStats",

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from transformers import AutoTokenizer
 
-from corrsteer_pl.sources import load_pretrained, resolve_model
+from corrsteer_pl.models.sources import load_pretrained, resolve_model
 from corrsteer_pl.tasks import SPLITS, Example, Split, Task, TaskFactory, get_task, task_options
 
 # val_dataloader() is empty during fit on purpose (see there): not a mistake worth a warning.

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from corrsteer_pl.serving import (
+from corrsteer_pl.steering.serving import (
     CONTROL_VECTOR_FILE,
     MERGED_DIR,
     check_control_vector,
@@ -23,7 +23,7 @@ from corrsteer_pl.serving import (
     write_control_vector,
     write_merged,
 )
-from corrsteer_pl.steering import META_FILE, SteeringVectors, _read_metadata
+from corrsteer_pl.steering.vectors import META_FILE, SteeringVectors, _read_metadata
 
 FORMATS = ("gguf", "merged")
 """What `--to` (and the fit option) accepts: gguf = steering.gguf, merged = merged/."""
@@ -62,7 +62,7 @@ def write_formats(
 
 def model_source(folder: Path, steering: SteeringVectors) -> tuple[str, str | None]:
     """(path or hub id, revision) of the export's base model: its standalone copy, else the model it names."""
-    from corrsteer_pl.sources import resolve_model
+    from corrsteer_pl.models.sources import resolve_model
 
     standalone = _read_metadata(folder)["model"].get("standalone")
     if standalone:

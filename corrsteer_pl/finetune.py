@@ -42,12 +42,14 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corrsteer_pl.condition_scores import ConditionScores
 from corrsteer_pl.data import ShardedBatches, TaskDataModule
 from corrsteer_pl.entry import run_cli
-from corrsteer_pl.evaluation import answer_conditions
-from corrsteer_pl.report import RESAMPLES, EvaluationReport
-from corrsteer_pl.sources import TINY_RANDOM, load_pretrained, resolve_model
+from corrsteer_pl.evaluation.conditions import answer_conditions
+from corrsteer_pl.evaluation.judge import judge, pad_id
+from corrsteer_pl.evaluation.report import RESAMPLES, EvaluationReport
+from corrsteer_pl.evaluation.scores import ConditionScores
+from corrsteer_pl.models.hooks import eos_ids
+from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model
 from corrsteer_pl.tasks import Example, Split, Task
 
 FOLDER = "finetune"
@@ -297,26 +299,6 @@ class FineTuneData(TaskDataModule):
 # -- scoring -------------------------------------------------------------------------------
 
 
-def eos_ids(model: nn.Module, tokenizer: Any) -> list[int]:
-    """End-of-sequence ids that stop generation: the model's generation config's and the tokenizer's."""
-    eos = model.generation_config.eos_token_id
-    ids = [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
-def score_tokens(
-    task: Task, tokenizer: Any, examples: list[Example], new_tokens: Tensor
-) -> tuple[Tensor, Tensor, list[str | None]]:
-    """Per item: score (float64), whether the answer was valid, and the extracted answer (as CorrSteerModule.score)."""
-    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-    scores = [task.score(example, text) for example, text in zip(examples, texts, strict=True)]
-    answers = [task.extract(example, text) for example, text in zip(examples, texts, strict=True)]
-    valid = torch.tensor([a is not None for a in answers], dtype=torch.bool)
-    return torch.tensor(scores, dtype=torch.float64), valid, answers
-
-
 @dataclass
 class ItemScores:
     """One model's answers on a split, item by item: what a comparison table pairs with other methods by id."""
@@ -529,8 +511,7 @@ class FineTuneModule(L.LightningModule):
 
     def answer(self, batch: dict[str, Any], task: Task, adapter: bool = True) -> Tensor:
         """Greedy new tokens (B, N) of the fine-tuned model, or of the base model with `adapter=False`."""
-        eos = eos_ids(self.inner, self.tokenizer)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos[0]
+        eos, pad = eos_ids(self.inner, self.tokenizer), pad_id(self.inner, self.tokenizer)
         steps = self.hparams.max_new_tokens or task.max_new_tokens
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         with nullcontext() if adapter else self.lm.disable_adapter():
@@ -538,7 +519,7 @@ class FineTuneModule(L.LightningModule):
 
     def scored(self, batch: dict[str, Any], task: Task, adapter: bool = True) -> tuple[Tensor, Tensor, list]:
         """(scores, valid, answers) of one batch by the task's own scorer."""
-        return score_tokens(task, self.tokenizer, batch["examples"], self.answer(batch, task, adapter))
+        return judge(task, self.tokenizer, batch["examples"], self.answer(batch, task, adapter))
 
     @torch.inference_mode()
     def item_scores(self, data: TaskDataModule, split: Split = "test", adapter: bool = True) -> ItemScores:

@@ -15,23 +15,24 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corrsteer_pl.answer_cache import AnswerCache
-from corrsteer_pl.capture import Pooling, generate_with_features, recorded_features
-from corrsteer_pl.comparison import method_rows
-from corrsteer_pl.condition_scores import ConditionScores
-from corrsteer_pl.controls import ConditionSet, load_search_controls
-from corrsteer_pl.diagnosis import nothing_steered
-from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult, answer_conditions
-from corrsteer_pl.evidence import read_selection
-from corrsteer_pl.hooks import eos_ids
+from corrsteer_pl.calibration.answer_cache import AnswerCache
+from corrsteer_pl.calibration.capture import Pooling, generate_with_features, recorded_features
+from corrsteer_pl.calibration.sae_training import SAETrainingConfig, trained_saes
+from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.evaluation.comparison import method_rows
+from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, answer_conditions
+from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
+from corrsteer_pl.evaluation.judge import Judged, judge, pad_id
+from corrsteer_pl.evaluation.report import EvaluationReport
+from corrsteer_pl.evaluation.scores import ConditionScores
+from corrsteer_pl.evaluation.validation import Validator
+from corrsteer_pl.models.hooks import eos_ids
+from corrsteer_pl.models.sae import check_sae_fits, load_sae
+from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model, resolve_sae
 from corrsteer_pl.recovery import IDENTITY_KEY, calibration_identity, check_same_calibration
-from corrsteer_pl.report import EvaluationReport
-from corrsteer_pl.sae import check_sae_fits, load_sae
-from corrsteer_pl.sae_training import SAETrainingConfig, trained_saes
-from corrsteer_pl.sources import TINY_RANDOM, load_pretrained, resolve_model, resolve_sae
-from corrsteer_pl.stats import STATS_FILE, load_layer_stats
-from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.validation import Validator
+from corrsteer_pl.selection.diagnosis import nothing_steered
+from corrsteer_pl.selection.evidence import read_selection
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 REPORT_SCALARS = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -214,22 +215,9 @@ class CorrSteerModule(L.LightningModule):
     def _max_new_tokens(self) -> int:
         return self.hparams.max_new_tokens or self.task.max_new_tokens
 
-    def _pad_id(self) -> int:
-        return (
-            self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else eos_ids(self.lm, self.tokenizer)[0]
-        )
-
-    def score(self, batch: dict[str, Any], new_tokens: Tensor) -> tuple[Tensor, Tensor, list[str | None]]:
+    def score(self, batch: dict[str, Any], new_tokens: Tensor) -> Judged:
         """Per item: score (float64), whether the answer was valid, and the extracted answer."""
-        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        scores, answers = [], []
-        for example, text in zip(batch["examples"], texts, strict=True):
-            scores.append(self.task.score(example, text))
-            answers.append(self.task.extract(example, text))
-        valid = torch.tensor([a is not None for a in answers], dtype=torch.bool)
-        return torch.tensor(scores, dtype=torch.float64), valid, answers
+        return judge(self.task, self.tokenizer, batch["examples"], new_tokens)
 
     def answer(
         self, batch: dict[str, Any], conditions: Conditions, prompt_caches: PromptCaches | None = None
@@ -242,7 +230,7 @@ class CorrSteerModule(L.LightningModule):
             conditions,
             self._max_new_tokens(),
             eos_ids(self.lm, self.tokenizer),
-            self._pad_id(),
+            pad_id(self.lm, self.tokenizer),
             prompt_caches,
         )
 
@@ -266,7 +254,7 @@ class CorrSteerModule(L.LightningModule):
                 self.saes,
                 self.hparams.pooling,
                 eos_token_ids=eos_ids(self.lm, self.tokenizer),
-                pad_token_id=self._pad_id(),
+                pad_token_id=pad_id(self.lm, self.tokenizer),
             )
         labels, _, _ = self.score(batch, new)
         return {"labels": labels, "pooled": pooled}

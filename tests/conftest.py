@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from corrsteer_pl.tiny import tiny_model, tiny_tokenizer
+from corrsteer_pl.models.tiny import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

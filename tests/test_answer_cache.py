@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file
 
 from corrsteer_pl import module
-from corrsteer_pl.answer_cache import ANSWERS_FILE
+from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE
 from corrsteer_pl.cli import main
-from corrsteer_pl.sources import cache_dir
-from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.models.sources import cache_dir
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 SAES = {"layers": [0, 1], "d_sae": 64, "k": 4, "tokens": 2000, "batch_size_tokens": 32, "prompts_per_batch": 4}
 ARGS = [

@@ -8,10 +8,10 @@ from safetensors.torch import load_file, save_file
 
 from corrsteer_pl.cli import main
 from corrsteer_pl.data import TaskDataModule, check_prompt_lengths
+from corrsteer_pl.models.tiny import tiny_tokenizer
 from corrsteer_pl.module import CorrSteerModule
-from corrsteer_pl.steering import META_FILE, VECTORS_FILE, SteeringVectors, load_steered_model
+from corrsteer_pl.steering.vectors import META_FILE, VECTORS_FILE, SteeringVectors, load_steered_model
 from corrsteer_pl.tasks import SPLITS, Example, get_task
-from corrsteer_pl.tiny import tiny_tokenizer
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
 
@@ -59,7 +59,7 @@ def test_a_bad_task_option_is_refused_naming_its_flag_before_any_model_loads(tmp
 
 @pytest.fixture()
 def export(tmp_path, llama, saes_for_llama):
-    from corrsteer_pl.selection import SelectedFeature
+    from corrsteer_pl.selection.variants import SelectedFeature
 
     features = [SelectedFeature(layer, 3, 0.5, 2.0, 0.1) for layer in saes_for_llama]
     SteeringVectors.from_selection(features, saes_for_llama, llama).save(tmp_path / "export")
@@ -68,7 +68,7 @@ def export(tmp_path, llama, saes_for_llama):
 
 @pytest.fixture(scope="module")
 def saes_for_llama():
-    from corrsteer_pl.tiny import random_sae
+    from corrsteer_pl.models.tiny import random_sae
 
     return {layer: random_sae(64, 16, layer, seed=layer) for layer in (0, 1)}
 

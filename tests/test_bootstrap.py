@@ -1,4 +1,4 @@
-"""Specification of corrsteer_pl.bootstrap: deterministic Poisson replicates, streamed, merged, reduced, resumed."""
+"""Specification of calibration.bootstrap: deterministic Poisson replicates, streamed, merged, reduced, resumed."""
 
 import itertools
 import math
@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 from test_stats import sparse_data
 
-from corrsteer_pl.bootstrap import (
+from corrsteer_pl.calibration.bootstrap import (
     BootstrapStats,
     bootstrap_pearson,
     overall_top1_share,
@@ -20,8 +20,8 @@ from corrsteer_pl.bootstrap import (
     replicate_weights,
     top1_share,
 )
-from corrsteer_pl.significance import layer_p_values, layer_q_values, pooled_q_values
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.significance import layer_p_values, layer_q_values, pooled_q_values
+from corrsteer_pl.calibration.stats import CorrelationStats
 
 BATCHES = [1, 7, 64, 3, 150, 32, 32, 111, 100]  # uneven, sums to 500
 B = 20

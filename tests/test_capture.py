@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from corrsteer_pl.capture import FeatureCapture, generate_with_features
-from corrsteer_pl.tiny import random_sae
+from corrsteer_pl.calibration.capture import FeatureCapture, generate_with_features
+from corrsteer_pl.models.tiny import random_sae
 
 LAYERS = (0, 1)  # not the last layer: its hidden_states entry has the final norm applied
 

@@ -6,10 +6,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from corrsteer_pl import finetune
+from corrsteer_pl.calibration.stats import load_layer_stats
 from corrsteer_pl.cli import main
-from corrsteer_pl.comparison import method_label
-from corrsteer_pl.selection import rank_layer, select_features
-from corrsteer_pl.stats import load_layer_stats
+from corrsteer_pl.evaluation.comparison import method_label
+from corrsteer_pl.selection.variants import rank_layer, select_features
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
 RANKINGS = ["pearson", "mi", "fisher", "caa"]

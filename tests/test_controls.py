@@ -1,10 +1,10 @@
 import torch
 
-from corrsteer_pl.controls import random_direction_controls, random_feature_controls
-from corrsteer_pl.selection import SelectedFeature
-from corrsteer_pl.stats import CorrelationStats
-from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.tiny import random_sae
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.evaluation.controls import random_direction_controls, random_feature_controls
+from corrsteer_pl.models.tiny import random_sae
+from corrsteer_pl.selection.variants import SelectedFeature
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 
 def _setup(llama):

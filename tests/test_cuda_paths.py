@@ -12,13 +12,13 @@ import pytest
 import scipy.stats
 import torch
 
-from corrsteer_pl.capture import generate_with_features
-from corrsteer_pl.evaluation import answer_conditions
-from corrsteer_pl.layers import decoder_layers
-from corrsteer_pl.selection import SelectedFeature
-from corrsteer_pl.stats import CorrelationStats
-from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.tiny import random_sae
+from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.evaluation.conditions import answer_conditions
+from corrsteer_pl.models.layers import decoder_layers
+from corrsteer_pl.models.tiny import random_sae
+from corrsteer_pl.selection.variants import SelectedFeature
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 PLACEMENTS = [

@@ -7,9 +7,9 @@ from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 
 from corrsteer_pl.cli import main
 from corrsteer_pl.data import ShardedBatches, TaskDataModule
+from corrsteer_pl.models.tiny import tiny_tokenizer
 from corrsteer_pl.tasks import DATA_OPTIONS, TASKS, Example
 from corrsteer_pl.tasks.custom import Custom
-from corrsteer_pl.tiny import tiny_tokenizer
 
 EXAMPLES = [Example(f"x/{i}", f"Question {i}\nAnswer:", "A") for i in range(9)]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from corrsteer_pl.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 # batch_size 1: every sample is computed with the same shapes in every run (no padding differences).

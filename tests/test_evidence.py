@@ -5,11 +5,17 @@ import json
 import torch
 from test_planted_feature import D_SAE, PLANTED, _answers, _planted_world
 
-from corrsteer_pl.bootstrap import BootstrapStats
+from corrsteer_pl.calibration.bootstrap import BootstrapStats
+from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.cli import main
-from corrsteer_pl.evidence import SELECTION_FILE, annotate, candidates_table, selection_record, significance_warning
-from corrsteer_pl.selection import select_features
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.selection.evidence import (
+    SELECTION_FILE,
+    annotate,
+    candidates_table,
+    selection_record,
+    significance_warning,
+)
+from corrsteer_pl.selection.variants import select_features
 
 
 def _calibrate(batches):

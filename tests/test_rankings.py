@@ -1,4 +1,4 @@
-"""Specification of corrsteer_pl.rankings: pearson, mi, fisher and caa from one streaming pass."""
+"""Specification of corrsteer_pl.calibration.rankings: pearson, mi, fisher and caa from one streaming pass."""
 
 import numpy as np
 import pytest
@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from test_planted_feature import D_SAE, PLANTED, _answers, _planted_world
 from test_stats import BATCHES, SHARDINGS, feed, sparse_data, two_pass_r
 
-from corrsteer_pl.rankings import (
+from corrsteer_pl.calibration.rankings import (
     RANKINGS,
     caa_coefficient,
     caa_score,
@@ -18,8 +18,8 @@ from corrsteer_pl.rankings import (
     pearson_score,
     score,
 )
-from corrsteer_pl.selection import select_features
-from corrsteer_pl.stats import CorrelationStats, load_layer_stats, save_layer_stats
+from corrsteer_pl.calibration.stats import CorrelationStats, load_layer_stats, save_layer_stats
+from corrsteer_pl.selection.variants import select_features
 
 RAW = {"pearson": pearson_score, "mi": mi_score, "fisher": fisher_score, "caa": caa_score}
 CLASS_SQUARES = ("sum_zz_pos", "sum_zz_neg")

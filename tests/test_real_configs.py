@@ -23,9 +23,9 @@ from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_direc
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2ForCausalLM, LlamaForCausalLM
 
 from corrsteer_pl.cli import main
-from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.models.tiny import random_sae, tiny_model, tiny_tokenizer
+from corrsteer_pl.steering.vectors import SteeringVectors
 from corrsteer_pl.tasks import get_task
-from corrsteer_pl.tiny import random_sae, tiny_model, tiny_tokenizer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 _spec = importlib.util.spec_from_file_location("make_presets", CONFIGS / "make_presets.py")

@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import torch
 
-from corrsteer_pl.report import EvaluationReport, paired_bootstrap_ci
+from corrsteer_pl.evaluation.report import EvaluationReport, paired_bootstrap_ci
 
 
 def test_bootstrap_ci_of_identical_differences_is_that_difference():
@@ -49,7 +49,7 @@ def test_nothing_changed_means_ser_zero():
 
 
 def test_control_summary_ranks_the_selected_steering_among_the_draws():
-    from corrsteer_pl.report import ControlSummary
+    from corrsteer_pl.evaluation.report import ControlSummary
 
     steered = torch.tensor([1.0, 1.0, 0.0, 1.0])  # accuracy 0.75
     controls = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # 0.25, 1.0, 0.25
@@ -60,7 +60,7 @@ def test_control_summary_ranks_the_selected_steering_among_the_draws():
 
 
 def test_control_ci_is_wider_than_holding_the_draws_fixed():
-    from corrsteer_pl.report import control_bootstrap_ci
+    from corrsteer_pl.evaluation.report import control_bootstrap_ci
 
     g = torch.Generator().manual_seed(0)
     steered = (torch.rand(400, generator=g) < 0.5).double()
@@ -72,7 +72,7 @@ def test_control_ci_is_wider_than_holding_the_draws_fixed():
 
 
 def test_condition_result_separates_validity_from_accuracy():
-    from corrsteer_pl.report import ConditionResult
+    from corrsteer_pl.evaluation.report import ConditionResult
 
     result = ConditionResult.from_scores(
         "steered", torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([True, True, False, True])

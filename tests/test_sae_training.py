@@ -4,9 +4,8 @@ import pytest
 import torch
 from sae_lens import SAE, TopKSAE
 
-from corrsteer_pl import sae_training
-from corrsteer_pl.answer_cache import AnswerCache
-from corrsteer_pl.sae_training import (
+from corrsteer_pl.calibration.answer_cache import AnswerCache
+from corrsteer_pl.calibration.sae_training import (
     METRICS_FILE,
     SAETrainingConfig,
     collect_activations,
@@ -14,6 +13,7 @@ from corrsteer_pl.sae_training import (
     prepare_saes,
     train_topk_sae,
 )
+from corrsteer_pl.models import sae_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

@@ -5,9 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from corrsteer_pl.evaluation import SplitResult
-from corrsteer_pl.selection import SelectedFeature
-from corrsteer_pl.validation import Validator, scale_features
+from corrsteer_pl.evaluation.conditions import SplitResult
+from corrsteer_pl.evaluation.validation import Validator, scale_features
+from corrsteer_pl.selection.variants import SelectedFeature
 
 FEATURES = [SelectedFeature(0, 3, 0.5, 1.0, 0.2)]
 

@@ -4,13 +4,13 @@ import json
 
 import torch
 
+from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.cli import main
-from corrsteer_pl.controls import search_matched_controls
-from corrsteer_pl.evaluation import SplitResult
-from corrsteer_pl.selection import select_features
-from corrsteer_pl.stats import CorrelationStats
-from corrsteer_pl.steering import decoder_vector
-from corrsteer_pl.tiny import random_sae
+from corrsteer_pl.evaluation.conditions import SplitResult
+from corrsteer_pl.evaluation.controls import search_matched_controls
+from corrsteer_pl.models.tiny import random_sae
+from corrsteer_pl.selection.variants import select_features
+from corrsteer_pl.steering.vectors import decoder_vector
 
 D_SAE, K = 64, 3
 

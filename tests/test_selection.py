@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from corrsteer_pl.evaluation import SplitResult
-from corrsteer_pl.selection import select_features
-from corrsteer_pl.stats import CorrelationStats
-from corrsteer_pl.validation import scale_features
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.evaluation.conditions import SplitResult
+from corrsteer_pl.evaluation.validation import scale_features
+from corrsteer_pl.selection.variants import select_features
 
 
 def _stats(r_signs: list[float], n: int = 400, seed: int = 0) -> CorrelationStats:

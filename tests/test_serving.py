@@ -7,9 +7,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corrsteer_pl.export import main, write_formats
-from corrsteer_pl.serving import CONTROL_VECTOR_FILE, MERGED_DIR, write_control_vector, write_merged
-from corrsteer_pl.steering import LayerSteering, SteeringVectors
-from corrsteer_pl.tiny import tiny_model, tiny_tokenizer
+from corrsteer_pl.models.tiny import tiny_model, tiny_tokenizer
+from corrsteer_pl.steering.serving import CONTROL_VECTOR_FILE, MERGED_DIR, write_control_vector, write_merged
+from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
 
 D_MODEL, NUM_LAYERS = 64, 3
 

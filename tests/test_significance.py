@@ -1,4 +1,4 @@
-"""Specification of corrsteer_pl.significance: p-values of r, Benjamini-Hochberg q-values, the paired sign test."""
+"""Specification of calibration.significance: p-values of r, Benjamini-Hochberg q-values, the paired sign test."""
 
 import math
 
@@ -8,7 +8,7 @@ import scipy.stats
 import torch
 from test_stats import feed, sparse_data
 
-from corrsteer_pl.significance import (
+from corrsteer_pl.calibration.significance import (
     bh_q_values,
     layer_p_values,
     layer_q_values,
@@ -17,7 +17,7 @@ from corrsteer_pl.significance import (
     pooled_q_values,
     sign_test_p,
 )
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.stats import CorrelationStats
 
 BATCHES = [1, 7, 64, 3, 150, 32, 32, 111, 100]  # uneven, sums to 500
 

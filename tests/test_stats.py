@@ -1,4 +1,4 @@
-"""Specification of corrsteer_pl.stats: streaming, mergeable, distributed Pearson statistics."""
+"""Specification of corrsteer_pl.calibration.stats: streaming, mergeable, distributed Pearson statistics."""
 
 import itertools
 
@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from corrsteer_pl.stats import CorrelationStats, pearson_corrcoef
+from corrsteer_pl.calibration.stats import CorrelationStats, pearson_corrcoef
 
 BATCHES = [1, 7, 64, 3, 150, 32, 32, 111, 100]  # uneven, sums to 500
 # Float64 rounding alone moves r by ~5e-14 when r ~ 0.02 (the two-pass reference included),
@@ -387,7 +387,7 @@ def test_all_reduce_is_a_no_op_without_distributed():
 
 
 def test_layer_stats_file_round_trip(tmp_path):
-    from corrsteer_pl.stats import load_layer_stats, save_layer_stats
+    from corrsteer_pl.calibration.stats import load_layer_stats, save_layer_stats
 
     g = torch.Generator().manual_seed(5)
     stats = {3: CorrelationStats(7), 11: CorrelationStats(4)}

@@ -3,9 +3,9 @@ import json
 import pytest
 import torch
 
-from corrsteer_pl.selection import SelectedFeature
-from corrsteer_pl.steering import LM_EVAL_FILE, META_FILE, VECTORS_FILE, SteeringVectors, load_steered_model
-from corrsteer_pl.tiny import random_sae, tiny_model, tiny_tokenizer
+from corrsteer_pl.models.tiny import random_sae, tiny_model, tiny_tokenizer
+from corrsteer_pl.selection.variants import SelectedFeature
+from corrsteer_pl.steering.vectors import LM_EVAL_FILE, META_FILE, VECTORS_FILE, SteeringVectors, load_steered_model
 
 FEATURES = [
     SelectedFeature(0, 3, 0.4, 2.5, 0.1),

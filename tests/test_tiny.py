@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from corrsteer_pl.tiny import firing_thresholds
+from corrsteer_pl.models.tiny import firing_thresholds
 
 
 @pytest.mark.parametrize(("positions", "rate"), [(1000, 0.1), (37, 0.1), (5, 0.5), (2000, 0.03)])

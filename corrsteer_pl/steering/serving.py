@@ -17,8 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from corrsteer_pl.atomic import atomic_file, atomic_folder
-from corrsteer_pl.layers import decoder_layers, decoder_layers_path
-from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.models.layers import decoder_layers, decoder_layers_path
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 CONTROL_VECTOR_FILE = "steering.gguf"
 MERGED_DIR = "merged"

@@ -1,7 +1,7 @@
 """The paper's comparison: every ranking x variant, selected from one calibration's statistics, side by side.
 
 SPARE (mutual information), DSG (Fisher ratio) and CAA (mean difference) rank the same streaming statistics as
-CorrSteer's Pearson r (`corrsteer_pl.rankings`), so no second calibration runs. Every method goes through the
+CorrSteer's Pearson r (`calibration.rankings`), so no second calibration runs. Every method goes through the
 run's own selection options: P's candidates and paired test, then the scale grid, on the validation split. All
 methods' P trials are answered in one validation pass and all their scale grids in a second one.
 """
@@ -14,13 +14,20 @@ from typing import Any
 
 from torch import Tensor
 
-from corrsteer_pl.controls import ConditionSet
-from corrsteer_pl.rankings import Ranking, check_ranking
-from corrsteer_pl.report import MethodRow
-from corrsteer_pl.selection import VARIANTS, Selection, Variant, ranked_layers, select_features, validation_trials
-from corrsteer_pl.stats import CorrelationStats
-from corrsteer_pl.steering import SteeringVectors
-from corrsteer_pl.validation import Validator, choose_scale, group, grouped, scale_features
+from corrsteer_pl.calibration.rankings import Ranking, check_ranking
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.evaluation.controls import ConditionSet
+from corrsteer_pl.evaluation.report import MethodRow
+from corrsteer_pl.evaluation.validation import Validator, choose_scale, group, grouped, scale_features
+from corrsteer_pl.selection.variants import (
+    VARIANTS,
+    Selection,
+    Variant,
+    ranked_layers,
+    select_features,
+    validation_trials,
+)
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 METHOD_NAMES: dict[str, str] = {"pearson": "CorrSteer", "mi": "SPARE (MI)", "fisher": "DSG (Fisher)", "caa": "CAA"}
 """What the paper calls each ranking's method."""

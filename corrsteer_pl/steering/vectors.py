@@ -15,9 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from corrsteer_pl.hooks import LayerFn, LayerHooks, PositionPolicy
-from corrsteer_pl.layers import decoder_layers, hidden_size, lm_eval_hookpoint
-from corrsteer_pl.selection import SelectedFeature, Selection
+from corrsteer_pl.models.hooks import LayerFn, LayerHooks, PositionPolicy
+from corrsteer_pl.models.layers import decoder_layers, hidden_size, lm_eval_hookpoint
+from corrsteer_pl.selection.variants import SelectedFeature, Selection
 
 FORMAT_VERSION = 1
 VECTORS_FILE = "steering.safetensors"

@@ -16,10 +16,10 @@ import torch
 from sae_lens import SAE
 from torch import Tensor
 
-from corrsteer_pl.selection import SelectedFeature, validated_layers, validation_trials
-from corrsteer_pl.stats import CorrelationStats
-from corrsteer_pl.steering import LayerSteering, SteeringVectors, decoder_vector
-from corrsteer_pl.validation import group, grouped
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.evaluation.validation import group, grouped
+from corrsteer_pl.selection.variants import SelectedFeature, validated_layers, validation_trials
+from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors, decoder_vector
 
 SEARCH_CONTROLS_DIR = "search_controls"
 """Export subfolder with one steering per search-matched control draw (`0/`, `1/`, ...; an empty one steers nothing)."""

@@ -9,8 +9,8 @@ import torch
 from sae_lens import SAE
 from torch import Tensor, nn
 
-from corrsteer_pl.answer_cache import AnswerCache
-from corrsteer_pl.hooks import LayerFn, LayerHooks
+from corrsteer_pl.calibration.answer_cache import AnswerCache
+from corrsteer_pl.models.hooks import LayerFn, LayerHooks
 
 Pooling = Literal["max", "mean"]
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from corrsteer_pl.stats import _BLOCK, _check_inputs, _pearson_from_sums
+from corrsteer_pl.calibration.stats import _BLOCK, _check_inputs, _pearson_from_sums
 
 DEFAULT_REPLICATES = 20
 

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from corrsteer_pl.bootstrap import BootstrapStats, overall_top1_share, r_interval, top1_share
-from corrsteer_pl.selection import SelectedFeature, Selection
-from corrsteer_pl.significance import layer_p_values, pooled_q_values
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.bootstrap import BootstrapStats, overall_top1_share, r_interval, top1_share
+from corrsteer_pl.calibration.significance import layer_p_values, pooled_q_values
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.selection.variants import SelectedFeature, Selection
 
 SELECTION_FILE = "selection.json"
 

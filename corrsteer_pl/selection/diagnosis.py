@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from corrsteer_pl.selection import Selection
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.selection.variants import Selection
 
 
 def selection_warnings(stats: Mapping[int, CorrelationStats], selection: Selection) -> list[str]:

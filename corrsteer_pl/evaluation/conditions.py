@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from corrsteer_pl.capture import generate_with_features
-from corrsteer_pl.hooks import LayerFn, LayerHooks, position_ids
-from corrsteer_pl.layers import decoder_layers, hidden_size
-from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.models.hooks import LayerFn, LayerHooks, position_ids
+from corrsteer_pl.models.layers import decoder_layers, hidden_size
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 Conditions = Mapping[str, SteeringVectors | None]
 

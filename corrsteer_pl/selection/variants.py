@@ -1,6 +1,6 @@
 """Feature selection (CorrSteer-S / -A / -P) and coefficients from per-layer correlation statistics.
 
-Features are ranked by any ranking of `corrsteer_pl.rankings` (Pearson r by default); every
+Features are ranked by any ranking of `corrsteer_pl.calibration.rankings` (Pearson r by default); every
 ranking keeps only features with r > 0.
 """
 
@@ -8,20 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 
-from corrsteer_pl.rankings import Ranking, check_ranking, score, steering_coefficient
-from corrsteer_pl.significance import paired_improvement
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.rankings import Ranking, check_ranking, score, steering_coefficient
+from corrsteer_pl.calibration.significance import paired_improvement
+from corrsteer_pl.calibration.stats import CorrelationStats
 
-if TYPE_CHECKING:  # evaluation imports steering, which imports this module
-    from corrsteer_pl.evaluation import SplitResult
+
+class TrialResult(Protocol):
+    """What P needs of one validation condition (`evaluation.conditions.SplitResult` is one)."""
+
+    accuracy: float
+    valid_rate: float
+    scores: list[float]
+
 
 Variant = Literal["S", "A", "P"]
 VARIANTS: tuple[Variant, ...] = ("S", "A", "P")
-Evaluate = Callable[[dict[str, list["SelectedFeature"]]], Mapping[str, "SplitResult"]]
+Evaluate = Callable[[dict[str, list["SelectedFeature"]]], Mapping[str, TrialResult]]
 
 
 @dataclass(frozen=True)
@@ -66,7 +72,7 @@ def rank_layer(
     """The top-k features of one layer by `ranking`, best first, among those with r > 0 (negative r never steers).
 
     The coefficient is the mean activation over correct samples (the mean difference for caa); the run's scale
-    multiplies it later, in one place (`corrsteer_pl.validation.scale_features`).
+    multiplies it later, in one place (`corrsteer_pl.evaluation.validation.scale_features`).
     """
     scores = score(stats, ranking)
     k = min(top_k, int((scores > -torch.inf).sum()))
@@ -99,7 +105,7 @@ def select_features(
     candidates: int = 1,
     alpha: float = 0.05,
 ) -> Selection:
-    """Runs CorrSteer's selection, ranking features by `ranking` (see `corrsteer_pl.rankings`).
+    """Runs CorrSteer's selection, ranking features by `ranking` (see `corrsteer_pl.calibration.rankings`).
 
     S: the single best (layer, feature) over all layers. A: the top-1 feature of every layer.
     P: each layer's top `candidates` features are steered alone on validation by `evaluate` ({name: features} ->

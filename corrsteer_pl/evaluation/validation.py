@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
-from corrsteer_pl.evaluation import Conditions, PromptCaches, SplitResult
-from corrsteer_pl.selection import SelectedFeature
-from corrsteer_pl.steering import SteeringVectors
+from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult
+from corrsteer_pl.selection.variants import SelectedFeature
+from corrsteer_pl.steering.vectors import SteeringVectors
 
 Evaluate = Callable[[Conditions, PromptCaches], Mapping[str, SplitResult]]
 Build = Callable[[list[SelectedFeature]], SteeringVectors]

@@ -7,9 +7,9 @@ from collections.abc import Mapping
 import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from corrsteer_pl.evidence import candidates_table
-from corrsteer_pl.selection import Selection
-from corrsteer_pl.stats import CorrelationStats
+from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.selection.evidence import candidates_table
+from corrsteer_pl.selection.variants import Selection
 
 
 def selection_table(selection: Selection) -> str:

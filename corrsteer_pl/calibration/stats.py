@@ -2,7 +2,7 @@
 
 `CorrelationStats` keeps O(F) float64 sufficient statistics that can be updated batch by batch,
 merged exactly across shards, and summed across processes; `pearson_corrcoef` is the one-shot form.
-The same state also feeds the other rankings of `corrsteer_pl.rankings` (MI, Fisher, CAA).
+The same state also feeds the other rankings of `corrsteer_pl.calibration.rankings` (MI, Fisher, CAA).
 """
 
 from pathlib import Path

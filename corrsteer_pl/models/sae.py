@@ -7,7 +7,7 @@ from pathlib import Path
 from sae_lens import SAE
 from torch import nn
 
-from corrsteer_pl.layers import decoder_layers, hidden_size, layer_from_hook_name
+from corrsteer_pl.models.layers import decoder_layers, hidden_size, layer_from_hook_name
 
 
 def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype: str = "float32") -> SAE:

@@ -1,0 +1,1 @@
+"""Evaluation: answer conditions over a split, score them, controls, validation passes, comparison, report."""
