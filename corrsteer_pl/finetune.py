@@ -49,6 +49,7 @@ from corrsteer_pl.evaluation.judge import judge, pad_id
 from corrsteer_pl.evaluation.report import RESAMPLES, EvaluationReport
 from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.models.hooks import eos_ids
+from corrsteer_pl.models.loading import DTYPES
 from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model
 from corrsteer_pl.tasks import Example, Split, Task
 
@@ -58,7 +59,7 @@ BEST, LAST = "best", "last"
 IGNORE = -100  # label of a position outside the target: no loss
 BUCKET_BATCHES = 16  # training batches are cut from groups of this many batches' examples sorted by length
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 CHECKPOINT_KEY = "finetune"
 TRAINER_DEFAULTS = {
     "max_steps": 100,

@@ -9,6 +9,7 @@ resume with any difference is refused. Selection, scale, controls and export set
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from typing import Any
 
 IDENTITY_KEY = "corrsteer_calibration_identity"
@@ -19,8 +20,33 @@ def calibration_identity(settings: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
-def check_same_calibration(saved: dict[str, Any], current: dict[str, Any]) -> None:
+def run_identity(module: Any) -> dict[str, Any]:
+    """Every setting of a CorrSteerModule's run that changes the calibration statistics, by the flag that sets it."""
+    hp, data = module.hparams, module.trainer.datamodule
+    return calibration_identity(
+        {
+            "--model.model": hp.model,
+            "--model.revision": hp.revision,
+            "--model.dtype": hp.dtype,
+            "--model.sae_dtype": hp.sae_dtype,
+            "--model.saes": sorted(spec.label() for spec in module.sae_specs),
+            "--model.train_saes": asdict(module.train_saes) if module.train_saes else None,
+            "--model.pooling": hp.pooling,
+            "--model.max_new_tokens": hp.max_new_tokens or data.task.max_new_tokens,
+            "--trainer.devices x --trainer.num_nodes": module.trainer.world_size,
+            **{f"--data.{key}": value for key, value in data.identity().items()},
+            "--data.batch_size": data.hparams.batch_size,
+        }
+    )
+
+
+def check_same_calibration(saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
     """Raises one line naming the first flag whose value differs between the checkpoint and this run."""
+    if saved is None:
+        raise ValueError(
+            "the checkpoint does not say which model, SAEs and data it was calibrated on (written by an older "
+            "corrsteer-pl): start afresh with a new --trainer.default_root_dir"
+        )
     for flag in sorted(set(saved) | set(current)):
         before, now = saved.get(flag, "<unset>"), current.get(flag, "<unset>")
         if before != now:

@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from corrsteer_pl import module
+from corrsteer_pl.calibration import capture
 from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE
 from corrsteer_pl.cli import main
 from corrsteer_pl.models.sources import cache_dir
@@ -23,8 +23,8 @@ ARGS = [
 
 def test_calibration_from_cached_answers_equals_running_the_model(tmp_path, monkeypatch):
     calls = []
-    live = module.generate_with_features
-    monkeypatch.setattr(module, "generate_with_features", lambda *a, **k: calls.append(1) or live(*a, **k))
+    live = capture.generate_with_features
+    monkeypatch.setattr(capture, "generate_with_features", lambda *a, **k: calls.append(1) or live(*a, **k))
 
     main(["fit", *ARGS, "--trainer.default_root_dir", str(tmp_path / "cached")])
     assert calls == [], "with answers cached, calibration never runs the LM"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.evaluation import conditions as evaluation
 from corrsteer_pl.evaluation.conditions import answer_conditions
-from corrsteer_pl.evaluation.conditions import conditions as evaluation
 from corrsteer_pl.models.tiny import random_sae, tiny_model
 from corrsteer_pl.selection.variants import SelectedFeature
 from corrsteer_pl.steering.vectors import SteeringVectors

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from sae_lens import SAE
@@ -134,3 +134,24 @@ def generate_with_features(
     with FeatureCapture(model, saes, pooling, eos_token_ids) as capture:
         out = model.generate(**kwargs)
     return out[:, input_ids.shape[1] :], capture.pooled()
+
+
+@torch.inference_mode()
+def calibration_features(
+    model: nn.Module,
+    batch: dict[str, Any],
+    max_new_tokens: int,
+    saes: Mapping[int, SAE],
+    pooling: Pooling,
+    answers: AnswerCache | None,
+    eos_token_ids: Iterable[int],
+    pad_token_id: int,
+) -> tuple[Tensor, dict[int, Tensor]]:
+    """New tokens (B, N) and pooled features of one calibration batch: from the recorded one-token answers when
+    every prompt of the batch has one, else by generating with the capture hooks on."""
+    if answers is not None and max_new_tokens == 1:
+        cached = recorded_features(answers, batch["texts"], saes)
+        if cached is not None:
+            return cached
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return generate_with_features(model, ids, mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id)

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
 from sae_lens import SAE, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.sae import SAEMetadata
@@ -373,3 +375,18 @@ def trained_saes(
 def _read_metrics(folder: Path) -> dict[str, Any]:
     path = folder / METRICS_FILE
     return json.loads(path.read_text()) if path.exists() else {}
+
+
+def announce_trained_saes(metrics: dict[int, dict[str, Any]], answers: AnswerCache | None, loggers: list) -> None:
+    """Says what the SAEs trained here reached (held-out explained variance) and whether answers were recorded."""
+    if answers is not None:
+        rank_zero_info(
+            f"calibration encodes {len(answers)} answer positions recorded while training the SAEs "
+            "(one-token answers): the LM does not run again"
+        )
+    for layer, m in metrics.items():
+        ev = m.get("explained_variance", float("nan"))
+        rank_zero_info(f"trained SAE layer {layer}: explained variance {ev:.3f} on held-out positions >= 1")
+        for logger in loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_scalar(f"sae/layer_{layer}/explained_variance", ev, 0)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import hashlib
 import inspect
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.evaluation.judge import Judged
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks, position_ids
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.steering.vectors import SteeringVectors
@@ -270,3 +272,18 @@ class SplitResult:
     def top_answer_share(self) -> float:
         """Share of all items given the single most common answer (1.0 = collapsed to one answer)."""
         return max(self.answers.values(), default=0) / max(self.n, 1)
+
+
+def evaluate_batches(
+    batches: Iterable[dict[str, Any]], score: Callable[[dict[str, Any]], Mapping[str, Judged]], names: Iterable[str]
+) -> dict[str, SplitResult]:
+    """Accuracy, valid rate and answer counts per condition (`names`) over `batches`, gathered over all ranks."""
+    results = {name: SplitResult() for name in names}
+    for batch in batches:
+        for name, (scores, valid, answers) in score(batch).items():
+            results[name].add(scores, valid, answers)
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[dict[str, SplitResult]] = [{} for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, results)
+        results = {name: SplitResult.merged([part[name] for part in gathered]) for name in results}
+    return results

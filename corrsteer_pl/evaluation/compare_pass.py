@@ -1,0 +1,97 @@
+"""The validate / test pass: the export's conditions (unsteered, steered, controls), one score column per
+condition and batch, and the report that the columns of every item of every rank make."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+
+from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.evaluation.comparison import method_rows
+from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
+from corrsteer_pl.evaluation.judge import Judged
+from corrsteer_pl.evaluation.report import EvaluationReport
+from corrsteer_pl.selection.diagnosis import nothing_steered
+from corrsteer_pl.selection.evidence import read_selection
+from corrsteer_pl.steering.vectors import SteeringVectors
+
+REPORT_SCALARS = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
+
+
+def load_export(folder: Path, model: nn.Module) -> SteeringVectors:
+    """The steering that fit exported to `folder` (--model.steering_path), checked against `model`."""
+    if not (folder / "steering.json").exists():
+        raise FileNotFoundError(
+            f"no steering export at {folder}: run `train.py fit` with this config first, or set --model.steering_path"
+        )
+    steering = SteeringVectors.load(folder)
+    steering.validate(model)
+    return steering
+
+
+def export_conditions(
+    steering: SteeringVectors, saes: dict[int, nn.Module], folder: Path, controls: int, seed: int
+) -> ConditionSet:
+    """Unsteered, steered and the random controls (with the export's search-matched draws), on the same items."""
+    if not steering.layers:
+        rank_zero_warn(nothing_steered(list(steering.info.get("warnings", []))))
+    stats = load_layer_stats(folder / STATS_FILE) if controls and steering.layers else {}
+    conditions = ConditionSet.with_random_controls(steering, saes, stats, controls, seed)
+    searched = load_search_controls(folder) if controls else []
+    if searched and steering.layers:
+        conditions.controls["search_matched"] = searched
+    return conditions
+
+
+def score_columns(judged: dict[str, Judged], conditions: ConditionSet, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """(B, C) scores and valid flags of one batch: the answered conditions, then the baselines' own columns."""
+    columns = [(scores, valid) for scores, valid, _ in judged.values()]
+    columns += [scorer(batch) for scorer in conditions.baselines.values()]
+    return torch.stack([s.cpu() for s, _ in columns], 1), torch.stack([v.cpu() for _, v in columns], 1)
+
+
+def build_report(
+    conditions: ConditionSet, scores: Tensor, valid: Tensor, steering: SteeringVectors, folder: Path, **context: Any
+) -> EvaluationReport:
+    """The report of (N, C) scores and valid flags; `context` gives task, split, judge and data."""
+    column, control_scores = conditions.columns(scores)
+    is_valid, control_valid = conditions.columns(valid)
+    return EvaluationReport.from_scores(
+        column["unsteered"],
+        column["steered"],
+        valid=is_valid,
+        controls={kind: (control_scores[kind], control_valid[kind]) for kind in control_scores},
+        features=[asdict(f) for layer in steering.layers.values() for f in layer.features],
+        steering={"path": str(folder), **steering.info},
+        warnings=list(steering.info.get("warnings", [])),
+        selection=read_selection(folder),
+        methods=method_rows(conditions, column, is_valid, control_scores),
+        **context,
+    )
+
+
+def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:
+    """The report's figures as `stage/name` scalars for the loggers."""
+    out = {f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS}
+    out[f"{stage}/samples"] = float(report.samples)
+    for c in report.conditions:
+        out |= {f"{stage}/{c.name}/valid_rate": c.valid_rate, f"{stage}/{c.name}/accuracy_valid": c.accuracy_valid}
+    for c in report.controls:
+        out |= {f"{stage}/{c.kind}/accuracy_mean": c.accuracy_mean, f"{stage}/{c.kind}/p_value": c.p_value}
+    for m in report.methods:
+        out |= {f"{stage}/method/{m.name}/{k}": float(getattr(m, k)) for k in ("accuracy", "difference", "ser")}
+    return out
+
+
+def save_report(report: EvaluationReport, folder: Path, split: str, stage: str, loggers: list, step: int) -> None:
+    """Writes report.md / report.json beside the export (`<split>_report` outside test) and the text to TensorBoard."""
+    report.save(folder, "report" if split == "test" else f"{split}_report")
+    for logger in loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_text(f"{stage}/report", report.to_markdown(), step)
