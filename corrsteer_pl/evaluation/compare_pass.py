@@ -16,6 +16,7 @@ from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.evaluation.comparison import method_rows
 from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
 from corrsteer_pl.evaluation.judge import Judged
+from corrsteer_pl.evaluation.plots import report_figures, save_figure
 from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.selection.diagnosis import nothing_steered
 from corrsteer_pl.selection.evidence import read_selection
@@ -90,8 +91,16 @@ def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:
 
 
 def save_report(report: EvaluationReport, folder: Path, split: str, stage: str, loggers: list, step: int) -> None:
-    """Writes report.md / report.json beside the export (`<split>_report` outside test) and the text to TensorBoard."""
-    report.save(folder, "report" if split == "test" else f"{split}_report")
-    for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_text(f"{stage}/report", report.to_markdown(), step)
+    """Writes report.md / report.json beside the export (`<split>_report` outside test), its figures as PNG, and
+    the text and figures to TensorBoard."""
+    stem = "report" if split == "test" else f"{split}_report"
+    stats = load_layer_stats(folder / STATS_FILE) if (folder / STATS_FILE).exists() else {}
+    figures = report_figures(report, stats)
+    boards = [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]
+    for name, fig in figures.items():
+        for board in boards:
+            board.add_figure(f"{stage}/{name}", fig, step, close=False)
+        report.figures.append(save_figure(fig, folder / f"{stem}_{name}.png").name)
+    report.save(folder, stem)
+    for board in boards:
+        board.add_text(f"{stage}/report", report.to_markdown(), step)

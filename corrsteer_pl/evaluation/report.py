@@ -157,6 +157,7 @@ class ControlSummary:
     difference: float  # steered accuracy - mean control accuracy
     ci_low: float
     ci_high: float
+    accuracies: list[float] = field(default_factory=list)  # each draw's accuracy, for the figure
 
     @classmethod
     def from_scores(cls, kind: str, steered: Tensor, controls: Tensor, valid: Tensor) -> ControlSummary:
@@ -177,6 +178,7 @@ class ControlSummary:
             difference=steered_acc - float(acc.mean()),
             ci_low=low,
             ci_high=high,
+            accuracies=acc.tolist(),
         )
 
 
@@ -204,6 +206,7 @@ class EvaluationReport:
     warnings: list[str] = field(default_factory=list)  # why the steering is empty or suspect, from the export
     selection: dict[str, Any] = field(default_factory=dict)  # the export's selection.json: every candidate's evidence
     methods: list[MethodRow] = field(default_factory=list)  # a comparison's rows (empty without one)
+    figures: list[str] = field(default_factory=list)  # PNG files written beside the report (evaluation/plots.py)
 
     @classmethod
     def from_scores(
@@ -302,6 +305,7 @@ class EvaluationReport:
             ]
         if self.selection:
             lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
+        lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in self.figures]] if self.figures else []
         return "\n".join(lines) + "\n"
 
     def _search_verdict(self, alpha: float = 0.05) -> list[str]:

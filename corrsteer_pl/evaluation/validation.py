@@ -64,8 +64,13 @@ def choose_scale(
     items ("always A" scores the share of gold A). Ties go to the smaller scale; `default` stands when every
     scale is rejected.
     """
-    table = {name: {"accuracy": r.accuracy, "top_answer_share": r.top_answer_share} for name, r in results.items()}
-    allowed = [name for name, r in results.items() if not (multiple_choice and r.top_answer_share > max_answer_share)]
+    refused = {name: multiple_choice and r.top_answer_share > max_answer_share for name, r in results.items()}
+    table = {
+        name: {"accuracy": r.accuracy, "valid_rate": r.valid_rate, "top_answer_share": r.top_answer_share,
+               "refused": refused[name]}
+        for name, r in results.items()
+    }  # fmt: skip
+    allowed = [name for name in results if not refused[name]]
     if not allowed:
         return default, table
     best = max(allowed, key=lambda name: (results[name].accuracy, -float(name)))
