@@ -182,8 +182,9 @@ class CorrSteerModule(L.LightningModule):
         saved = checkpoint.get(IDENTITY_KEY)
         if saved is None:
             raise ValueError(
-                "the checkpoint does not say which model, SAEs and data it was calibrated on (written by an older "
-                "corrsteer-pl): start afresh with a new --trainer.default_root_dir"
+                "--ckpt_path: not a calibration checkpoint of `train.py fit` (it does not say which model, SAEs and "
+                "data it was calibrated on: another project's, a fine-tune's or an older corrsteer-pl's): pass "
+                "<default_root_dir>/checkpoints/last.ckpt, or start afresh with a new --trainer.default_root_dir"
             )
         check_same_calibration(saved, self.calibration_identity())
 
