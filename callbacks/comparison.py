@@ -61,6 +61,10 @@ class ComparisonCallback(L.Callback):
                 f"--comparison.finetune: no adapter folder at {finetune}; run `python -m corrsteer_pl.finetune fit` "
                 "first (it writes <default_root_dir>/finetune/adapter)"
             )
+        if finetune is not None:
+            from corrsteer_pl.finetune import read_settings  # JSON only: a wrong path fails before any model loads
+
+            read_settings(finetune)
         self.finetune, self.all_positions = finetune, all_positions
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:

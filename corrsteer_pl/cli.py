@@ -13,7 +13,8 @@ from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCall
 from corrsteer_pl.data import TaskDataModule
 from corrsteer_pl.entry import run_cli
 from corrsteer_pl.module import CorrSteerModule
-from corrsteer_pl.safe_load import with_safe_checkpoint_io
+from corrsteer_pl.recovery import IDENTITY_KEY
+from corrsteer_pl.safe_load import check_ckpt_path, with_safe_checkpoint_io
 from corrsteer_pl.strategy import register
 
 TRAINER_DEFAULTS = {
@@ -40,6 +41,10 @@ class CorrSteerCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, evaluate the export on the test split"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        check_ckpt_path(self.config, IDENTITY_KEY, "a calibration checkpoint of `train.py fit`", RESUME_FIX)
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer, reading --ckpt_path weights-only (SafeCheckpointIO)."""

@@ -52,7 +52,7 @@ from corrsteer_pl.evaluation.report import RESAMPLES, EvaluationReport
 from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.models.hooks import eos_ids
 from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model
-from corrsteer_pl.safe_load import CKPT_FLAG, load_checkpoint, with_safe_checkpoint_io
+from corrsteer_pl.safe_load import CKPT_FLAG, check_ckpt_path, load_checkpoint, with_safe_checkpoint_io
 from corrsteer_pl.tasks import Example, Split, Task
 
 FOLDER = "finetune"
@@ -790,6 +790,10 @@ class FineTuneCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="after fit, compare the best checkpoint with the base"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        check_ckpt_path(self.config, CHECKPOINT_KEY, "a fine-tuning checkpoint of this fit", RESUME_FIX)
+        super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer with the checkpoint callbacks in <default_root_dir>/finetune/checkpoints, fixed at once."""

@@ -1,9 +1,10 @@
 """Reading checkpoints without running code: weights-only loading, and one line for a file that is not ours.
 
-`torch.load(weights_only=False)` unpickles arbitrary objects, and a pickle can call any function while it loads
-(`os.system` through `__reduce__`). Nothing in corrsteer-pl loads that way: Lightning checkpoints (resume only) go
-through `SafeCheckpointIO`, which always passes `weights_only=True` (neither `--weights_only false` nor
-`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` can turn it off), and everything else is JSON or safetensors.
+`torch.load` without weights-only loading unpickles arbitrary objects, and a pickle can call any function while it
+loads (`os.system` through `__reduce__`). Nothing in corrsteer-pl loads that way: Lightning checkpoints (resume only)
+are read by `check_ckpt_path` (before LightningCLI reads the file's hyperparameters into the config) and by
+`SafeCheckpointIO`, both passing `weights_only=True` explicitly (neither `--weights_only false` nor
+`TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD` can turn it off); everything else is JSON or safetensors.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 CKPT_FLAG = "--ckpt_path"
+CKPT_KEYWORDS = ("last", "best", "hpc", "registry")  # what Lightning resolves itself, through SafeCheckpointIO
 
 
 def load_checkpoint(path: str | Path, flag: str, fix: str) -> dict[str, Any]:
@@ -60,9 +62,22 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         state = load_checkpoint(path, CKPT_FLAG, self.fix)
-        if "state_dict" not in state:
-            raise ValueError(f"{CKPT_FLAG}: {path} is not a Lightning checkpoint (no state_dict); {self.fix}")
+        if "state_dict" not in state or "pytorch-lightning_version" not in state:
+            raise ValueError(f"{CKPT_FLAG}: {path} is not a Lightning checkpoint (no state_dict/version); {self.fix}")
         return state
+
+
+def check_ckpt_path(config: Any, key: str, what: str, fix: str) -> None:
+    """Reads a LightningCLI's `--ckpt_path` file weights-only and refuses, in one line, one without `key` (the mark
+    of `what`) before LightningCLI merges the file's hyperparameters into the config (a foreign file's would end in a
+    parser dump; its own read of a bad file in a traceback). Keywords such as `last` are left to SafeCheckpointIO."""
+    subcommand = config.get("subcommand")
+    path = config[subcommand].get("ckpt_path") if subcommand else None
+    if path is None or str(path) in CKPT_KEYWORDS or str(path).startswith("registry:"):
+        return
+    state = SafeCheckpointIO(fix).load_checkpoint(path)
+    if key not in state:
+        raise ValueError(f"{CKPT_FLAG}: {path} is not {what} (another project's, or an older corrsteer-pl's); {fix}")
 
 
 def with_safe_checkpoint_io(plugins: Any, fix: str) -> list[Any]:
