@@ -192,3 +192,15 @@ def test_identical_prompts_never_straddle_two_splits_and_the_report_counts_them(
     everything = [p for split in SPLITS for p in prompts[split]]
     assert len(everything) == len(set(everything)) == 40
     assert "5 items with a prompt seen before were dropped before splitting" in data.describe()
+
+
+def test_a_limit_larger_than_the_split_says_so_once_with_the_splits_size():
+    data = TaskDataModule(task="synthetic", tokenizer="tiny-random", batch_size=8, limit_calibration=400)
+    size = len(data.task.load_split("calibration"))
+    with pytest.warns(UserWarning) as caught:
+        assert len(data.examples("calibration")) == size < 400
+        data.examples("calibration")
+        data.examples("test")  # no limit there: nothing to say
+    lines = [str(w.message) for w in caught if "--data.limit_" in str(w.message)]
+    assert lines == [f"--data.limit_calibration 400 is more than the {size} items of the calibration split of "
+                     f"task 'synthetic': all {size} are used"]  # fmt: skip
