@@ -46,19 +46,25 @@ class ComparisonCallback(L.Callback):
                 each with every variant below and the --calibration options, and answers them on the test split
                 beside the report's conditions (one pass for one-token answers). Empty: no comparison.
             variants: the variants every ranking selects with (S, A, P); the export's own is its "steered" row.
-            finetune: a fine-tuning checkpoint (`python -m corrsteer_pl.finetune fit` writes
-                <default_root_dir>/finetune/checkpoints/best.ckpt): its model answers the same test items, as a row.
+            finetune: a fine-tuning adapter folder (`python -m corrsteer_pl.finetune fit` writes
+                <default_root_dir>/finetune/adapter: peft's adapter_config.json + adapter_model.safetensors and
+                finetune.json, the run's settings; nothing in it is unpickled): its model answers the same test
+                items, as a row.
             all_positions: also answer with the export's vectors added at every position, the prompt included: what
                 steering.gguf (llama.cpp) and merged/ (transformers, vLLM) do; CorrSteer steers generation positions.
         """
         check_methods(rankings or [], variants or [])  # plain strings: a typo gets one line, not a parser dump
         self.rankings: list[Ranking] = list(rankings or [])
         self.variants: list[Variant] = list(variants or ["S", "A", "P"])
-        if finetune is not None and not Path(finetune).is_file():
+        if finetune is not None and not Path(finetune).exists():
             raise ValueError(
-                f"--comparison.finetune: no checkpoint at {finetune}; run `python -m corrsteer_pl.finetune fit` "
-                "first (it writes <default_root_dir>/finetune/checkpoints/best.ckpt)"
+                f"--comparison.finetune: no adapter folder at {finetune}; run `python -m corrsteer_pl.finetune fit` "
+                "first (it writes <default_root_dir>/finetune/adapter)"
             )
+        if finetune is not None:
+            from corrsteer_pl.finetune import read_settings  # JSON only: a wrong path fails before any model loads
+
+            read_settings(finetune)
         self.finetune, self.all_positions = finetune, all_positions
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -101,16 +107,18 @@ class ComparisonCallback(L.Callback):
         return methods
 
 
-def finetuned_scorer(checkpoint: str, pl_module: L.LightningModule) -> Scorer:
-    """The fine-tuned model of `checkpoint` as a scorer of the module's batches; it must share the module's model."""
-    from corrsteer_pl.finetune import load_finetuned  # peft loads only when a fine-tuned row is asked for
+def finetuned_scorer(folder: str, pl_module: L.LightningModule) -> Scorer:
+    """The fine-tuned model of an adapter folder as a scorer of the module's batches; it must share the module's
+    model (checked on the folder's settings before any model loads)."""
+    from corrsteer_pl.finetune import load_finetuned, read_settings  # peft loads only when a fine-tuned row is asked
 
-    tuned = load_finetuned(checkpoint).to(pl_module.device)
-    if tuned.hparams.model != pl_module.hparams.model:
+    model = read_settings(folder).get("model")
+    if model != pl_module.hparams.model:
         raise ValueError(
-            f"--comparison.finetune: {checkpoint} fine-tuned --model.model {tuned.hparams.model}, this test runs "
+            f"--comparison.finetune: {folder} fine-tuned --model.model {model}, this test runs "
             f"{pl_module.hparams.model}: compare models of the same base"
         )
+    tuned = load_finetuned(folder).to(pl_module.device)
     task = pl_module.task
 
     @torch.inference_mode()

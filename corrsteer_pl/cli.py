@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -11,6 +13,8 @@ from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCall
 from corrsteer_pl.data import TaskDataModule
 from corrsteer_pl.entry import run_cli
 from corrsteer_pl.module import CorrSteerModule
+from corrsteer_pl.recovery import IDENTITY_KEY
+from corrsteer_pl.safe_load import check_ckpt_path, with_safe_checkpoint_io
 from corrsteer_pl.strategy import register
 
 TRAINER_DEFAULTS = {
@@ -22,6 +26,10 @@ TRAINER_DEFAULTS = {
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+RESUME_FIX = (
+    "pass `last` or <default_root_dir>/checkpoints/last.ckpt written by `train.py fit`, or leave --ckpt_path out "
+    "to start afresh"
+)
 
 
 class CorrSteerCLI(LightningCLI):
@@ -33,6 +41,15 @@ class CorrSteerCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, evaluate the export on the test split"
         )
+
+    def _parse_ckpt_path(self) -> None:
+        check_ckpt_path(self.config, IDENTITY_KEY, "a calibration checkpoint of `train.py fit`", RESUME_FIX)
+        super()._parse_ckpt_path()
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The trainer, reading --ckpt_path weights-only (SafeCheckpointIO)."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        return super().instantiate_trainer(plugins=with_safe_checkpoint_io(plugins, RESUME_FIX), **kwargs)
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):

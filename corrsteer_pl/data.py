@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from transformers import AutoTokenizer
 
 from corrsteer_pl.models.sources import load_pretrained, resolve_model
@@ -220,7 +221,13 @@ class TaskDataModule(L.LightningDataModule):
     def examples(self, split: Split) -> list[Example]:
         """The (limited) examples of a split; loaded once."""
         if split not in self.splits:
-            examples = self.task.load_split(split)[: self.limits[split]]
+            examples, limit = self.task.load_split(split), self.limits[split]
+            if limit is not None and limit > len(examples):
+                rank_zero_warn(
+                    f"--data.limit_{split} {limit} is more than the {len(examples)} items of the {split} split of "
+                    f"task '{self.task.name}': all {len(examples)} are used"
+                )
+            examples = examples[:limit]
             if not examples:
                 raise ValueError(f"task '{self.task.name}' has no {split} examples (check --data.source / limits)")
             check_prompt_lengths(examples, split, self.tokenizer, self.hparams.max_prompt_tokens, self.render)

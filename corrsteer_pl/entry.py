@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 
 SUBCOMMANDS = ("fit", "validate", "test")
@@ -20,8 +22,15 @@ def run_cli(
     given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
     if len(given) == (2 if args is None else 1) and given[-1] in SUBCOMMANDS:
         given.extend(["--config", str(default_config)])
+    strict = {"exit_on_error": False}  # a bad value raises instead of printing the whole usage: one line below
+    kwargs.setdefault("parser_kwargs", {strict_key: dict(strict) for strict_key in SUBCOMMANDS} | strict)
     try:
         return cli(args=args, **kwargs)
+    except ArgumentError as err:
+        if os.environ.get("CORRSTEER_TRACEBACK"):
+            raise
+        detail = re.sub(r'^Parser key "([^"]+)":', r"--\1:", " ".join(str(err).split()))  # name it as a flag
+        sys.exit(f"error: {detail} (run with --help for the accepted options)")
     except (ValueError, OSError, ModuleNotFoundError) as err:
         if os.environ.get("CORRSTEER_TRACEBACK"):
             raise

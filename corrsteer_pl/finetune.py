@@ -23,6 +23,7 @@ micro-batches of at most `--model.optimizer.micro_batch_tokens` padded tokens wh
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from corrsteer_pl.atomic import atomic_folder
 from corrsteer_pl.data import ShardedBatches, TaskDataModule
 from corrsteer_pl.entry import run_cli
 from corrsteer_pl.evaluation.conditions import answer_conditions
@@ -51,11 +53,24 @@ from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.models.hooks import eos_ids
 from corrsteer_pl.models.loading import DTYPES
 from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model
+from corrsteer_pl.safe_load import CKPT_FLAG, check_ckpt_path, load_checkpoint, with_safe_checkpoint_io
 from corrsteer_pl.tasks import Example, Split, Task
 
 FOLDER = "finetune"
-"""Under --trainer.default_root_dir: `checkpoints/` (best.ckpt, last.ckpt) and `report.{json,md}`."""
+"""Under --trainer.default_root_dir: `adapter/` (the artefact), `checkpoints/` (best.ckpt, last.ckpt: resume only)
+and `report.{json,md}`."""
 BEST, LAST = "best", "last"
+ADAPTER = "adapter"
+"""The best checkpoint's adapters as peft saves them (adapter_config.json + adapter_model.safetensors) and
+SETTINGS_FILE: what `--comparison.finetune` and `load_finetuned` take. Loading it reads JSON and safetensors only."""
+SETTINGS_FILE = "finetune.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", SETTINGS_FILE)
+SETTINGS_FORMAT = "corrsteer-pl fine-tuning adapters"
+FINETUNE_FLAG = "--comparison.finetune"
+RESUME_FIX = (
+    f"pass `last` or <default_root_dir>/{FOLDER}/checkpoints/{{best,last}}.ckpt written by "
+    "`python -m corrsteer_pl.finetune fit`, or leave --ckpt_path out to start afresh"
+)
 IGNORE = -100  # label of a position outside the target: no loss
 BUCKET_BATCHES = 16  # training batches are cut from groups of this many batches' examples sorted by length
 LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -422,20 +437,25 @@ class FineTuneModule(L.LightningModule):
         self.val_scores, self.test_scores = ConditionScores(), ConditionScores()
         self.val_accuracy: float | None = None
         self.checkpoint_info: dict[str, Any] | None = None  # what the loaded checkpoint says about itself
+        self.adapter_folder: Path | None = None  # adapters to load (load_finetuned) instead of fresh ones
 
     def configure_model(self) -> None:
-        """Loads the base model, wraps it with fresh LoRA adapters (base weights frozen), and its tokenizer."""
+        """Loads the base model, wraps it with fresh LoRA adapters (base weights frozen) or those of
+        `adapter_folder` (peft's from_pretrained: JSON and safetensors), and its tokenizer."""
         if self.lm is not None:
             return
         path, revision = resolve_model(self.hparams.model), self.hparams.revision
         dtype = DTYPES[self.hparams.dtype]
         base = load_pretrained(AutoModelForCausalLM.from_pretrained, path, revision=revision, dtype=dtype)
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.lora.seed)
-                self.lm = get_peft_model(base, self.lora.peft_config())
-        except ValueError as err:  # peft: "Target modules {...} not found in the base model"
-            raise ValueError(f"--model.lora.target_modules: {str(err).splitlines()[0]}") from None
+        if self.adapter_folder is not None:
+            self.lm = load_adapters(base, self.adapter_folder)
+        else:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.lora.seed)
+                    self.lm = get_peft_model(base, self.lora.peft_config())
+            except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+                raise ValueError(f"--model.lora.target_modules: {str(err).splitlines()[0]}") from None
         self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, revision=revision, padding_side="left")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -656,29 +676,89 @@ def check_budget(trainer: L.Trainer) -> None:
 # -- the API for comparison tables ---------------------------------------------------------------
 
 
-def load_finetuned(checkpoint: str | Path) -> FineTuneModule:
-    """The fine-tuned model of a checkpoint written by fit (base model from its hyperparameters), in eval mode."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if CHECKPOINT_KEY not in state:
-        raise ValueError(f"{checkpoint}: not a fine-tuning checkpoint (no adapters): pass one written by this fit")
-    names = FineTuneModule.__init__.__code__.co_varnames[1 : FineTuneModule.__init__.__code__.co_argcount]
-    module = FineTuneModule(**{k: v for k, v in state["hyper_parameters"].items() if k in names})
-    module.configure_model()
+def export_adapters(module: FineTuneModule, checkpoint: str | Path, folder: str | Path) -> Path:
+    """Writes the adapters of `checkpoint` (a fit's best.ckpt, read weights-only) into `folder` whole: peft's
+    adapter_config.json + adapter_model.safetensors, and SETTINGS_FILE (the run's settings, JSON)."""
+    state = load_checkpoint(checkpoint, CKPT_FLAG, RESUME_FIX)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"], strict=False)
-    module.checkpoint_info["path"] = str(checkpoint)
+    settings = {
+        "format": SETTINGS_FORMAT,
+        "model": module.hparams.model,
+        "revision": module.hparams.revision,
+        "dtype": module.hparams.dtype,
+        "max_new_tokens": module.hparams.max_new_tokens,
+        "lora": asdict(module.lora),
+        "optimizer": asdict(module.optim),
+        "step": state.get("global_step"),
+        "val_accuracy": module.checkpoint_info.get("val_accuracy"),
+        "checkpoint": str(checkpoint),
+    }
+    with atomic_folder(folder) as tmp:
+        module.lm.save_pretrained(tmp, safe_serialization=True)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
+    rank_zero_info(f"fine-tuned adapters of {checkpoint} written to {folder} (pass it to {FINETUNE_FLAG})")
+    return Path(folder)
+
+
+def read_settings(folder: str | Path, flag: str = FINETUNE_FLAG) -> dict[str, Any]:
+    """The settings of an adapter folder written by `export_adapters`, or one line naming `flag` and the fix."""
+    folder, fix = Path(folder), f"pass the <default_root_dir>/{FOLDER}/{ADAPTER} folder written by fit"
+    if folder.is_file():
+        raise ValueError(
+            f"{flag}: {folder} is a file; it takes the adapter folder <default_root_dir>/{FOLDER}/{ADAPTER} written "
+            "by `python -m corrsteer_pl.finetune fit` (its .ckpt files are for --ckpt_path resume only)"
+        )
+    missing = [name for name in ADAPTER_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{flag}: {folder} is not a fine-tuning adapter folder ({', '.join(missing)} missing); {fix}")
+    try:
+        settings = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag}: {folder / SETTINGS_FILE} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(settings, dict) or settings.get("format") != SETTINGS_FORMAT:
+        raise ValueError(f"{flag}: {folder / SETTINGS_FILE} was not written by corrsteer-pl's fine-tune; {fix}")
+    return settings
+
+
+def load_adapters(base: nn.Module, folder: Path) -> PeftModel:
+    """peft's PeftModel.from_pretrained on a checked folder (safetensors weights: no pickle is read)."""
+    try:
+        return PeftModel.from_pretrained(base, str(folder), is_trainable=False)
+    except Exception as err:  # noqa: BLE001 - corrupt safetensors, shapes of another model: one line naming the flag
+        lines = str(err).strip().splitlines()
+        raise ValueError(
+            f"{FINETUNE_FLAG}: cannot load the adapters in {folder} ({type(err).__name__}: "
+            f"{lines[0] if lines else ''}); pass an adapter folder fine-tuned on this --model.model"
+        ) from None
+
+
+def load_finetuned(folder: str | Path) -> FineTuneModule:
+    """The fine-tuned model of an adapter folder written by fit (base model from its settings), in eval mode."""
+    settings = read_settings(folder)
+    try:
+        module = FineTuneModule(
+            model=settings["model"],
+            revision=settings["revision"],
+            dtype=settings["dtype"],
+            lora=LoRAOptions(**settings["lora"]),
+            max_new_tokens=settings["max_new_tokens"],
+        )
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{FINETUNE_FLAG}: {Path(folder) / SETTINGS_FILE} lacks or mistypes {err}") from None
+    module.adapter_folder = Path(folder)
+    module.configure_model()
+    module.checkpoint_info = {**settings, "path": str(folder)}
     return module.eval()
 
 
-def finetuned_scores(
-    checkpoint: str | Path, data: TaskDataModule, split: Split = "test", base: bool = False
-) -> ItemScores:
-    """Per-item scores of the fine-tuned model of `checkpoint` (or of its base model, `base=True`) on a split.
+def finetuned_scores(folder: str | Path, data: TaskDataModule, split: Split = "test", base: bool = False) -> ItemScores:
+    """Per-item scores of the fine-tuned model of an adapter folder (or of its base model, `base=True`) on a split.
 
     `data` is the data module of the comparison (its tokenizer must be the checkpoint's model); the items come in
     its batch order with their ids: `ItemScores.aligned(ids)` pairs them with another method's results.
     """
-    return load_finetuned(checkpoint).item_scores(data, split, adapter=not base)
+    return load_finetuned(folder).item_scores(data, split, adapter=not base)
 
 
 def checkpoint_callbacks(root: str | Path) -> list[ModelCheckpoint]:
@@ -712,21 +792,30 @@ class FineTuneCLI(LightningCLI):
             "--test_after_fit", type=bool, default=True, help="after fit, compare the best checkpoint with the base"
         )
 
+    def _parse_ckpt_path(self) -> None:
+        check_ckpt_path(self.config, CHECKPOINT_KEY, "a fine-tuning checkpoint of this fit", RESUME_FIX)
+        super()._parse_ckpt_path()
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The trainer with the checkpoint callbacks in <default_root_dir>/finetune/checkpoints, fixed at once."""
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or os.getcwd()
         given = config.get("callbacks") or []
         callbacks = [*(given if isinstance(given, list) else [given]), *checkpoint_callbacks(root)]
-        return super().instantiate_trainer(callbacks=callbacks, **kwargs)
+        plugins = with_safe_checkpoint_io(config.get("plugins"), RESUME_FIX)
+        return super().instantiate_trainer(callbacks=callbacks, plugins=plugins, **kwargs)
 
     def after_fit(self) -> None:
-        """Compares the best checkpoint with the base model on the test split."""
-        if not self.config.fit.get("test_after_fit"):
-            return
+        """Writes the best checkpoint's adapters to <default_root_dir>/finetune/adapter, then compares the best
+        checkpoint with the base model on the test split."""
         best = self.trainer.checkpoint_callback.best_model_path
         if not best:
             raise ValueError("no validation ran, so no checkpoint was picked: lower --trainer.val_check_interval")
+        if self.trainer.is_global_zero:
+            export_adapters(self.model, best, Path(self.trainer.default_root_dir) / FOLDER / ADAPTER)
+        self.trainer.strategy.barrier()
+        if not self.config.fit.get("test_after_fit"):
+            return
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best)
 
 
@@ -754,10 +843,13 @@ __all__ = [
     "LoRAOptions",
     "OptimizerOptions",
     "checkpoint_callbacks",
+    "export_adapters",
     "finetune_report",
     "finetuned_scores",
+    "load_adapters",
     "load_finetuned",
     "main",
+    "read_settings",
 ]
 
 if __name__ == "__main__":

@@ -44,8 +44,9 @@ def check_same_calibration(saved: dict[str, Any] | None, current: dict[str, Any]
     """Raises one line naming the first flag whose value differs between the checkpoint and this run."""
     if saved is None:
         raise ValueError(
-            "the checkpoint does not say which model, SAEs and data it was calibrated on (written by an older "
-            "corrsteer-pl): start afresh with a new --trainer.default_root_dir"
+            "--ckpt_path: not a calibration checkpoint of `train.py fit` (it does not say which model, SAEs and "
+            "data it was calibrated on: another project's, a fine-tune's or an older corrsteer-pl's): pass "
+            "<default_root_dir>/checkpoints/last.ckpt, or start afresh with a new --trainer.default_root_dir"
         )
     for flag in sorted(set(saved) | set(current)):
         before, now = saved.get(flag, "<unset>"), current.get(flag, "<unset>")

@@ -33,6 +33,10 @@ def _exit_line(args: list[str], tmp_path) -> str:
         ("--checkpoint.every_n_batches", "-1"),
         ("--data.max_prompt_tokens", "0"),
         ("--calibration.export_formats", "[onnx]"),
+        ("--calibration.bootstrap", "-1"),
+        ("--calibration.search_draws", "-2"),
+        ("--calibration.scale_grid", "[0, 1]"),
+        ("--data.limit_calibration", "0"),
     ],
 )
 def test_an_out_of_range_option_is_refused_naming_the_flag_before_any_model_loads(tmp_path, monkeypatch, flag, value):
@@ -52,6 +56,21 @@ def test_a_bad_task_option_is_refused_naming_its_flag_before_any_model_loads(tmp
     monkeypatch.setattr(CorrSteerModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
     line = _exit_line(["fit", *args], tmp_path)
     assert line.startswith("error: ") and flag in line and "\n" not in line
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--model.pooling", "median", "Expected a typing.Literal['max', 'mean']"),
+        ("--data.limit_calibration", "abc", "Given value: abc"),
+        ("--calibration.topk", "3", "unrecognized arguments: --calibration.topk"),
+    ],
+)
+def test_a_value_the_parser_refuses_is_one_line_naming_the_flag_not_the_usage(tmp_path, monkeypatch, flag, value, says):
+    monkeypatch.setattr(CorrSteerModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
+    line = _exit_line(["fit", flag, value], tmp_path)
+    assert line.startswith(f"error: {flag}") or "unrecognized" in line
+    assert says in line and "\n" not in line and "usage:" not in line
 
 
 # -- exports that do not check out ------------------------------------------------------------
@@ -192,3 +211,15 @@ def test_identical_prompts_never_straddle_two_splits_and_the_report_counts_them(
     everything = [p for split in SPLITS for p in prompts[split]]
     assert len(everything) == len(set(everything)) == 40
     assert "5 items with a prompt seen before were dropped before splitting" in data.describe()
+
+
+def test_a_limit_larger_than_the_split_says_so_once_with_the_splits_size():
+    data = TaskDataModule(task="synthetic", tokenizer="tiny-random", batch_size=8, limit_calibration=400)
+    size = len(data.task.load_split("calibration"))
+    with pytest.warns(UserWarning) as caught:
+        assert len(data.examples("calibration")) == size < 400
+        data.examples("calibration")
+        data.examples("test")  # no limit there: nothing to say
+    lines = [str(w.message) for w in caught if "--data.limit_" in str(w.message)]
+    assert lines == [f"--data.limit_calibration 400 is more than the {size} items of the calibration split of "
+                     f"task 'synthetic': all {size} are used"]  # fmt: skip

@@ -25,8 +25,8 @@ def compared(tmp_path_factory):
     root = tmp_path_factory.mktemp("comparison")
     main(["fit", *TINY, "--trainer.default_root_dir", str(root)])
     finetune.main(["fit", *FINETUNE, "--trainer.default_root_dir", str(root)])
-    checkpoint = root / "finetune" / "checkpoints" / "best.ckpt"
-    args = ["--comparison.rankings", f"[{', '.join(RANKINGS)}]", "--comparison.finetune", str(checkpoint)]
+    adapters = root / "finetune" / "adapter"
+    args = ["--comparison.rankings", f"[{', '.join(RANKINGS)}]", "--comparison.finetune", str(adapters)]
     args += ["--comparison.all_positions", "true"]
     main(["test", *TINY, "--trainer.default_root_dir", str(root), *args])
     return root, json.loads((root / "steered" / "report.json").read_text())
@@ -96,7 +96,7 @@ def test_the_table_reaches_the_markdown_report_and_tensorboard(compared):
     [
         (["--comparison.rankings", "[pearson, spare]"], "--comparison.rankings"),
         (["--comparison.variants", "[A, Q]"], "--comparison.variants"),
-        (["--comparison.finetune", "no/such/best.ckpt"], "--comparison.finetune"),
+        (["--comparison.finetune", "no/such/adapter"], "--comparison.finetune"),
     ],
 )
 def test_a_bad_comparison_option_is_one_line_naming_its_flag(tmp_path, args, flag):

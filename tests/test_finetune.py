@@ -6,10 +6,13 @@ from typing import ClassVar
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from corrsteer_pl.finetune import (
+    ADAPTER_FILES,
     IGNORE,
+    SETTINGS_FILE,
     FineTuneData,
     FineTuneModule,
     answer_target,
@@ -65,7 +68,7 @@ def _losses(root, version):
 
 
 def _checkpoint(root, name):
-    return torch.load(root / "finetune" / "checkpoints" / f"{name}.ckpt", weights_only=False)
+    return torch.load(root / "finetune" / "checkpoints" / f"{name}.ckpt", weights_only=True)  # plain types only
 
 
 def test_training_loss_goes_down(fitted):
@@ -88,12 +91,28 @@ def test_fit_writes_a_report_with_ser_and_changed_answers(fitted):
     assert "side-effect ratio (SER)" in (fitted / "finetune" / "report.md").read_text()
     # the comparison-table API gives the same items and the same changed-answer counts
     data = FineTuneData(task="synthetic", tokenizer="tiny-random", batch_size=8)
-    tuned = finetuned_scores(fitted / "finetune" / "checkpoints" / "best.ckpt", data)
-    base = load_finetuned(fitted / "finetune" / "checkpoints" / "best.ckpt").item_scores(data, adapter=False)
+    tuned = finetuned_scores(fitted / "finetune" / "adapter", data)
+    base = load_finetuned(fitted / "finetune" / "adapter").item_scores(data, adapter=False)
     base = base.aligned(tuned.ids)
     assert int((tuned.scores > base.scores).sum()) == report["better"]
     assert int((tuned.scores < base.scores).sum()) == report["worse"]
     assert tuned.accuracy == pytest.approx(report["accuracy_steered"])
+
+
+def test_the_artefact_is_a_peft_adapter_folder_of_the_best_checkpoint_with_its_settings(fitted):
+    folder = fitted / "finetune" / "adapter"
+    assert set(ADAPTER_FILES) <= {p.name for p in folder.iterdir()}  # peft adds a README.md model card
+    settings = json.loads((folder / SETTINGS_FILE).read_text())
+    best = _checkpoint(fitted, "best")
+    assert settings["step"] == best["global_step"] and settings["model"] == "tiny-random"
+    assert settings["checkpoint"].endswith("best.ckpt") and settings["lora"]["r"] == 8
+    saved = load_file(folder / "adapter_model.safetensors")
+    tuned = load_finetuned(folder)
+    # peft's own from_pretrained put the best checkpoint's adapter weights in place, none missing
+    live = {k: v for k, v in tuned.lm.state_dict().items() if ".lora_" in k}
+    assert len(live) == len(saved) == len(best["state_dict"]) > 0
+    for name, value in best["state_dict"].items():
+        torch.testing.assert_close(tuned.state_dict()[name], value, msg=name)
 
 
 def test_checkpoints_hold_only_the_adapters(fitted):

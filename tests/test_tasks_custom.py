@@ -120,3 +120,18 @@ def test_garbled_generation_scores_zero_for_every_scorer(data):
     for scorer in ("exact", "choice", "number", "contains"):
         task = get_task("custom", source=data, scorer=scorer, choices_field="options" if scorer == "choice" else None)
         assert task.score(Example("x", "p", "B", ("A", "B")), "\x00\ufffd%%") == 0.0
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("question,answer\nWhat is 1?,one\nWhat is 2?,\nWhat is 3?,3\n", r"mine.csv: row 2: field 'answer' is missing"),
+        ("q,a\nWhat is 1?,one\n", r"mine.csv: template field 'question' is not a column; columns: a, q"),
+    ],
+)
+def test_a_custom_csv_with_an_empty_answer_or_the_wrong_header_names_the_row_or_column(tmp_path, text, message):
+    path = tmp_path / "mine.csv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message) as exc:
+        examples(get_task("custom", file=str(path)))
+    assert "\n" not in str(exc.value)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -77,9 +77,12 @@ class AnswerCache:
 
     @classmethod
     def load(cls, path: str | Path) -> AnswerCache:
-        with safe_open(str(path), framework="pt") as f:
-            keys = json.loads(f.metadata()["keys"])
-        tensors = load_file(str(path))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = json.loads(f.metadata()["keys"])
+            tensors = load_file(str(path))
+        except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path} is not an answer cache ({err}): delete it to rebuild it") from None
         residuals = {int(name.split(".", 1)[1]): t for name, t in tensors.items() if name.startswith("residual.")}
         if any(len(rows) != len(keys) for rows in [tensors["tokens"], *residuals.values()]):
             raise ValueError(f"{path} is inconsistent (row counts differ from its keys): delete it to rebuild it")

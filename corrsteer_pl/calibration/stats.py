@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -323,7 +324,11 @@ def save_layer_stats(stats: dict[int, CorrelationStats], path: str | Path) -> No
 def load_layer_stats(path: str | Path) -> dict[int, CorrelationStats]:
     """Reads a file written by `save_layer_stats` back into one `CorrelationStats` per layer."""
     by_layer: dict[int, dict[str, Tensor]] = {}
-    for name, value in load_file(str(path)).items():
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a safetensors file ({err}): run `train.py fit` again to rewrite it") from None
+    for name, value in tensors.items():
         _, layer, key = name.split(".", 2)
         by_layer.setdefault(int(layer), {})[key] = value
     stats = {}

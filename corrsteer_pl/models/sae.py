@@ -16,7 +16,19 @@ def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype:
     if path.is_dir():
         if not (path / "cfg.json").exists():
             raise FileNotFoundError(f"{path} is not an sae-lens folder: cfg.json is missing (save with sae.save_model)")
-        sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+        if not (path / "sae_weights.safetensors").is_file():
+            raise ValueError(
+                f"--model.saes: {path} has no sae_weights.safetensors (only safetensors weights are read, never a "
+                "pickled .pt/.bin): save the SAE with sae.save_model"
+            )
+        try:
+            sae = SAE.load_from_disk(path, device=device, dtype=dtype)
+        except Exception as err:  # noqa: BLE001 - corrupt weights or cfg.json: one line naming the folder
+            lines = str(err).strip().splitlines()
+            raise ValueError(
+                f"--model.saes: cannot load the SAE folder {path} ({type(err).__name__}: {lines[0] if lines else ''}); "
+                "save it again with sae.save_model"
+            ) from None
     elif sae_id is None:
         raise ValueError(
             f"--model.saes: SAE source '{source}' is not an existing folder, and a sae-lens release needs an sae_id"
