@@ -186,7 +186,7 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     p = C.parser(__doc__.splitlines()[1])
-    p.add_argument("--sets", type=int, default=400, help="null data sets (default 400; smoke: 6)")
+    p.add_argument("--sets", type=int, default=200, help="null data sets (default 200; smoke: 6)")
     p.add_argument("--seed", type=int, default=0, help="first set's seed; set i uses seed + i")
     args = p.parse_args(argv)
     C.setup(args, default_reps=1)
