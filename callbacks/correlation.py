@@ -25,9 +25,12 @@ from corrsteer_pl.selection.evidence import annotate, selection_record, signific
 from corrsteer_pl.selection.variants import (
     SelectedFeature,
     Selection,
+    Significance,
     Variant,
+    feature_significance,
     ranked_layers,
     select_features,
+    trial_family,
     validation_trials,
 )
 from corrsteer_pl.steering.vectors import SteeringVectors
@@ -48,6 +51,7 @@ class CorrelationCallback(L.Callback):
         active_only: bool = False,
         candidates: int = 3,
         alpha: float = 0.05,
+        require_significance: bool = True,
         bootstrap: int = 20,
         search_draws: int = 10,
         include_model: bool = False,
@@ -68,12 +72,17 @@ class CorrelationCallback(L.Callback):
             active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
             candidates: P tries each layer's top this-many features on validation (one pass) and keeps the best if
                 it passes the paired test; 3 covers the ties seen on SmolLM2 (top three r within one s.e.).
-            alpha: level of P's one-sided paired sign test against the unsteered model on the validation items
-                whose answer changed, and of the q-value warning (no feature significant).
+            alpha: level of the calibration q-values (Benjamini-Hochberg over all features) and of P's one-sided
+                paired sign tests against the unsteered model on the validation items whose answer changed, with
+                Holm's correction over all of P's trials (every candidate of every layer) as one family.
+            require_significance: export only what the calibration evidence supports: P tries only candidates with
+                q < alpha, and S or A export nothing when none of their chosen features has q < alpha (the reason
+                goes to the console, steering.json and the report). false: try and export them anyway.
             bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability (share of replicates
                 where it is its layer's top-1) and its 90% interval of r.
-            search_draws: P only: repeat P's search (same candidates count, norms and test) on random firing
-                features this many times; test then compares the steering with these searched controls (0 = off).
+            search_draws: P only: repeat P's search (as many trials per layer as P had, same norms, same test and
+                Holm correction; no q filter for random features) on random firing features this many times; test then
+                compares the steering with these searched controls (0 = off).
             include_model: also write the base model's weights into the export so it stands alone.
             export_formats: also write gguf (steering.gguf, a llama.cpp control vector) and/or merged (merged/, an HF
                 folder with the steering in its MLP biases); both steer every position, the prompt included.
@@ -82,6 +91,7 @@ class CorrelationCallback(L.Callback):
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
         self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
+        self.require_significance = require_significance
         self.include_model, self.export_formats, self.exported = include_model, check_formats(export_formats), False
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
@@ -94,8 +104,9 @@ class CorrelationCallback(L.Callback):
         """These options as a comparison applies them to every method."""
         grid = tuple(self.scale_grid) if self.scale_grid else None
         return SelectionOptions(
-            self.top_k, self.active_only, self.candidates, self.alpha, self.scale, grid, self.max_answer_share
-        )
+            self.top_k, self.active_only, self.candidates, self.alpha, self.scale, grid, self.max_answer_share,
+            self.require_significance,
+        )  # fmt: skip
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:  # fail now, not after an hour of calibration
@@ -157,15 +168,17 @@ class CorrelationCallback(L.Callback):
             self.stats[layer].all_reduce()
             self.bootstrap[layer].all_reduce()
         validator = pl_module.validator()
-        self.selection, scale, grid, searched = self._select(validator, pl_module.saes)
-        evidence = annotate(self.selection, self.stats, self.bootstrap)
-        warnings = selection_warnings(self.stats, self.selection) + significance_warning(evidence, self.alpha)
+        significance = feature_significance(self.stats)
+        self.selection, scale, grid, searched = self._select(validator, pl_module.saes, significance)
+        evidence = annotate(self.selection, self.stats, self.bootstrap, significance=significance)
+        warnings = selection_warnings(self.stats, self.selection)
+        warnings += significance_warning(evidence, self.alpha) if self.selection.features else []
         for warning in warnings:
             rank_zero_warn(warning)
         pl_module.steering = self._steering(trainer, pl_module, scale, grid, warnings)
         settings = {"variant": self.variant, "ranking": self.ranking, "candidates": self.candidates}
         settings |= {"alpha": self.alpha, "bootstrap": self.replicates, "scale": scale, "top_k": self.top_k}
-        settings |= {"search_draws": len(searched)}
+        settings |= {"search_draws": len(searched), "require_significance": self.require_significance}
         record = selection_record(self.selection, evidence, warnings, settings)
         record["search_controls"] = [
             {"kept": [asdict(f) for f in kept], "validation": figures} for kept, figures in searched
@@ -179,23 +192,26 @@ class CorrelationCallback(L.Callback):
         self.exported = True
 
     def _select(
-        self, validator: Validator, saes: dict
+        self, validator: Validator, saes: dict, significance: Significance
     ) -> tuple[Selection, float, dict[str, dict[str, float]], list[tuple[list[SelectedFeature], dict]]]:
-        """Ranks and validates (P and its search-matched draws in one pass, at --calibration.scale), picks the scale
-        on the grid, and scales the features once; the draws' kept features get the same scale."""
+        """Ranks and validates (P's trials and its search-matched draws in one pass, at --calibration.scale; no pass
+        when P has no trial), picks the scale on the grid, and scales the features once; the draws' kept features
+        get the same scale."""
         results, drawn = {}, []
         if self.variant == "P":
-            ranked = ranked_layers(self.stats, self.top_k, self.active_only, self.ranking)
-            if self.search_draws and any(ranked.values()):
-                drawn = search_draws(ranked, self.stats, saes, self.candidates, self.search_draws)
-            trials = grouped({"P": validation_trials(ranked, self.candidates)}) | search_trials(drawn, self.candidates)
-            results = self._timed(
-                f"P's check and {len(drawn)} search-matched draws", validator, {"unsteered": []} | trials
-            )
+            ranked = ranked_layers(self.stats, self.top_k, self.active_only, self.ranking, significance)
+            family = trial_family(ranked, self.candidates, self.alpha, self.require_significance)
+            if self.search_draws and any(family.values()):
+                drawn = search_draws(family, self.stats, saes, self.candidates, self.search_draws)
+            trials = grouped({"P": validation_trials(family, self.candidates)}) | search_trials(drawn, self.candidates)
+            if trials:
+                results = self._timed(
+                    f"P's check and {len(drawn)} search-matched draws", validator, {"unsteered": []} | trials
+                )
         mine = {"unsteered": results["unsteered"]} | group(results, "P") if results else {}
         selection = select_features(
-            self.stats, self.variant, self.top_k, self.active_only, (lambda _: mine) if results else None,
-            self.ranking, self.candidates, self.alpha,
+            self.stats, self.variant, self.top_k, self.active_only, (lambda _: mine) if self.variant == "P" else None,
+            self.ranking, self.candidates, self.alpha, self.require_significance, significance,
         )  # fmt: skip
         scale, grid = self.scale, {}
         if self.scale_grid and selection.features:

@@ -18,6 +18,7 @@ SCRIPTS = (
     "calibration_overhead",
     "steering_overhead",
     "validation_cost",
+    "null_selection",
 )
 ROW = re.compile(r"^\|( [^|]*(?:\\\|[^|]*)* \|){6}$")  # six cells; a cell may hold an escaped \|
 

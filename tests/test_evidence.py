@@ -2,12 +2,14 @@
 
 import json
 
+import pytest
 import torch
 from test_planted_feature import D_SAE, PLANTED, _answers, _planted_world
 
 from corrsteer_pl.calibration.bootstrap import BootstrapStats
 from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.cli import main
+from corrsteer_pl.selection.diagnosis import selection_warnings
 from corrsteer_pl.selection.evidence import (
     SELECTION_FILE,
     annotate,
@@ -26,6 +28,15 @@ def _calibrate(batches):
     return {0: stats}, {0: boot}
 
 
+def _null_batches():
+    g = torch.Generator().manual_seed(7)
+    batches = []
+    for _ in range(8):
+        z = torch.rand(50, D_SAE, generator=g) * (torch.rand(50, D_SAE, generator=g) < 0.05)
+        batches.append((z, (torch.rand(50, generator=g) < 0.4).double()))
+    return batches
+
+
 def test_a_planted_feature_is_significant_and_stable_and_nothing_is_said_against_it():
     model, sae, prompts = _planted_world()
     batches = [(p[0], y) for seed in range(4) for y, p in [_answers(model, prompts(64, seed), {0: sae})]]
@@ -40,13 +51,8 @@ def test_a_planted_feature_is_significant_and_stable_and_nothing_is_said_against
 
 
 def test_labels_independent_of_every_feature_give_no_significant_feature_and_a_warning():
-    g = torch.Generator().manual_seed(7)
-    batches = []
-    for _ in range(8):
-        z = torch.rand(50, D_SAE, generator=g) * (torch.rand(50, D_SAE, generator=g) < 0.05)
-        batches.append((z, (torch.rand(50, generator=g) < 0.4).double()))
-    stats, boot = _calibrate(batches)
-    selection = select_features(stats, "A")
+    stats, boot = _calibrate(_null_batches())
+    selection = select_features(stats, "A", require_significance=False)
     evidence = annotate(selection, stats, boot)
     assert evidence.smallest_q > 0.2, "far from any threshold: not a rounding-sensitive result"
     (warning,) = significance_warning(evidence, alpha=0.05)
@@ -64,11 +70,27 @@ def test_selection_record_lists_every_candidate_with_its_figures():
     assert len(table) == 2 + len(record["layers"]["0"]) and all(row.count("|") == table[0].count("|") for row in table)
 
 
-def test_fit_with_nothing_significant_warns_and_presents_no_result(tmp_path):
-    args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
-    main(["fit", *args, "--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P"])
+def test_fit_with_nothing_significant_exports_nothing_and_says_why_in_console_export_and_report(tmp_path):
+    args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--test_after_fit", "true"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.require_significance", "true"]
+    with pytest.warns(UserWarning) as console:
+        main(["fit", *args, "--calibration.variant", "P"])
     meta = json.loads((tmp_path / "steered" / "steering.json").read_text())
     record = json.loads((tmp_path / "steered" / SELECTION_FILE).read_text())
     assert meta["layers"] == [] and record["chosen"] == []
-    assert any("not significant" in w or "is significant" in w for w in meta["info"]["warnings"])
-    assert any(w.startswith("variant P kept no layer") for w in record["warnings"])
+    reason = "variant P tried no candidate: no layer's top features have a calibration q-value below alpha"
+    assert any(w.startswith(reason) for w in meta["info"]["warnings"])
+    assert any(w.startswith(reason) for w in record["warnings"])
+    assert any(str(w.message).startswith(reason) for w in console)
+    report = (tmp_path / "steered" / "report.md").read_text()
+    assert f"**nothing was steered: {reason}" in report and "Verdict: the steering helps" not in report
+
+
+def test_variant_a_on_null_data_withholds_its_choice_unless_forced():
+    stats, _ = _calibrate(_null_batches())
+    withheld = select_features(stats, "A")
+    assert withheld.features == [] and [f.feature for f in withheld.withheld] == [stats[0].pearson().argmax().item()]
+    (reason,) = selection_warnings(stats, withheld)
+    assert reason.startswith("variant A's choice L0#") and "--calibration.require_significance false" in reason
+    forced = select_features(stats, "A", require_significance=False)
+    assert forced.features == withheld.withheld and selection_warnings(stats, forced) == []

@@ -11,6 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from corrsteer_pl.cli import main
 from corrsteer_pl.evaluation import conditions as evaluation
 from corrsteer_pl.models.tiny import random_sae
+from corrsteer_pl.selection import variants
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
@@ -95,7 +96,8 @@ def test_variant_p_and_the_scale_grid_run_the_validation_prompts_once(tmp_path, 
         evaluation.PromptCaches, "get", lambda self, *a: found.append(get(self, *a) is not None) or get(self, *a)
     )
     args = ["--calibration.variant", "P", "--calibration.scale_grid", "[0.5, 2.0]", "--model.max_new_tokens", "1"]
-    args += ["--calibration.alpha", "0.99"]  # P keeps a layer, so the grid runs
+    # P keeps a layer, so the grid runs: the tiny model's noise survives no Holm correction, so every trial passes
+    monkeypatch.setattr(variants, "holm_adjusted", lambda p: [0.0] * len(p))
     main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), *args])
     steering = json.loads((tmp_path / "steered" / "steering.json").read_text())
     assert steering["info"]["validation"] and steering["layers"]

@@ -1,5 +1,7 @@
 """End to end on the core: a feature planted among 1,024 drives correctness; CorrSteer finds and uses it."""
 
+from dataclasses import dataclass
+
 import torch
 
 from corrsteer_pl.calibration.capture import generate_with_features
@@ -68,3 +70,38 @@ def test_core_selects_the_planted_feature_and_steering_raises_held_out_accuracy(
         steered, _ = _answers(model, held_out)
     assert steered.mean() > base.mean() + 0.2
     assert (steered >= base).all(), "steering towards the planted feature never breaks a correct answer here"
+
+
+@dataclass(frozen=True)
+class _Answers:
+    scores: list[float]
+    valid_rate: float = 1.0
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.scores) / len(self.scores)
+
+
+def test_p_under_holm_and_the_q_filter_still_keeps_the_planted_feature():
+    model, sae, prompts = _planted_world()
+    stats = CorrelationStats(D_SAE)
+    for seed in range(4):
+        y, pooled = _answers(model, prompts(64, seed), {0: sae})
+        stats.update(pooled[0], y)
+    validation = prompts(128, seed=50)
+
+    def evaluate(conditions):
+        out = {}
+        for name, features in conditions.items():
+            if not features:
+                out[name] = _Answers(_answers(model, validation)[0].tolist())
+                continue
+            with SteeringVectors.from_selection(features, {0: sae}, model).apply(model):
+                out[name] = _Answers(_answers(model, validation)[0].tolist())
+        return out
+
+    selection = select_features({0: stats}, "P", top_k=5, evaluate=evaluate, candidates=3)
+    trials = {name: v for name, v in selection.validation.items() if name != "unsteered"}
+    assert [f.feature for f in selection.features] == [PLANTED]
+    assert trials[f"layer_0/{PLANTED}"]["p_holm"] < 1e-6 and trials[f"layer_0/{PLANTED}"]["kept"]
+    assert len(trials) <= 3 and all(selection.candidates[0][i].q_value < 0.05 for i in range(len(trials)))

@@ -103,3 +103,30 @@ def test_too_few_search_draws_for_the_permutation_p_leave_the_verdict_to_the_ci_
 
 def test_enough_search_draws_decide_by_the_permutation_p():
     assert "(permutation p < 0.05): the steering beats random" in _verdict(draws=20, control_rate=0.12)
+
+
+def _headline(control_rate: float, q_value: float) -> str:
+    g = torch.Generator().manual_seed(0)
+    unsteered = (torch.rand(400, generator=g) < 0.1).double()
+    steered = torch.maximum(unsteered, (torch.rand(400, generator=g) < 0.4).double())  # clearly better than unsteered
+    controls = {
+        kind: ((torch.rand(n, 400, generator=g) < rate).double(), torch.ones(n, 400, dtype=torch.bool))
+        for kind, n, rate in (("random_feature", 20, 0.1), ("search_matched", 6, control_rate))
+    }
+    feature = {"layer": 6, "feature": 1, "r": 0.2, "coefficient": 1.0, "frequency": 0.1, "q_value": q_value}
+    selection = {"settings": {"alpha": 0.05}, "chosen": [feature]}
+    report = EvaluationReport.from_scores(
+        unsteered, steered, "t", "test", "j", controls=controls, features=[feature], selection=selection
+    )
+    lines = report.to_markdown().splitlines()
+    (line,) = [line for line in lines if line.startswith("**Verdict")]
+    return line
+
+
+def test_the_headline_is_positive_only_when_every_check_below_it_agrees():
+    assert _headline(control_rate=0.12, q_value=0.001).startswith("**Verdict: the steering helps.**")
+    failed_search = _headline(control_rate=0.45, q_value=0.001)  # search-matched draws do as well
+    assert failed_search.startswith("**Verdict: not shown to help.**")
+    assert "does not beat the search_matched controls" in failed_search
+    noise = _headline(control_rate=0.12, q_value=0.2)  # exported with --calibration.require_significance false
+    assert noise.startswith("**Verdict: not shown to help.**") and "not significant (smallest q 0.200" in noise

@@ -9,6 +9,7 @@ from corrsteer_pl.cli import main
 from corrsteer_pl.evaluation.conditions import SplitResult
 from corrsteer_pl.evaluation.controls import search_matched_controls
 from corrsteer_pl.models.tiny import random_sae
+from corrsteer_pl.selection import variants
 from corrsteer_pl.selection.variants import select_features
 from corrsteer_pl.steering.vectors import decoder_vector
 
@@ -72,13 +73,20 @@ def test_a_draw_keeps_a_layer_exactly_when_the_same_paired_test_passes():
     assert sum(v.get("kept", False) for v in figures_0.values()) == 1
 
 
-def test_test_stage_compares_a_p_steering_with_its_search_matched_draws(tmp_path):
+def _every_trial_passes(monkeypatch):
+    """The tiny model's validation is noise that no trial survives Holm on: these tests are about the pipeline
+    around P's test, so every trial passes it (P then keeps each layer's most accurate trial)."""
+    monkeypatch.setattr(variants, "holm_adjusted", lambda p: [0.0] * len(p))
+
+
+def test_test_stage_compares_a_p_steering_with_its_search_matched_draws(tmp_path, monkeypatch):
+    _every_trial_passes(monkeypatch)
     args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
     args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P"]
-    args += ["--calibration.alpha", "0.99", "--calibration.search_draws", "3", "--test_after_fit", "true"]
+    args += ["--calibration.search_draws", "3", "--test_after_fit", "true"]
     main(["fit", *args])
     report = json.loads((tmp_path / "steered" / "report.json").read_text())
-    assert json.loads((tmp_path / "steered" / "steering.json").read_text())["layers"], "P kept a layer at alpha 0.99"
+    assert json.loads((tmp_path / "steered" / "steering.json").read_text())["layers"], "P kept a layer"
     kinds = {c["kind"]: c["draws"] for c in report["controls"]}
     assert kinds["search_matched"] == 3
     assert "Search-matched verdict" in (tmp_path / "steered" / "report.md").read_text()
@@ -95,9 +103,27 @@ def test_p_and_its_search_matched_draws_are_answered_in_one_validation_pass(tmp_
         return evaluate_split(self, conditions, *args, **kwargs)
 
     monkeypatch.setattr(CorrSteerModule, "evaluate_split", recorded)
+    _every_trial_passes(monkeypatch)
     args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
-    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P", "--calibration.alpha", "0.99"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P"]
     main(["fit", *args, "--calibration.search_draws", "2", "--calibration.scale_grid", "[1.0, 2.0]"])
     first, grid = passes  # P's check with the draws, then the scale grid: nothing else runs over validation
     assert {name.split("|")[0] for name in first} == {"unsteered", "P", "search0", "search1"}
     assert grid == ["1", "2"]
+
+
+def test_a_draw_has_as_many_trials_per_layer_as_ps_family_and_the_same_holm_correction():
+    stats, saes = _world()
+    ranked = select_features(stats, "A", top_k=5).candidates
+    family = {0: ranked[0][:2], 1: []}  # as if layer 0 had two eligible candidates and layer 1 none
+    unsteered = [0.0] * 20 + [1.0] * 20
+    lucky = [1.0] * 5 + [0.0] * 15 + [1.0] * 20  # 5 better, 0 worse: p = 1/32 alone, 2/32 after Holm over 2
+
+    def evaluate(trials):
+        return {name: _result(unsteered if name == "unsteered" else lucky) for name in trials}
+
+    draws = search_matched_controls(family, stats, saes, evaluate, K, 0.05, draws=3)
+    for kept, figures in draws:
+        trials = {name: v for name, v in figures.items() if name != "unsteered"}
+        assert len(trials) == 2 and all(name.startswith("layer_0/") for name in trials)
+        assert kept == [] and all(v["p_holm"] == 2 / 32 for v in trials.values())

@@ -115,3 +115,55 @@ def test_ranking_is_by_r_descending(layers):
     candidates = select_features(layers, "A", top_k=3).candidates[1]
     rs = [f.r for f in candidates]
     assert rs == sorted(rs, reverse=True) and np.all(np.array(rs) > 0)
+
+
+def _strong_layers(n_layers: int = 4) -> dict[int, CorrelationStats]:
+    """Layers whose three top features all correlate clearly with the label (q far below 0.05)."""
+    return {layer: _stats([3.0, 2.5, 2.0, -1.0], seed=layer) for layer in range(n_layers)}
+
+
+def test_p_corrects_every_trial_of_every_layer_as_one_family_with_holm():
+    layers = _strong_layers()
+    ranked = select_features(layers, "A", top_k=3).candidates
+    assert all(f.q_value < 1e-6 for fs in ranked.values() for f in fs), "every candidate is eligible"
+    gains = {(layer, f.feature): UNSTEERED for layer, fs in ranked.items() for f in fs}
+    lucky, strong = (0, ranked[0][0].feature), (3, ranked[3][1].feature)
+    gains[lucky] = [1] * 5 + [0] * 15 + [1] * 20  # 5 better, 0 worse: p = 1/32 < 0.05 on its own
+    gains[strong] = [1] * 12 + [0] * 8 + [1] * 20  # 12 better: p = 2^-12
+    calls = []
+    selection = select_features(layers, "P", top_k=3, evaluate=_evaluator(gains, calls), candidates=3)
+    assert len(calls) == 1 and len(calls[0]) == 1 + 12, "one pass: unsteered and 4 layers x 3 trials"
+    assert [(f.layer, f.feature) for f in selection.features] == [strong]
+    v = selection.validation[f"layer_0/{lucky[1]}"]
+    assert v["p_value"] == 1 / 32 and v["p_holm"] == pytest.approx(11 / 32) and not v["kept"]  # second smallest: x 11
+    assert selection.validation[f"layer_3/{strong[1]}"]["p_holm"] == pytest.approx(12 * 2**-12)
+
+
+def test_p_tries_only_candidates_with_calibration_q_below_alpha_unless_told_otherwise():
+    layers = {0: _stats([3.0, 0.0, 0.0, 0.0], seed=0), 1: _stats([0.0, 0.0, 0.0], seed=1)}
+    ranked = select_features(layers, "A", top_k=3, require_significance=False).candidates
+    noise = [f for fs in ranked.values() for f in fs if f.feature != 0 or f.layer != 0]
+    assert noise and all(f.q_value >= 0.05 for f in noise) and ranked[0][0].q_value < 1e-6
+    everything = {(layer, f.feature): UNSTEERED for layer, fs in ranked.items() for f in fs}
+    calls = []
+    select_features(layers, "P", top_k=3, evaluate=_evaluator(everything, calls), candidates=3)
+    assert calls == [["layer_0/0", "unsteered"]]
+    calls = []
+    select_features(
+        layers, "P", top_k=3, evaluate=_evaluator(everything, calls), candidates=3, require_significance=False
+    )
+    assert len(calls[0]) == 1 + sum(min(3, len(fs)) for fs in ranked.values())
+
+
+def test_p_with_no_eligible_candidate_answers_nothing_and_keeps_nothing():
+    layers = {0: _stats([0.0, 0.0, 0.0], seed=2)}
+    calls = []
+    selection = select_features(layers, "P", evaluate=_evaluator({}, calls), candidates=3)
+    assert calls == [] and selection.features == [] and selection.validation == {}
+
+
+def test_s_exports_nothing_when_its_feature_is_not_significant_and_the_choice_is_kept_as_withheld():
+    layers = {0: _stats([0.0, 0.0, 0.0], seed=2)}
+    selection = select_features(layers, "S")
+    assert selection.features == [] and len(selection.withheld) == 1 and selection.withheld[0].q_value >= 0.05
+    assert select_features(layers, "S", require_significance=False).features == selection.withheld

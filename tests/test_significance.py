@@ -10,6 +10,7 @@ from test_stats import feed, sparse_data
 
 from corrsteer_pl.calibration.significance import (
     bh_q_values,
+    holm_adjusted,
     layer_p_values,
     layer_q_values,
     paired_improvement,
@@ -254,3 +255,41 @@ def test_paired_test_rejects_bad_alpha_and_unpaired_scores():
         paired_improvement([1.0], [0.0], 0.0)
     with pytest.raises(ValueError, match="3 steered vs 2 unsteered"):
         paired_improvement([1.0, 0.0, 1.0], [0.0, 0.0], 0.05)
+
+
+# ---------------------------------------------------------------- Holm
+
+
+def _closed_testing_holm(p: list[float]) -> list[float]:
+    """Independent oracle: Holm is closed testing with Bonferroni local tests, so H_i's adjusted p is the largest
+    Bonferroni p, min(1, |S| min_{j in S} p_j), over every subset S of the family that contains i."""
+    m = len(p)
+    out = []
+    for i in range(m):
+        worst = 0.0
+        for mask in range(1 << m):
+            if mask >> i & 1:
+                members = [p[j] for j in range(m) if mask >> j & 1]
+                worst = max(worst, min(1.0, len(members) * min(members)))
+        out.append(worst)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_holm_equals_closed_testing_of_bonferroni(seed):
+    rng = np.random.default_rng(seed)
+    p = (rng.random(9) ** 3).tolist() + [0.02, 0.02]  # small values and a tie
+    np.testing.assert_allclose(holm_adjusted(p), _closed_testing_holm(p), rtol=1e-12, atol=0)
+
+
+def test_holm_matches_statsmodels_when_installed():
+    multitest = pytest.importorskip("statsmodels.stats.multitest")
+    p = np.random.default_rng(3).random(40) ** 4
+    np.testing.assert_allclose(holm_adjusted(p.tolist()), multitest.multipletests(p, method="holm")[1], rtol=1e-12)
+
+
+def test_holm_is_bonferroni_for_the_smallest_p_and_refuses_non_p_values():
+    assert holm_adjusted([0.004, 0.5, 0.03]) == pytest.approx([0.012, 0.5, 0.06])
+    assert holm_adjusted([]) == []
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        holm_adjusted([0.1, float("nan")])

@@ -8,6 +8,9 @@
   `layer_q_values` / `pooled_q_values` apply it per layer and over all layers together.
 - `sign_test_p(better, worse)` and `paired_improvement(...)`: an exact one-sided sign (McNemar) test that a
   steering beats the unsteered model on the items whose score changed.
+- `holm_adjusted(p)`: Holm's step-down adjusted p-values, as
+  `statsmodels.stats.multitest.multipletests(p, method="holm")[1]`: rejecting every hypothesis whose adjusted p is
+  below alpha keeps the chance of any false rejection in the family at most alpha, whatever the dependence.
 
 The t-test assumes roughly normal data. For a feature that fires on only a handful of samples the
 distribution of r under "no correlation" is skewed, and its one-sided p is smaller than the exact
@@ -162,6 +165,26 @@ def pooled_q_values(p_by_layer: Mapping[int, Tensor]) -> dict[int, Tensor]:
     q = bh_q_values(torch.cat([p.reshape(-1) for p in flat]))
     parts = q.split([p.numel() for p in flat])
     return {layer: part.reshape(p.shape) for layer, part, p in zip(layers, parts, flat, strict=True)}
+
+
+# ---------------------------------------------------------------- Holm's family-wise correction
+
+
+def holm_adjusted(p: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values of a family of p-values, in the input's order.
+
+    For p sorted ascending, adj_(i) = max over j <= i of min(1, (m - j + 1) p_(j)). A hypothesis with adjusted
+    p < alpha is rejected at family-wise error rate alpha (strong control, any dependence between the tests).
+    """
+    values = [float(v) for v in p]
+    if any(math.isnan(v) or not 0 <= v <= 1 for v in values):
+        raise ValueError("p-values must lie in [0, 1] (no NaN)")
+    m = len(values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda i: values[i])):
+        running = max(running, min(1.0, (m - rank) * values[i]))
+        adjusted[i] = running
+    return adjusted
 
 
 # ---------------------------------------------------------------- paired test on validation items

@@ -22,9 +22,12 @@ from corrsteer_pl.evaluation.validation import Validator, choose_scale, group, g
 from corrsteer_pl.selection.variants import (
     VARIANTS,
     Selection,
+    Significance,
     Variant,
+    feature_significance,
     ranked_layers,
     select_features,
+    trial_family,
     validation_trials,
 )
 from corrsteer_pl.steering.vectors import SteeringVectors
@@ -44,6 +47,7 @@ class SelectionOptions:
     scale: float = 1.0
     scale_grid: tuple[float, ...] | None = None
     max_answer_share: float = 0.6
+    require_significance: bool = True
 
 
 def method_key(ranking: str, variant: str) -> str:
@@ -97,10 +101,11 @@ def _selections(
 ) -> dict[str, dict[str, Selection]]:
     """Each ranking's S / A / P; every ranking's P trials in one validation pass, at --calibration.scale."""
     o = options
-    results = {}
+    results, significance = {}, feature_significance(stats)
     if "P" in variants:
-        trials = {r: validation_trials(ranked_layers(stats, o.top_k, o.active_only, r), o.candidates) for r in rankings}
-        results = validator.results_at({"unsteered": []} | grouped(trials), o.scale)
+        trials = {r: _p_trials(stats, r, o, significance) for r in rankings}
+        if any(trials.values()):
+            results = validator.results_at({"unsteered": []} | grouped(trials), o.scale)
     out: dict[str, dict[str, Selection]] = {}
     for ranking in rankings:
         mine = {"unsteered": results["unsteered"]} | group(results, ranking) if results else {}
@@ -114,10 +119,20 @@ def _selections(
                 ranking,
                 o.candidates,
                 o.alpha,
+                o.require_significance,
+                significance,
             )  # fmt: skip
             for variant in variants
         }
     return out
+
+
+def _p_trials(
+    stats: Mapping[int, CorrelationStats], ranking: Ranking, o: SelectionOptions, significance: Significance
+) -> dict[str, list]:
+    """One ranking's P trials: its family (`trial_family`) by name."""
+    ranked = ranked_layers(stats, o.top_k, o.active_only, ranking, significance)
+    return validation_trials(trial_family(ranked, o.candidates, o.alpha, o.require_significance), o.candidates)
 
 
 def _scales(selections: Mapping[str, Selection], validator: Validator, options: SelectionOptions) -> dict[str, float]:

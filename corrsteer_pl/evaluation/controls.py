@@ -137,9 +137,11 @@ def search_matched_controls(
     """CorrSteer-P's search, run on random features: per draw, the features it kept and its validation figures.
 
     A P steering was *searched for* on the validation items, so it had several chances to look good by luck.
-    Each draw replaces every layer's top `candidates` by as many random firing features, each scaled to the
-    norm of the candidate of the same rank, and applies the same paired test at `alpha`. All draws' trials
-    are answered in one `evaluate` pass.
+    `ranked` is P's family of trials (`selection.variants.trial_family`). Each draw replaces every layer's trials
+    by as many random firing features, each scaled to the norm of the trial of the same rank, and applies the same
+    paired test with Holm's correction over its own trials (as many as P's) at `alpha`. Random features are not
+    filtered by calibration q (almost none would pass): each draw keeps what Holm keeps. All draws' trials are
+    answered in one `evaluate` pass.
     """
     drawn = search_draws(ranked, stats, saes, candidates, draws, seed)
     results = evaluate({"unsteered": []} | search_trials(drawn, candidates))
@@ -154,7 +156,8 @@ def search_draws(
     draws: int,
     seed: int = 0,
 ) -> list[dict[int, list[SelectedFeature]]]:
-    """`draws` stand-ins for `ranked`: per layer, random firing features norm-matched rank by rank (seeded)."""
+    """`draws` stand-ins for P's family `ranked`: per layer as many random firing features as it has trials (up to
+    `candidates`), norm-matched rank by rank (seeded); a layer without trials gets none."""
     g = torch.Generator().manual_seed(seed)
     return [_random_candidates(ranked, stats, saes, candidates, g) for _ in range(draws)]
 
@@ -185,6 +188,9 @@ def _random_candidates(
     """Per layer, random firing features in place of its top candidates, norm-matched rank by rank."""
     out = {}
     for layer, fs in ranked.items():
+        if not fs:
+            out[layer] = []
+            continue
         pool = _firing_pool(stats[layer], fs)
         picks = pool[torch.randperm(len(pool), generator=g)[: min(candidates, len(fs))]]
         out[layer] = []

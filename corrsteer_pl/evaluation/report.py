@@ -182,6 +182,21 @@ class ControlSummary:
         )
 
 
+def _beats(control: ControlSummary, alpha: float) -> tuple[bool, str]:
+    """Does the steering beat this control kind, and by which test?
+
+    With fewer than 1 / alpha - 1 draws the permutation p cannot reach alpha (6 draws: p >= 1/7), so the verdict
+    then rests on the 95% CI over items and draws, and says so.
+    """
+    floor = 1 / (control.draws + 1)
+    if floor < alpha:
+        return control.p_value < alpha, f"permutation p < {alpha}"
+    return control.ci_low > 0, (
+        f"{control.draws} draws cannot give a permutation p below {floor:.3f}, so by the 95% CI over items "
+        f"and draws, [{control.ci_low:+.4f}, {control.ci_high:+.4f}]"
+    )
+
+
 @dataclass
 class EvaluationReport:
     """What `train.py test` found: accuracies, their paired difference, what changed, controls."""
@@ -257,6 +272,7 @@ class EvaluationReport:
         if not self.features:
             lines += [f"**{nothing_steered(self.warnings)}.** Steered equals unsteered below.", ""]
         else:
+            lines += [self.headline(), ""]
             lines += [f"Warning: {w}" for w in self.warnings] + ([""] if self.warnings else [])
         lines += [
             f"Judge: {self.judge}",
@@ -289,6 +305,13 @@ class EvaluationReport:
                 f"rank {c.rank} of {c.draws + 1}, permutation p = {c.p_value:.3f}.",
             ]
         lines += self._search_verdict()
+        if any(c.kind == "search_matched" for c in self.controls):
+            lines += [
+                "",
+                "The search-matched draws repeat P's search on random firing features: as many trials per layer as "
+                "P had, the same paired test and Holm's correction over the draw's own trials; random features are "
+                "not filtered by calibration q (almost none would pass), so each draw keeps what Holm keeps.",
+            ]
         lines += ["", "| layer | feature | r | coefficient | activation frequency |", "|---|---|---|---|---|"]
         lines += [
             f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
@@ -308,26 +331,41 @@ class EvaluationReport:
         lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in self.figures]] if self.figures else []
         return "\n".join(lines) + "\n"
 
-    def _search_verdict(self, alpha: float = 0.05) -> list[str]:
-        """What the search-matched control says about the unsearched one: selection, or the search's luck?
+    @property
+    def alpha(self) -> float:
+        """The run's --calibration.alpha (from the export's selection record; 0.05 for an export without one)."""
+        return float(self.selection.get("settings", {}).get("alpha", 0.05))
 
-        With fewer than 1 / alpha - 1 draws the permutation p cannot reach alpha (6 draws: p >= 1/7), so the
-        verdict then rests on the 95% CI over items and draws, and says so.
-        """
+    def headline(self) -> str:
+        """One verdict that every check below agrees with: positive only if the chosen features are significant, the
+        paired CI against unsteered excludes 0 from above, and the steering beats every control kind."""
+        failed = []
+        chosen = self.selection.get("chosen", [])
+        if chosen and all(f.get("q_value") is not None for f in chosen):
+            if not any(f["q_value"] < self.alpha for f in chosen):
+                smallest = min(f["q_value"] for f in chosen)
+                failed.append(f"its features are not significant (smallest q {smallest:.3f}, alpha {self.alpha})")
+        if not self.ci_low > 0:
+            failed.append(f"its 95% CI against unsteered, [{self.ci_low:+.4f}, {self.ci_high:+.4f}], is not above 0")
+        for c in self.controls:
+            if not _beats(c, self.alpha)[0]:
+                failed.append(f"it does not beat the {c.kind} controls")
+        if failed:
+            return f"**Verdict: not shown to help.** {self.difference:+.4f} over unsteered, but {'; '.join(failed)}."
+        kinds = ", ".join(c.kind for c in self.controls) or "no controls run"
+        return (
+            f"**Verdict: the steering helps.** {self.difference:+.4f} over unsteered (95% CI [{self.ci_low:+.4f}, "
+            f"{self.ci_high:+.4f}]), significant features, and it beats every control kind ({kinds})."
+        )
+
+    def _search_verdict(self) -> list[str]:
+        """What the search-matched control says about the unsearched one: selection, or the search's luck?"""
         by_kind = {c.kind: c for c in self.controls}
         searched, plain = by_kind.get("search_matched"), by_kind.get("random_feature")
         if searched is None or plain is None:
             return []
-        floor = 1 / (searched.draws + 1)
-        if floor < alpha:
-            beats, how = searched.p_value < alpha, f"permutation p < {alpha}"
-        else:
-            beats = searched.ci_low > 0
-            how = (
-                f"{searched.draws} draws cannot give a permutation p below {floor:.3f}, so by the 95% CI over items "
-                f"and draws, [{searched.ci_low:+.4f}, {searched.ci_high:+.4f}]"
-            )
-        if plain.p_value < alpha and not beats:
+        beats, how = _beats(searched, self.alpha)
+        if _beats(plain, self.alpha)[0] and not beats:
             verdict = (
                 "the steering beats unsearched random features but not random features put through the same "
                 "validation search: its edge may come from the search's chances, not from the correlation"

@@ -28,26 +28,47 @@ def selection_warnings(stats: Mapping[int, CorrelationStats], selection: Selecti
             f"no SAE feature correlates positively with success on any layer ({n} samples, {correct} correct): "
             "try more calibration items (--data.limit_calibration) or SAEs on other layers"
         ]
+    if selection.withheld:
+        return [_not_significant(selection)]
     if not selection.features and selection.variant == "P":
-        return [_p_kept_nothing(selection.validation)]
+        return [_p_kept_nothing(selection)]
     return []
 
 
-def _p_kept_nothing(validation: Mapping[str, Mapping[str, float]]) -> str:
-    trials = {name: v for name, v in validation.items() if name != "unsteered"}
-    best = max(trials, key=lambda name: trials[name]["accuracy"], default=None)
-    unsteered = validation.get("unsteered", {}).get("accuracy", float("nan"))
-    figures = (
-        f"best {best}: {trials[best]['accuracy']:.3f}, {trials[best]['better']} items better, "
-        f"{trials[best]['worse']} worse, p = {trials[best]['p_value']:.3f}"
-        if best
-        else "no candidate"
-    )
+def _not_significant(selection: Selection) -> str:
+    chosen = ", ".join(f"L{f.layer}#{f.feature} (q {_q(f.q_value)})" for f in selection.withheld)
     return (
-        f"variant P kept no layer: no candidate beat the unsteered model on validation by the paired test "
-        f"(unsteered {unsteered:.3f}; {figures}); try more validation items (--data.limit_validation), more "
-        "--calibration.candidates, or --calibration.variant A"
+        f"variant {selection.variant}'s choice {chosen} is not significant: no chosen feature has a calibration "
+        f"q-value below alpha {selection.alpha}, so nothing is exported; use more calibration items "
+        "(--data.limit_calibration), or --calibration.require_significance false to export it anyway"
     )
+
+
+def _p_kept_nothing(selection: Selection) -> str:
+    validation = selection.validation
+    trials = {name: v for name, v in validation.items() if name != "unsteered"}
+    if not trials:
+        qs = [f.q_value for fs in selection.candidates.values() for f in fs if f.q_value is not None]
+        smallest = min(qs, default=None)
+        return (
+            f"variant P tried no candidate: no layer's top features have a calibration q-value below alpha "
+            f"{selection.alpha} (smallest {_q(smallest)}), so nothing is exported; use more calibration items "
+            "(--data.limit_calibration), or --calibration.require_significance false to try them anyway"
+        )
+    best = max(trials, key=lambda name: trials[name]["accuracy"])
+    v, unsteered = trials[best], validation["unsteered"]["accuracy"]
+    holm = f", Holm-adjusted p = {v['p_holm']:.3f}" if "p_holm" in v else ""
+    return (
+        f"variant P kept no layer: no candidate beat the unsteered model on validation by the paired test with "
+        f"Holm's correction over its {len(trials)} trials at alpha {selection.alpha} (unsteered {unsteered:.3f}; best "
+        f"{best}: {v['accuracy']:.3f}, {v['better']} items better, {v['worse']} worse, p = {v['p_value']:.3f}{holm}); "
+        "try more validation items (--data.limit_validation), fewer --calibration.candidates, or "
+        "--calibration.variant A"
+    )
+
+
+def _q(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.3f}"
 
 
 def nothing_steered(warnings: list[str]) -> str:

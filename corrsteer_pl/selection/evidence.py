@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from corrsteer_pl.calibration.bootstrap import BootstrapStats, overall_top1_share, r_interval, top1_share
-from corrsteer_pl.calibration.significance import layer_p_values, pooled_q_values
 from corrsteer_pl.calibration.stats import CorrelationStats
-from corrsteer_pl.selection.variants import SelectedFeature, Selection
+from corrsteer_pl.selection.variants import SelectedFeature, Selection, Significance, feature_significance
 
 SELECTION_FILE = "selection.json"
 
@@ -36,10 +35,11 @@ def annotate(
     stats: Mapping[int, CorrelationStats],
     bootstrap: Mapping[int, BootstrapStats],
     level: float = 0.9,
+    significance: Significance | None = None,
 ) -> Evidence:
-    """Fills p, q and stability into every candidate and chosen feature of `selection` (in place)."""
-    p = layer_p_values(stats)
-    q = pooled_q_values(p)
+    """Fills p, q and stability into every candidate, chosen and withheld feature of `selection` (in place); p and q
+    are computed unless given (`feature_significance`)."""
+    p, q = significance if significance is not None else feature_significance(stats)
     replicate_r = {layer: b.pearson() for layer, b in bootstrap.items() if b.replicates and b.num_samples}
     with_r = selection.ranking == "pearson" and set(replicate_r) == set(stats)
     shares: dict[tuple[int, int], float] = {}
@@ -62,19 +62,22 @@ def annotate(
 
     selection.candidates = {layer: [filled(f) for f in fs] for layer, fs in selection.candidates.items()}
     selection.features = [filled(f) for f in selection.features]
+    selection.withheld = [filled(f) for f in selection.withheld]
     tested = sum(int(v.numel()) for v in q.values())
     smallest = min((float(v.min()) for v in q.values() if v.numel()), default=1.0)
     return Evidence(intervals, smallest, tested)
 
 
 def significance_warning(evidence: Evidence, alpha: float) -> list[str]:
-    """A warning when no feature of any layer is significant at `alpha` after the BH correction."""
+    """A warning when no feature of any layer is significant at `alpha` after the BH correction (say it only of a
+    steering that was exported all the same, with --calibration.require_significance false)."""
     if evidence.features_tested == 0 or evidence.smallest_q < alpha:
         return []
     return [
         f"no feature's correlation with success is significant: the smallest q-value over "
         f"{evidence.features_tested:,} features is {evidence.smallest_q:.3f} (alpha {alpha}); what was selected "
-        "may be noise: use more calibration items (--data.limit_calibration)"
+        "may be noise (exported because --calibration.require_significance is false): use more calibration items "
+        "(--data.limit_calibration)"
     ]
 
 
@@ -94,6 +97,7 @@ def selection_record(
     return {
         "settings": settings,
         "chosen": [asdict(f) for f in selection.features],
+        "withheld": [asdict(f) for f in selection.withheld],
         "warnings": warnings,
         "unsteered_validation": selection.validation.get("unsteered"),
         "layers": layers,
@@ -115,7 +119,7 @@ def candidates_table(record: dict[str, Any]) -> str:
     chosen = {(f["layer"], f["feature"]) for f in record.get("chosen", [])}
     rows = [
         "| layer | feature | chosen | r (90% interval) | q | stability | frequency | coefficient | val. accuracy "
-        "| val. valid | better / worse | p vs unsteered |",
+        "| val. valid | better / worse | p vs unsteered (Holm over all trials) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for candidates in record.get("layers", {}).values():
@@ -123,8 +127,9 @@ def candidates_table(record: dict[str, Any]) -> str:
             low, high = f.get("r_interval") or (None, None)
             interval = f" ({low:.3f}..{high:.3f})" if low is not None else ""
             v = f.get("validation") or {}
+            holm = f" (Holm {v['p_holm']:.3g})" if "p_holm" in v else ""
             figures = (
-                f"{v['accuracy']:.3f} | {v['valid_rate']:.3f} | {v['better']} / {v['worse']} | {v['p_value']:.3g}"
+                f"{v['accuracy']:.3f} | {v['valid_rate']:.3f} | {v['better']} / {v['worse']} | {v['p_value']:.3g}{holm}"
                 if v
                 else " | | | "
             )

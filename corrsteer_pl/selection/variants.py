@@ -7,13 +7,13 @@ ranking keeps only features with r > 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import torch
 
 from corrsteer_pl.calibration.rankings import Ranking, check_ranking, score, steering_coefficient
-from corrsteer_pl.calibration.significance import paired_improvement
+from corrsteer_pl.calibration.significance import holm_adjusted, layer_p_values, paired_improvement, pooled_q_values
 from corrsteer_pl.calibration.stats import CorrelationStats
 
 
@@ -57,9 +57,23 @@ class Selection:
     features: list[SelectedFeature]
     candidates: dict[int, list[SelectedFeature]] = field(default_factory=dict)
     validation: dict[str, dict[str, float]] = field(default_factory=dict)
-    """P only: validation figures of "unsteered" and of each candidate "layer_{L}/{feature}" (accuracy, valid_rate,
-    better, worse, p_value against unsteered, kept)."""
+    """P only: validation figures of "unsteered" and of each trial "layer_{L}/{feature}" (accuracy, valid_rate,
+    better, worse, p_value against unsteered, p_holm over all trials, kept)."""
     ranking: Ranking = "pearson"
+    withheld: list[SelectedFeature] = field(default_factory=list)
+    """S and A: what the variant chose but did not export, because none of it had a calibration q below alpha."""
+    alpha: float = 0.05
+    require_significance: bool = True
+
+
+Significance = tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
+"""Per layer, every feature's one-sided p of r > 0 and its q (Benjamini-Hochberg over all features of all layers)."""
+
+
+def feature_significance(stats: Mapping[int, CorrelationStats]) -> Significance:
+    """(p, q) of every feature of every layer; q pools all layers, the family variant S chooses from."""
+    p = layer_p_values(stats)
+    return p, pooled_q_values(p)
 
 
 def rank_layer(
@@ -89,10 +103,38 @@ def rank_layer(
 
 
 def ranked_layers(
-    stats: Mapping[int, CorrelationStats], top_k: int = 10, active_only: bool = False, ranking: Ranking = "pearson"
+    stats: Mapping[int, CorrelationStats],
+    top_k: int = 10,
+    active_only: bool = False,
+    ranking: Ranking = "pearson",
+    significance: Significance | None = None,
 ) -> dict[int, list[SelectedFeature]]:
-    """Every layer's top-k features by `ranking` (`rank_layer`), layers in ascending order."""
-    return {layer: rank_layer(s, layer, top_k, active_only, ranking) for layer, s in sorted(stats.items())}
+    """Every layer's top-k features by `ranking` (`rank_layer`), layers in ascending order, each with its p and q
+    (`feature_significance`, computed here unless given)."""
+    p, q = significance if significance is not None else feature_significance(stats)
+    return {
+        layer: [
+            replace(f, p_value=float(p[layer][f.feature]), q_value=float(q[layer][f.feature]))
+            for f in rank_layer(s, layer, top_k, active_only, ranking)
+        ]
+        for layer, s in sorted(stats.items())
+    }
+
+
+def is_significant(f: SelectedFeature, alpha: float) -> bool:
+    """Its calibration q-value is below alpha (a feature without one is not)."""
+    return f.q_value is not None and f.q_value < alpha
+
+
+def trial_family(
+    ranked: Mapping[int, list[SelectedFeature]], candidates: int, alpha: float, require_significance: bool = True
+) -> dict[int, list[SelectedFeature]]:
+    """P's family of trials: per layer its top `candidates` eligible features, eligible meaning calibration q < alpha
+    (every ranked feature when `require_significance` is off). The family depends on calibration only."""
+    return {
+        layer: [f for f in fs if not require_significance or is_significant(f, alpha)][:candidates]
+        for layer, fs in ranked.items()
+    }
 
 
 def select_features(
@@ -104,60 +146,76 @@ def select_features(
     ranking: Ranking = "pearson",
     candidates: int = 1,
     alpha: float = 0.05,
+    require_significance: bool = True,
+    significance: Significance | None = None,
 ) -> Selection:
     """Runs CorrSteer's selection, ranking features by `ranking` (see `corrsteer_pl.calibration.rankings`).
 
-    S: the single best (layer, feature) over all layers. A: the top-1 feature of every layer.
-    P: each layer's top `candidates` features are steered alone on validation by `evaluate` ({name: features} ->
-    {name: per-item results}, one pass for all; "unsteered" maps to []). A layer keeps its most accurate candidate
-    only if it beats the unsteered model by an exact one-sided paired sign test at `alpha`, so one item of
-    difference never decides.
+    S: the single best (layer, feature) over all layers. A: the top-1 feature of every layer. With
+    `require_significance`, S and A export nothing (their choice is kept in `withheld`) when no chosen feature has a
+    calibration q below `alpha`.
+    P: each layer's top `candidates` eligible features (`trial_family`) are steered alone on validation by
+    `evaluate` ({name: features} -> {name: per-item results}, one pass for all; "unsteered" maps to []); a layer
+    keeps its most accurate trial among those that beat the unsteered model by an exact one-sided paired sign test
+    with Holm's correction over all trials of all layers at `alpha` (`validated_layers`).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown selection variant '{variant}'; use one of {', '.join(VARIANTS)}")
     check_ranking(ranking)
-    ranked = ranked_layers(stats, top_k, active_only, ranking)
-    best = [c[0] for c in ranked.values() if c]
-    if variant == "A":
-        return Selection("A", best, ranked, ranking=ranking)
-    if variant == "S":
-        top = sorted(best, key=lambda f: -(f.r if f.score is None else f.score))[:1]
-        return Selection("S", top, ranked, ranking=ranking)
-    if evaluate is None:
+    if variant == "P" and evaluate is None:
         raise ValueError("variant P needs a validation scorer (evaluate); use S or A without one")
-    kept, validation = validated_layers(ranked, evaluate, candidates, alpha)
-    return Selection("P", kept, ranked, validation, ranking)
+    ranked = ranked_layers(stats, top_k, active_only, ranking, significance)
+    options = {"ranking": ranking, "alpha": alpha, "require_significance": require_significance}
+    if variant == "P":
+        family = trial_family(ranked, candidates, alpha, require_significance)
+        kept, validation = validated_layers(family, evaluate, candidates, alpha)
+        return Selection("P", kept, ranked, validation, **options)
+    best = [c[0] for c in ranked.values() if c]
+    if variant == "S":
+        best = sorted(best, key=lambda f: -(f.r if f.score is None else f.score))[:1]
+    if require_significance and best and not any(is_significant(f, alpha) for f in best):
+        return Selection(variant, [], ranked, withheld=best, **options)
+    return Selection(variant, best, ranked, **options)
 
 
 def validated_layers(
-    ranked: Mapping[int, list[SelectedFeature]], evaluate: Evaluate, candidates: int, alpha: float
+    family: Mapping[int, list[SelectedFeature]], evaluate: Evaluate, candidates: int, alpha: float
 ) -> tuple[list[SelectedFeature], dict[str, dict[str, float]]]:
-    """CorrSteer-P's check: per layer, the most accurate of its top candidates if a paired test says it helps."""
-    trials = {name: fs[0] for name, fs in validation_trials(ranked, candidates).items()}
+    """CorrSteer-P's check on a family of trials (each layer's first `candidates`, each steered alone).
+
+    1. Every trial is answered in one `evaluate` pass and gets an exact one-sided paired sign test against the
+       unsteered model; 2. Holm's correction over all trials of all layers at `alpha` keeps the chance that any
+       layer is kept by luck at most alpha; 3. each layer keeps its most accurate trial (ties: higher r) among those
+       whose Holm-adjusted p is below alpha. No trial: nothing is answered and nothing kept.
+    """
+    trials = {name: fs[0] for name, fs in validation_trials(family, candidates).items()}
+    if not trials:
+        return [], {}
     results = evaluate({"unsteered": []} | {name: [f] for name, f in trials.items()})
     base = results["unsteered"]
     validation = {"unsteered": {"accuracy": base.accuracy, "valid_rate": base.valid_rate}}
+    for name in trials:
+        test = paired_improvement(results[name].scores, base.scores, alpha)
+        validation[name] = {
+            "accuracy": results[name].accuracy,
+            "valid_rate": results[name].valid_rate,
+            "better": test.better,
+            "worse": test.worse,
+            "p_value": test.p_value,
+        }
+    names = list(trials)
+    for name, adjusted in zip(names, holm_adjusted([validation[n]["p_value"] for n in names]), strict=True):
+        validation[name] |= {"p_holm": adjusted, "kept": False}
     kept = []
-    for layer in ranked:
-        names = [name for name, f in trials.items() if f.layer == layer]
-        for name in names:
-            test = paired_improvement(results[name].scores, base.scores, alpha)
-            validation[name] = {
-                "accuracy": results[name].accuracy,
-                "valid_rate": results[name].valid_rate,
-                "better": test.better,
-                "worse": test.worse,
-                "p_value": test.p_value,
-                "kept": False,
-            }
-        if names:
-            best = max(names, key=lambda name: (validation[name]["accuracy"], trials[name].r))
-            if validation[best]["p_value"] < alpha:
-                validation[best]["kept"] = True
-                kept.append(trials[best])
+    for layer in family:
+        passed = [n for n in names if trials[n].layer == layer and validation[n]["p_holm"] < alpha]
+        if passed:
+            best = max(passed, key=lambda n: (validation[n]["accuracy"], trials[n].r))
+            validation[best]["kept"] = True
+            kept.append(trials[best])
     return kept, validation
 
 
 def validation_trials(ranked: Mapping[int, list[SelectedFeature]], candidates: int) -> dict[str, list[SelectedFeature]]:
-    """P's trials: each layer's top `candidates` features, each steered alone, named "layer_{L}/{feature}"."""
+    """P's trials: each layer's first `candidates` features, each steered alone, named "layer_{L}/{feature}"."""
     return {f"layer_{f.layer}/{f.feature}": [f] for fs in ranked.values() for f in fs[:candidates]}
