@@ -286,11 +286,7 @@ class EvaluationReport:
                 f"rank {c.rank} of {c.draws + 1}, permutation p = {c.p_value:.3f}.",
             ]
         lines += self._search_verdict()
-        lines += ["", "| layer | feature | r | coefficient | activation frequency |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
-            for f in self.features
-        ]
+        lines += self._features_table()
         if self.methods:
             lines += ["", f"## Comparison ({self.split} split, the same {self.samples} items)", ""]
             lines += [
@@ -303,6 +299,29 @@ class EvaluationReport:
         if self.selection:
             lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
         return "\n".join(lines) + "\n"
+
+    def __post_init__(self) -> None:
+        # Each steered feature's Neuronpedia page, as selection.json has it, goes into report.json too.
+        pages = self._pages()
+        self.features = [
+            f | {"neuronpedia_url": pages[(f["layer"], f["feature"])]} if pages.get((f["layer"], f["feature"])) else f
+            for f in self.features
+        ]
+
+    def _pages(self) -> dict[tuple[int, int], str | None]:
+        return {(f["layer"], f["feature"]): f.get("neuronpedia_url") for f in self.selection.get("chosen", [])}
+
+    def _features_table(self) -> list[str]:
+        """The steered features; a Neuronpedia column where selection.json has their pages (sae-lens releases)."""
+        pages = self._pages()
+        linked = any(pages.values())
+        head = "| layer | feature | r | coefficient | activation frequency |" + (" Neuronpedia |" if linked else "")
+        lines = ["", head, "|---|---|---|---|---|" + ("---|" if linked else "")]
+        for f in self.features:
+            row = f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
+            url = pages.get((f["layer"], f["feature"]))
+            lines.append(row + (f" [{f['feature']}]({url}) |" if url else " |" if linked else ""))
+        return lines
 
     def _search_verdict(self, alpha: float = 0.05) -> list[str]:
         """What the search-matched control says about the unsearched one: selection, or the search's luck?
