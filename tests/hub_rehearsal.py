@@ -502,9 +502,12 @@ def offline_env(hf_home: Path) -> dict[str, str]:
 
 
 def write_cache(
-    hf_home: Path, gemma_layers: int = 3, llama_layers: int = 3, sae_layers: Iterable[int] = (1, 2), rows: int = 24
+    hf_home: Path, gemma_layers: int = 4, llama_layers: int = 4, sae_layers: Iterable[int] = (1, 2), rows: int = 24
 ) -> Path:
-    """The whole rehearsal cache: both models, the presets' SAEs at `sae_layers`, every task's tables."""
+    """The whole rehearsal cache: both models, the presets' SAEs at `sae_layers`, every task's tables.
+
+    Keep the models a layer deeper than the last SAE: `output_hidden_states`' last entry has the final norm applied,
+    so only inner layers have an independent record of their output to check the hooks against."""
     write_model(hf_home, "google/gemma-2-2b-it", gemma_layers)
     write_model(hf_home, "meta-llama/Llama-3.1-8B", llama_layers)
     write_saes(hf_home, "gemma-scope-2b-pt-res-canonical", [f"layer_{L}/width_16k/canonical" for L in sae_layers])
