@@ -21,7 +21,13 @@ from corrsteer_pl.evaluation.tensorboard import log_selection
 from corrsteer_pl.evaluation.validation import Validator, group, grouped, scale_features
 from corrsteer_pl.export import FORMATS, write_formats
 from corrsteer_pl.selection.diagnosis import selection_warnings
-from corrsteer_pl.selection.evidence import annotate, selection_record, significance_warning, write_selection
+from corrsteer_pl.selection.evidence import (
+    annotate,
+    sae_neuronpedia_ids,
+    selection_record,
+    significance_warning,
+    write_selection,
+)
 from corrsteer_pl.selection.variants import (
     SelectedFeature,
     Selection,
@@ -179,7 +185,7 @@ class CorrelationCallback(L.Callback):
         settings = {"variant": self.variant, "ranking": self.ranking, "candidates": self.candidates}
         settings |= {"alpha": self.alpha, "bootstrap": self.replicates, "scale": scale, "top_k": self.top_k}
         settings |= {"search_draws": len(searched), "require_significance": self.require_significance}
-        record = selection_record(self.selection, evidence, warnings, settings)
+        record = selection_record(self.selection, evidence, warnings, settings, sae_neuronpedia_ids(pl_module.saes))
         record["search_controls"] = [
             {"kept": [asdict(f) for f in kept], "validation": figures} for kept, figures in searched
         ]

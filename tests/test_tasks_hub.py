@@ -2,6 +2,9 @@
 with the hub's real column names. The hub is faked; the calls are what a user with the hub would make."""
 
 import datasets
+import huggingface_hub
+import pyarrow
+import pyarrow.parquet
 import pytest
 
 from corrsteer_pl.tasks import SPLITS, get_task
@@ -65,18 +68,26 @@ def test_mmlu_pro_calibrates_on_train_and_tests_on_test(hub):
     )
 
 
-def test_bbq_reads_all_categories_from_the_parquet_export_and_filters_the_condition(hub):
+def test_bbq_reads_every_category_folder_of_the_parquet_export_and_filters_the_condition(tmp_path, monkeypatch):
+    calls = []
+
+    def snapshot_download(repo_id, repo_type=None, revision=None, allow_patterns=None):
+        calls.append((repo_id, repo_type, revision, allow_patterns))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
     for category in CATEGORIES:
-        hub.tables[("heegyu/bbq", category, "test")] = []
+        (tmp_path / category / "test").mkdir(parents=True)
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist([]), tmp_path / category / "test" / "0000.parquet")
     rows = [
         {**BBQ_ROW, "context_condition": "ambig", "label": 2},
         {**BBQ_ROW, "context_condition": "disambig", "label": 0, "context": BBQ_ROW["context"] + " The grandson..."},
     ]
-    hub.tables[("heegyu/bbq", "Age", "test")] = [
-        {**row, "context": f"{row['context']} ({i})"} for i in range(10) for row in rows
-    ]
+    age = [{**row, "context": f"{row['context']} ({i})"} for i in range(10) for row in rows]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(age[:12]), tmp_path / "Age" / "test" / "0000.parquet")
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(age[12:]), tmp_path / "Age" / "test" / "0001.parquet")
     ambig = every_split(get_task("bbq_ambig"))  # no package holds ambiguous items: the hub is the default
-    assert [c[3] for c in hub.calls] == [{"data_dir": c, "revision": "refs/convert/parquet"} for c in CATEGORIES]
+    assert calls == [("heegyu/bbq", "dataset", "refs/convert/parquet", f"{c}/test/*.parquet") for c in CATEGORIES]
     assert {split: len(v) for split, v in ambig.items()} == {"calibration": 2, "validation": 1, "test": 7}
     assert {e.answer for v in ambig.values() for e in v} == {"C"}
     assert ambig["test"][0].prompt.startswith(BBQ_ROW["context"] + " (")

@@ -312,11 +312,7 @@ class EvaluationReport:
                 "P had, the same paired test and Holm's correction over the draw's own trials; random features are "
                 "not filtered by calibration q (almost none would pass), so each draw keeps what Holm keeps.",
             ]
-        lines += ["", "| layer | feature | r | coefficient | activation frequency |", "|---|---|---|---|---|"]
-        lines += [
-            f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
-            for f in self.features
-        ]
+        lines += self._features_table()
         if self.methods:
             lines += ["", f"## Comparison ({self.split} split, the same {self.samples} items)", ""]
             lines += [
@@ -335,6 +331,29 @@ class EvaluationReport:
     def alpha(self) -> float:
         """The run's --calibration.alpha (from the export's selection record; 0.05 for an export without one)."""
         return float(self.selection.get("settings", {}).get("alpha", 0.05))
+
+    def __post_init__(self) -> None:
+        # Each steered feature's Neuronpedia page, as selection.json has it, goes into report.json too.
+        pages = self._pages()
+        self.features = [
+            f | {"neuronpedia_url": pages[(f["layer"], f["feature"])]} if pages.get((f["layer"], f["feature"])) else f
+            for f in self.features
+        ]
+
+    def _pages(self) -> dict[tuple[int, int], str | None]:
+        return {(f["layer"], f["feature"]): f.get("neuronpedia_url") for f in self.selection.get("chosen", [])}
+
+    def _features_table(self) -> list[str]:
+        """The steered features; a Neuronpedia column where selection.json has their pages (sae-lens releases)."""
+        pages = self._pages()
+        linked = any(pages.values())
+        head = "| layer | feature | r | coefficient | activation frequency |" + (" Neuronpedia |" if linked else "")
+        lines = ["", head, "|---|---|---|---|---|" + ("---|" if linked else "")]
+        for f in self.features:
+            row = f"| {f['layer']} | {f['feature']} | {f['r']:.4f} | {f['coefficient']:.4f} | {f['frequency']:.4f} |"
+            url = pages.get((f["layer"], f["feature"]))
+            lines.append(row + (f" [{f['feature']}]({url}) |" if url else " |" if linked else ""))
+        return lines
 
     def headline(self) -> str:
         """One verdict that every check below agrees with: positive only if the chosen features are significant, the

@@ -8,6 +8,7 @@ from sae_lens import SAE
 from torch import nn
 
 from corrsteer_pl.models.layers import decoder_layers, hidden_size, layer_from_hook_name
+from corrsteer_pl.models.sources import uncached_hub_file
 
 
 def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype: str = "float32") -> SAE:
@@ -38,14 +39,33 @@ def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype:
             sae = SAE.from_pretrained(source, sae_id, device=device, dtype=dtype)
         except Exception as err:  # noqa: BLE001 - unknown release or id, no hub: one line naming the entry
             lines = str(err).strip().splitlines()
+            missing = uncached_sae_file(source, sae_id)
+            fix = f"it needs {missing}" if missing else "check the release and id, or give a local sae-lens folder"
             raise ValueError(
                 f"--model.saes: cannot load SAE '{sae_id}' of release '{source}' ({type(err).__name__}: "
-                f"{lines[0] if lines else ''}); check the release and id, or give a local sae-lens folder"
+                f"{lines[0] if lines else ''}); {fix}"
             ) from None
     sae.eval()
     for p in sae.parameters():
         p.requires_grad_(False)
     return sae
+
+
+LOADER_FILES = {"gemma_2": ("params.npz",), "llama_scope": ("hyperparams.json", "checkpoints/final.safetensors")}
+"""The files sae-lens's converters download from an SAE's folder, for the releases the presets use."""
+
+
+def uncached_sae_file(release: str, sae_id: str) -> str | None:
+    """The repo and file of a registered SAE that the offline HF cache lacks (see `uncached_hub_file`)."""
+    from sae_lens.loading.pretrained_sae_loaders import get_conversion_loader_name
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(release)
+    if lookup is None or sae_id not in lookup.saes_map:
+        return None
+    folder = lookup.saes_map[sae_id]
+    files = LOADER_FILES.get(get_conversion_loader_name(release), ("cfg.json",))
+    return uncached_hub_file(lookup.repo_id, [f"{folder}/{file}" for file in files])
 
 
 def sae_hook_name(sae: SAE) -> str:

@@ -50,9 +50,28 @@ def load_pretrained(loader: Callable[..., T], source: str, flag: str = "--model.
         return loader(source, **kwargs)
     except Exception as err:  # noqa: BLE001 - any loader failure becomes one line that names what to fix
         lines = str(err).strip().splitlines()
+        missing = uncached_hub_file(source, ["config.json"], kwargs.get("revision")) if _is_repo_id(source) else None
+        hint = f"; it needs {missing}" if missing else ""
         raise ValueError(
-            f"{flag}: cannot load '{source}' ({type(err).__name__}: {lines[0] if lines else ''})"
+            f"{flag}: cannot load '{source}' ({type(err).__name__}: {lines[0] if lines else ''}){hint}"
         ) from None
+
+
+def uncached_hub_file(
+    repo_id: str, files: list[str], revision: str | None = None, repo_type: str = "model"
+) -> str | None:
+    """'<repo_id>/<file> (revision r)' for the first of `files` that the HF cache lacks, when the hub is offline
+    (HF_HUB_OFFLINE): what a cache must hold to serve the load. None when online or everything is cached."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE:
+        return None
+    for file in files:
+        if not isinstance(try_to_load_from_cache(repo_id, file, revision=revision, repo_type=repo_type), str):
+            where = f" (revision {revision})" if revision else ""
+            cache = constants.HF_HUB_CACHE
+            return f"{repo_id}/{file}{where}, which is not in the HF cache {cache} (HF_HUB_OFFLINE is set)"
+    return None
 
 
 def _is_repo_id(name: str) -> bool:

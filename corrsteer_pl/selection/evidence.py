@@ -19,6 +19,7 @@ from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.selection.variants import SelectedFeature, Selection, Significance, feature_significance
 
 SELECTION_FILE = "selection.json"
+NEURONPEDIA = "https://neuronpedia.org"
 
 
 @dataclass
@@ -81,23 +82,46 @@ def significance_warning(evidence: Evidence, alpha: float) -> list[str]:
     ]
 
 
+def neuronpedia_url(neuronpedia_id: str | None, feature: int) -> str | None:
+    """The feature's Neuronpedia page, from the SAE's sae-lens metadata (e.g. "gemma-2-2b/12-gemmascope-res-16k")."""
+    return f"{NEURONPEDIA}/{neuronpedia_id.strip('/')}/{feature}" if neuronpedia_id else None
+
+
+def sae_neuronpedia_ids(saes: Mapping[int, Any]) -> dict[int, str | None]:
+    """Each layer's Neuronpedia id, where the SAE's sae-lens metadata has one (sae-lens releases; None otherwise)."""
+    ids = {}
+    for layer, sae in saes.items():
+        metadata = getattr(getattr(sae, "cfg", None), "metadata", None)
+        ids[layer] = getattr(metadata, "neuronpedia_id", None)
+    return ids
+
+
 def selection_record(
-    selection: Selection, evidence: Evidence, warnings: list[str], settings: dict[str, Any]
+    selection: Selection,
+    evidence: Evidence,
+    warnings: list[str],
+    settings: dict[str, Any],
+    neuronpedia: Mapping[int, str | None] | None = None,
 ) -> dict[str, Any]:
     """What `selection.json` holds: per layer its candidates with all figures, the chosen features, the warnings
-    and the settings."""
+    and the settings; `neuronpedia` (layer -> Neuronpedia id) adds each feature's page as `neuronpedia_url`."""
+
+    def page(f: SelectedFeature) -> dict[str, str]:
+        url = neuronpedia_url((neuronpedia or {}).get(f.layer), f.feature)
+        return {"neuronpedia_url": url} if url else {}
+
     layers = {}
     for layer, candidates in selection.candidates.items():
         rows = []
         for f in candidates:
             low, high = evidence.intervals.get((f.layer, f.feature), (None, None))
             figures = selection.validation.get(f"layer_{f.layer}/{f.feature}")
-            rows.append(asdict(f) | {"r_interval": [low, high], "validation": figures})
+            rows.append(asdict(f) | {"r_interval": [low, high], "validation": figures} | page(f))
         layers[str(layer)] = rows
     return {
         "settings": settings,
-        "chosen": [asdict(f) for f in selection.features],
-        "withheld": [asdict(f) for f in selection.withheld],
+        "chosen": [asdict(f) | page(f) for f in selection.features],
+        "withheld": [asdict(f) | page(f) for f in selection.withheld],
         "warnings": warnings,
         "unsteered_validation": selection.validation.get("unsteered"),
         "layers": layers,

