@@ -66,39 +66,39 @@ class CorrelationCallback(L.Callback):
         """
         Args:
             variant: S (single best feature), A (top feature of every layer) or P (layers that help on validation).
-            ranking: how features are ranked: pearson (CorrSteer), mi (SPARE: mutual information of firing and
-                success), fisher (DSG: E[z^2 | correct] / E[z^2 | wrong]) or caa (|mean difference|, whose
-                coefficient is the mean difference); every ranking keeps only features with r > 0.
+            ranking: pearson (CorrSteer), mi (SPARE: mutual information of firing and success), fisher (DSG:
+                E[z^2 | correct] / E[z^2 | wrong]) or caa (|mean difference|, its coefficient); all keep r > 0 only.
             top_k: candidates kept per layer for the report.
-            scale: multiplier (> 0) of the coefficients (mean activation on correct answers); P's layer check
-                steers at this scale. Negative scales are refused: the paper reports they collapse accuracy.
+            scale: multiplier (> 0; negative ones collapse accuracy, says the paper) of the coefficients; P uses it.
             scale_grid: pick the scale from these values (each > 0) by validation accuracy, e.g. [0.5, 1, 2, 4].
-            max_answer_share: on multiple-choice tasks a grid scale is rejected when one answer letter takes
-                more than this share (0 < share <= 1) of validation answers (collapse to "always A" must not win).
+            max_answer_share: a multiple-choice grid scale is rejected when one letter takes more than this share
+                (0 < share <= 1) of validation answers ("always A" must not win).
             active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
-            candidates: P tries each layer's top this-many features on validation (one pass) and keeps the best if
-                it passes the paired test; 3 covers the ties seen on SmolLM2 (top three r within one s.e.).
-            alpha: level of the calibration q-values (Benjamini-Hochberg over all features) and of P's one-sided
-                paired sign tests against the unsteered model on the validation items whose answer changed, with
-                Holm's correction over all of P's trials (every candidate of every layer) as one family.
+            candidates: P tries each layer's top this-many features on validation, keeping the best that passes
+                the paired test (3 covers the ties seen on SmolLM2: top three r within one s.e.).
+            alpha: level of the q-values (Benjamini-Hochberg over all features) and of P's paired sign tests on
+                validation against unsteered, Holm-corrected over all of P's trials (every layer's) as one family.
             require_significance: export only what the calibration evidence supports: P tries only candidates with
                 q < alpha, and S or A export nothing when none of their chosen features has q < alpha (the reason
                 goes to the console, steering.json and the report). false: try and export them anyway.
             bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability (share of replicates
-                where it is its layer's top-1) and its 90% interval of r.
-            search_draws: P only: repeat P's search (as many trials per layer as P had, same norms, same test and
-                Holm correction; no q filter for random features) on random firing features this many times; test then
-                compares the steering with these searched controls (0 = off).
+                in which it is its layer's top-1) and 90% interval of r.
+            search_draws: P only: repeat P's search (trials per layer, norms, test and Holm as P's; no q filter) on
+                random firing features this many times, the search-matched control of test (0 = off).
             include_model: also write the base model's weights into the export so it stands alone.
-            export_formats: also write gguf (steering.gguf, a llama.cpp control vector) and/or merged (merged/, an HF
-                folder with the steering in its MLP biases); both steer every position, the prompt included.
+            export_formats: also write gguf (steering.gguf, llama.cpp control vector) and/or merged (merged/, HF
+                folder, steering in the MLP biases); both steer every position, the prompt included.
         """
         check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
         self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
-        self.require_significance = require_significance
-        self.include_model, self.export_formats, self.exported = include_model, check_formats(export_formats), False
+        self.require_significance, self.include_model, self.exported = require_significance, include_model, False
+        self.export_formats = check_formats(export_formats)
+        self._fresh_state()
+
+    def _fresh_state(self) -> None:
+        """What calibration accumulates (statistics, bootstrap) and what the end of fit derives from it."""
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
         self.selection: Selection | None = None

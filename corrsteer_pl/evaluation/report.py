@@ -269,27 +269,32 @@ class EvaluationReport:
 
     def to_markdown(self) -> str:
         lines = [f"# CorrSteer evaluation: {self.task} ({self.split} split, {self.samples} items)", ""]
+        lines += self._headline_lines() + self._conditions_table() + self._difference_lines()
+        lines += self._control_lines() + self._features_table() + self._methods_lines()
+        if self.selection:
+            lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
+        lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in self.figures]] if self.figures else []
+        return "\n".join(lines) + "\n"
+
+    def _headline_lines(self) -> list[str]:
         if not self.features:
-            lines += [f"**{nothing_steered(self.warnings)}.** Steered equals unsteered below.", ""]
-        else:
-            lines += [self.headline(), ""]
-            lines += [f"Warning: {w}" for w in self.warnings] + ([""] if self.warnings else [])
-        lines += [
-            f"Judge: {self.judge}",
-            "",
-            *([f"Data: {self.data}", ""] if self.data else []),
-            "| condition | accuracy | valid-answer rate | accuracy among valid |",
-            "|---|---|---|---|",
-        ]
+            return [f"**{nothing_steered(self.warnings)}.** Steered equals unsteered below.", ""]
+        return [self.headline(), "", *[f"Warning: {w}" for w in self.warnings], *([""] if self.warnings else [])]
+
+    def _conditions_table(self) -> list[str]:
+        lines = [f"Judge: {self.judge}", "", *([f"Data: {self.data}", ""] if self.data else [])]
+        lines += ["| condition | accuracy | valid-answer rate | accuracy among valid |", "|---|---|---|---|"]
         lines += [
             f"| {c.name} | {c.accuracy:.4f} | {c.valid_rate:.4f} | {c.accuracy_valid:.4f} |" for c in self.conditions
         ]
-        lines += [
+        return lines + [
             f"| {c.kind} control (mean of {c.draws}) | {c.accuracy_mean:.4f} ± {c.accuracy_std:.4f} "
             f"(min {c.accuracy_min:.4f}, max {c.accuracy_max:.4f}) | {c.valid_rate_mean:.4f} | |"
             for c in self.controls
         ]
-        lines += [
+
+    def _difference_lines(self) -> list[str]:
+        return [
             "",
             f"Steered - unsteered: {self.difference:+.4f}, paired bootstrap 95% CI "
             f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}] ({RESAMPLES:,} resamples of items).",
@@ -297,6 +302,9 @@ class EvaluationReport:
             f"Answers changed: {self.better} wrong -> right, {self.worse} right -> wrong; "
             f"side-effect ratio (SER) {self.ser:.3f}.",
         ]
+
+    def _control_lines(self) -> list[str]:
+        lines = []
         for c in self.controls:
             lines += [
                 "",
@@ -312,20 +320,21 @@ class EvaluationReport:
                 "P had, the same paired test and Holm's correction over the draw's own trials; random features are "
                 "not filtered by calibration q (almost none would pass), so each draw keeps what Holm keeps.",
             ]
-        lines += self._features_table()
-        if self.methods:
-            lines += ["", f"## Comparison ({self.split} split, the same {self.samples} items)", ""]
-            lines += [
-                "Each method is selected from this run's statistics with its options (candidates, paired test, "
-                "scale grid on validation); p: permutation p of its accuracy among the control draws above "
-                "(norm-matched to the exported steering).",
-                "",
-                methods_table(self.methods),
-            ]
-        if self.selection:
-            lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
-        lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in self.figures]] if self.figures else []
-        return "\n".join(lines) + "\n"
+        return lines
+
+    def _methods_lines(self) -> list[str]:
+        if not self.methods:
+            return []
+        return [
+            "",
+            f"## Comparison ({self.split} split, the same {self.samples} items)",
+            "",
+            "Each method is selected from this run's statistics with its options (candidates, paired test, "
+            "scale grid on validation); p: permutation p of its accuracy among the control draws above "
+            "(norm-matched to the exported steering).",
+            "",
+            methods_table(self.methods),
+        ]
 
     @property
     def alpha(self) -> float:
