@@ -17,6 +17,7 @@ from corrsteer_pl.calibration.rankings import Ranking, check_ranking
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.evaluation.comparison import SelectionOptions
 from corrsteer_pl.evaluation.controls import SEARCH_CONTROLS_DIR, search_draws, search_trials, searched_layers
+from corrsteer_pl.evaluation.judge import Target, check_target
 from corrsteer_pl.evaluation.tensorboard import log_selection
 from corrsteer_pl.evaluation.validation import Validator, group, grouped, scale_features
 from corrsteer_pl.export import FORMATS, write_formats
@@ -52,6 +53,7 @@ class CorrelationCallback(L.Callback):
         search_draws: int = 10,
         include_model: bool = False,
         export_formats: list[str] | None = None,
+        target: Target = "generated",
     ) -> None:
         """
         Args:
@@ -77,12 +79,17 @@ class CorrelationCallback(L.Callback):
             include_model: also write the base model's weights into the export so it stands alone.
             export_formats: also write gguf (steering.gguf, a llama.cpp control vector) and/or merged (merged/, an HF
                 folder with the steering in its MLP biases); both steer every position, the prompt included.
+            target: what a correct answer is during calibration and validation (P's check, the scale grid):
+                generated (the paper's: the letter the generated text gives) or choice (multiple choice only: the
+                option letter with the highest logit at the first answer position), which looks for features that
+                change the option the model ranks first rather than whether it answers in the format.
         """
         check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
         self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
         self.include_model, self.export_formats, self.exported = include_model, check_formats(export_formats), False
+        self.target = target
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
         self.selection: Selection | None = None
@@ -100,6 +107,10 @@ class CorrelationCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:  # fail now, not after an hour of calibration
             check_writable(pl_module.export_dir, "--model.steering_path")
+        if stage == "fit":
+            data = trainer.datamodule
+            check_target(self.target, bool(data.examples("calibration")[0].choices), data.task.name)
+        pl_module.calibration_target = self.target  # also for a comparison's selections on validation in test
 
     # -- calibration ----------------------------------------------------------------------
 
@@ -165,7 +176,7 @@ class CorrelationCallback(L.Callback):
         pl_module.steering = self._steering(trainer, pl_module, scale, grid, warnings)
         settings = {"variant": self.variant, "ranking": self.ranking, "candidates": self.candidates}
         settings |= {"alpha": self.alpha, "bootstrap": self.replicates, "scale": scale, "top_k": self.top_k}
-        settings |= {"search_draws": len(searched)}
+        settings |= {"search_draws": len(searched), "target": self.target}
         record = selection_record(self.selection, evidence, warnings, settings)
         record["search_controls"] = [
             {"kept": [asdict(f) for f in kept], "validation": figures} for kept, figures in searched
