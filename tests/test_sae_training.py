@@ -4,6 +4,7 @@ import pytest
 import torch
 from sae_lens import SAE, TopKSAE
 
+from corrsteer_pl.calibration import sae_training
 from corrsteer_pl.calibration.answer_cache import AnswerCache, letter_ids
 from corrsteer_pl.calibration.sae_training import (
     METRICS_FILE,
@@ -13,7 +14,6 @@ from corrsteer_pl.calibration.sae_training import (
     prepare_saes,
     train_topk_sae,
 )
-from corrsteer_pl.calibration import sae_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
