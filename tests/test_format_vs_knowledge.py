@@ -147,7 +147,8 @@ MMLU = [
 ]  # fmt: skip
 
 
-def test_fit_and_test_with_target_choice_record_it_and_report_both_accuracies(tmp_path):
+def test_fit_and_test_with_target_choice_record_it_and_report_both_accuracies(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORRSTEER_CACHE", str(tmp_path / "cache"))  # its trained SAEs stay out of other tests' cache
     args = [*TINY, *MMLU, "--trainer.default_root_dir", str(tmp_path), "--calibration.target", "choice"]
     main(["fit", *args])
     settings = json.loads((tmp_path / "steered" / "selection.json").read_text())["settings"]
