@@ -22,6 +22,7 @@ from corrsteer_pl.evaluation.comparison import (
     method_selections,
 )
 from corrsteer_pl.evaluation.controls import Scorer
+from corrsteer_pl.evaluation.judge import Judged
 from corrsteer_pl.selection.variants import Variant
 from corrsteer_pl.steering.vectors import SteeringVectors
 
@@ -122,9 +123,8 @@ def finetuned_scorer(folder: str, pl_module: L.LightningModule) -> Scorer:
     task = pl_module.task
 
     @torch.inference_mode()
-    def score(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        scores, valid, _ = tuned.scored(batch, task)
-        return scores, valid
+    def score(batch: dict[str, Any]) -> Judged:
+        return tuned.scored(batch, task)
 
     return score
 

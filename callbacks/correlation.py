@@ -17,6 +17,7 @@ from corrsteer_pl.calibration.rankings import Ranking, check_ranking
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.evaluation.comparison import SelectionOptions
 from corrsteer_pl.evaluation.controls import SEARCH_CONTROLS_DIR, search_draws, search_trials, searched_layers
+from corrsteer_pl.evaluation.judge import Target, check_target
 from corrsteer_pl.evaluation.tensorboard import log_selection
 from corrsteer_pl.evaluation.validation import Validator, group, grouped, scale_features
 from corrsteer_pl.export import FORMATS, write_formats
@@ -62,6 +63,7 @@ class CorrelationCallback(L.Callback):
         search_draws: int = 10,
         include_model: bool = False,
         export_formats: list[str] | None = None,
+        target: Target = "generated",
     ) -> None:
         """
         Args:
@@ -71,23 +73,21 @@ class CorrelationCallback(L.Callback):
             top_k: candidates kept per layer for the report.
             scale: multiplier (> 0; negative ones collapse accuracy, says the paper) of the coefficients; P uses it.
             scale_grid: pick the scale from these values (each > 0) by validation accuracy, e.g. [0.5, 1, 2, 4].
-            max_answer_share: a multiple-choice grid scale is rejected when one letter takes more than this share
-                (0 < share <= 1) of validation answers ("always A" must not win).
+            max_answer_share: a multiple-choice grid scale is refused when one letter is over this share of answers.
             active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
-            candidates: P tries each layer's top this-many features on validation, keeping the best that passes
-                the paired test (3 covers the ties seen on SmolLM2: top three r within one s.e.).
+            candidates: P tries each layer's top this-many features on validation (3: SmolLM2's top-3 r tie).
             alpha: level of the q-values (Benjamini-Hochberg over all features) and of P's paired sign tests on
                 validation against unsteered, Holm-corrected over all of P's trials (every layer's) as one family.
-            require_significance: export only what the calibration evidence supports: P tries only candidates with
-                q < alpha, and S or A export nothing when none of their chosen features has q < alpha (the reason
-                goes to the console, steering.json and the report). false: try and export them anyway.
-            bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability (share of replicates
-                in which it is its layer's top-1) and 90% interval of r.
+            require_significance: P tries only candidates with q < alpha, S and A export nothing unless a chosen
+                feature has q < alpha (the reason is said); false: try and export them anyway.
+            bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability and 90% interval of r.
             search_draws: P only: repeat P's search (trials per layer, norms, test and Holm as P's; no q filter) on
                 random firing features this many times, the search-matched control of test (0 = off).
-            include_model: also write the base model's weights into the export so it stands alone.
+            include_model: also write the base model's weights into the export (it then stands alone).
             export_formats: also write gguf (steering.gguf, llama.cpp control vector) and/or merged (merged/, HF
                 folder, steering in the MLP biases); both steer every position, the prompt included.
+            target: what a correct answer is in calibration and validation: generated (the paper's: the letter of
+                the generated text) or choice (multiple choice: the option letter with the highest logit).
         """
         check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
@@ -95,6 +95,7 @@ class CorrelationCallback(L.Callback):
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
         self.require_significance, self.include_model, self.exported = require_significance, include_model, False
         self.export_formats = check_formats(export_formats)
+        self.target = target
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -117,6 +118,10 @@ class CorrelationCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit" and trainer.is_global_zero:  # fail now, not after an hour of calibration
             check_writable(pl_module.export_dir, "--model.steering_path")
+        if stage == "fit":
+            data = trainer.datamodule
+            check_target(self.target, bool(data.examples("calibration")[0].choices), data.task.name)
+        pl_module.calibration_target = self.target  # also for a comparison's selections on validation in test
 
     # -- calibration ----------------------------------------------------------------------
 
@@ -185,6 +190,7 @@ class CorrelationCallback(L.Callback):
         settings = {"variant": self.variant, "ranking": self.ranking, "candidates": self.candidates}
         settings |= {"alpha": self.alpha, "bootstrap": self.replicates, "scale": scale, "top_k": self.top_k}
         settings |= {"search_draws": len(searched), "require_significance": self.require_significance}
+        settings["target"] = self.target
         record = selection_record(self.selection, evidence, warnings, settings, sae_neuronpedia_ids(pl_module.saes))
         record["search_controls"] = [
             {"kept": [asdict(f) for f in kept], "validation": figures} for kept, figures in searched

@@ -64,6 +64,7 @@ def main(args: list[str] | None = None) -> CorrSteerCLI | None:
         CorrSteerCLI,
         DEFAULT_CONFIG,
         args,
+        flags_change_default=True,  # `train.py fit --calibration.target choice`: the default job, one flag changed
         model_class=CorrSteerModule,
         datamodule_class=TaskDataModule,
         trainer_defaults=TRAINER_DEFAULTS,

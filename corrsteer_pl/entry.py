@@ -15,13 +15,19 @@ SUBCOMMANDS = ("fit", "validate", "test")
 
 
 def run_cli(
-    cli: type[LightningCLI], default_config: Path, args: list[str] | None, **kwargs: Any
-) -> LightningCLI | None:
-    """`cli(**kwargs, args=args)`; a bare subcommand runs on `default_config`. A ValueError, OSError (unreadable
-    input, full disk) or missing module ends with one line naming it (CORRSTEER_TRACEBACK=1 for the trace)."""
+    cli: type[LightningCLI], default_config: Path, args: list[str] | None, flags_change_default: bool = False,
+    **kwargs: Any,
+) -> LightningCLI | None:  # fmt: skip
+    """`cli(**kwargs, args=args)`; a bare subcommand runs on `default_config`, and with `flags_change_default` so
+    does a subcommand given flags but no --config, the flags changing it (`train.py fit --calibration.target
+    choice` is the default job with that one change). A ValueError, OSError (unreadable input, full disk) or
+    missing module ends with one line naming it (CORRSTEER_TRACEBACK=1 for the trace)."""
     given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
-    if len(given) == (2 if args is None else 1) and given[-1] in SUBCOMMANDS:
-        given.extend(["--config", str(default_config)])
+    start = 1 if args is None else 0
+    has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in given[start:])
+    bare = len(given) == start + 1
+    if len(given) > start and given[start] in SUBCOMMANDS and not has_config and (bare or flags_change_default):
+        given[start + 1 : start + 1] = ["--config", str(default_config)]
     strict = {"exit_on_error": False}  # a bad value raises instead of printing the whole usage: one line below
     kwargs.setdefault("parser_kwargs", {strict_key: dict(strict) for strict_key in SUBCOMMANDS} | strict)
     try:

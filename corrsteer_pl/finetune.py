@@ -46,8 +46,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from corrsteer_pl.atomic import atomic_folder
 from corrsteer_pl.data import ShardedBatches, TaskDataModule
 from corrsteer_pl.entry import run_cli
-from corrsteer_pl.evaluation.conditions import answer_conditions
-from corrsteer_pl.evaluation.judge import judge, pad_id
+from corrsteer_pl.evaluation.conditions import Answered, answered
+from corrsteer_pl.evaluation.judge import Judged, judge, pad_id
 from corrsteer_pl.evaluation.report import RESAMPLES, EvaluationReport
 from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.models.hooks import eos_ids
@@ -55,6 +55,7 @@ from corrsteer_pl.models.loading import DTYPES
 from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model
 from corrsteer_pl.safe_load import CKPT_FLAG, check_ckpt_path, load_checkpoint, with_safe_checkpoint_io
 from corrsteer_pl.tasks import Example, Split, Task
+from corrsteer_pl.tasks.choice import ChoiceTokens
 
 FOLDER = "finetune"
 """Under --trainer.default_root_dir: `adapter/` (the artefact), `checkpoints/` (best.ckpt, last.ckpt: resume only)
@@ -530,17 +531,20 @@ class FineTuneModule(L.LightningModule):
 
     # -- answering -------------------------------------------------------------------------
 
-    def answer(self, batch: dict[str, Any], task: Task, adapter: bool = True) -> Tensor:
-        """Greedy new tokens (B, N) of the fine-tuned model, or of the base model with `adapter=False`."""
+    def answer(self, batch: dict[str, Any], task: Task, adapter: bool = True) -> Answered:
+        """Greedy new tokens (B, N) of the fine-tuned model, or of the base model with `adapter=False`, and (multiple
+        choice) the first position's logits restricted to the options' letters."""
         eos, pad = eos_ids(self.inner, self.tokenizer), pad_id(self.inner, self.tokenizer)
         steps = self.hparams.max_new_tokens or task.max_new_tokens
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        choice = ChoiceTokens.for_examples(self.tokenizer, batch["examples"])
         with nullcontext() if adapter else self.lm.disable_adapter():
-            return answer_conditions(self.inner, ids, mask, {"answer": None}, steps, eos, pad)["answer"]
+            return answered(self.inner, ids, mask, {"answer": None}, steps, eos, pad, choice=choice)["answer"]
 
-    def scored(self, batch: dict[str, Any], task: Task, adapter: bool = True) -> tuple[Tensor, Tensor, list]:
-        """(scores, valid, answers) of one batch by the task's own scorer."""
-        return judge(task, self.tokenizer, batch["examples"], self.answer(batch, task, adapter))
+    def scored(self, batch: dict[str, Any], task: Task, adapter: bool = True) -> Judged:
+        """(scores, valid, answers) of one batch by the task's own scorer, and the choice-restricted ones."""
+        tokens, choice_logits = self.answer(batch, task, adapter)
+        return judge(task, self.tokenizer, batch["examples"], tokens, choice_logits)
 
     @torch.inference_mode()
     def item_scores(self, data: TaskDataModule, split: Split = "test", adapter: bool = True) -> ItemScores:

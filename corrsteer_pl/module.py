@@ -21,15 +21,9 @@ from corrsteer_pl.evaluation.compare_pass import (
     save_report,
     score_columns,
 )
-from corrsteer_pl.evaluation.conditions import (
-    Conditions,
-    PromptCaches,
-    SplitResult,
-    answer_conditions,
-    evaluate_batches,
-)
+from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, answered, evaluate_batches
 from corrsteer_pl.evaluation.controls import ConditionSet
-from corrsteer_pl.evaluation.judge import Judged, judge, pad_id
+from corrsteer_pl.evaluation.judge import Judged, Target, judge, pad_id, target_choices
 from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.evaluation.validation import Validator
 from corrsteer_pl.models.hooks import eos_ids
@@ -37,6 +31,7 @@ from corrsteer_pl.models.loading import SAESpec, check_module_options, load_froz
 from corrsteer_pl.models.sources import TINY_RANDOM
 from corrsteer_pl.recovery import IDENTITY_KEY, check_same_calibration, run_identity
 from corrsteer_pl.steering.vectors import SteeringVectors
+from corrsteer_pl.tasks.choice import ChoiceTokens
 
 # Calibration runs in Lightning's training loop (for mid-epoch checkpoints and resume), but the
 # LM stays frozen in eval mode on purpose: silence Lightning's warning about that.
@@ -94,7 +89,8 @@ class CorrSteerModule(L.LightningModule):
         self.steering: SteeringVectors | None = None
         self.answer_cache: AnswerCache | None = None  # one-token calibration rows recorded while training SAEs
         self.conditions: ConditionSet | None = None
-        self.comparison = ConditionScores()
+        self.comparison, self.choice_comparison = ConditionScores(), ConditionScores()  # choice: multiple choice
+        self.calibration_target: Target = "generated"  # set by CorrelationCallback (--calibration.target)
 
     def configure_model(self) -> None:
         """Loads the LM and SAEs and checks they fit together, before any forward pass."""
@@ -148,17 +144,20 @@ class CorrSteerModule(L.LightningModule):
     def _max_new_tokens(self) -> int:
         return self.hparams.max_new_tokens or self.task.max_new_tokens
 
-    def score(self, batch: dict[str, Any], new_tokens: Tensor) -> Judged:
-        """Per item: score (float64), whether the answer was valid, and the extracted answer."""
-        return judge(self.task, self.tokenizer, batch["examples"], new_tokens)
+    def score(self, batch: dict[str, Any], new_tokens: Tensor, choice_logits: Tensor | None = None) -> Judged:
+        """Per item: score, validity, answer (and the choice-restricted ones, given the letters' logits)."""
+        return judge(self.task, self.tokenizer, batch["examples"], new_tokens, choice_logits)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         if not batch["examples"]:
             return {"labels": torch.zeros(0, dtype=torch.float64), "pooled": {}}
         eos, pad = eos_ids(self.lm, self.tokenizer), pad_id(self.lm, self.tokenizer)
         steps, pooling = self._max_new_tokens(), self.hparams.pooling
-        new, pooled = calibration_features(self.lm, batch, steps, self.saes, pooling, self.answer_cache, eos, pad)
-        labels, _, _ = self.score(batch, new)
+        choice = target_choices(self.calibration_target, self.tokenizer, batch["examples"])  # None: generated
+        new, pooled, logits = calibration_features(
+            self.lm, batch, steps, self.saes, pooling, self.answer_cache, eos, pad, choice
+        )
+        labels = self.score(batch, new, logits).target(self.calibration_target).scores
         return {"labels": labels, "pooled": pooled}
 
     def score_conditions(
@@ -171,8 +170,9 @@ class CorrSteerModule(L.LightningModule):
             return {}
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         eos, pad = eos_ids(self.lm, self.tokenizer), pad_id(self.lm, self.tokenizer)
-        new = answer_conditions(self.lm, ids, mask, conditions, self._max_new_tokens(), eos, pad, prompt_caches)
-        return {name: self.score(batch, tokens) for name, tokens in new.items()}
+        steps, choice = self._max_new_tokens(), ChoiceTokens.for_examples(self.tokenizer, batch["examples"])
+        new = answered(self.lm, ids, mask, conditions, steps, eos, pad, prompt_caches, choice)
+        return {name: self.score(batch, a.tokens, a.choice_logits) for name, a in new.items()}
 
     @torch.inference_mode()
     def evaluate_split(
@@ -181,7 +181,7 @@ class CorrSteerModule(L.LightningModule):
         """Accuracy, valid rate and answer counts per condition on a split, over all ranks (pass the same
         `prompt_caches` to several calls over one split to run its prompts only once)."""
         score = lambda batch: self.score_conditions(batch, conditions, prompt_caches)  # noqa: E731
-        return evaluate_batches(self.trainer.datamodule.batches(split), score, conditions)
+        return evaluate_batches(self.trainer.datamodule.batches(split), score, conditions, self.calibration_target)
 
     def validator(self) -> Validator:
         """Scores candidate steerings on the validation split: P's check, the scale grid, a comparison's methods."""
@@ -208,8 +208,10 @@ class CorrSteerModule(L.LightningModule):
     def _compare_step(self, batch: dict[str, Any]) -> None:
         judged = self.score_conditions(batch, self.conditions.named())
         if judged:
-            scores, valid = score_columns(judged, self.conditions, batch)
+            scores, valid, choice = score_columns(judged, self.conditions, batch)
             self.comparison.update(scores.to(self.device), valid.to(self.device))
+            if choice is not None:
+                self.choice_comparison.update(choice.to(self.device), torch.ones_like(choice, dtype=torch.bool))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._compare_step(batch)
@@ -219,11 +221,13 @@ class CorrSteerModule(L.LightningModule):
     def _report(self, split: str, stage: str) -> None:
         """Logs the comparison and, on rank 0, writes the report next to the steering export."""
         scores, valid = self.comparison.compute()  # (N, C): every item of every rank
-        self.comparison.reset()
+        choice = self.choice_comparison.compute()[0] if self.choice_comparison.update_count else None
+        self.comparison.reset(), self.choice_comparison.reset()
         report = build_report(
             self.conditions,
             scores,
             valid,
+            choice,
             self.steering,
             self.export_dir,
             task=self.task.name,

@@ -32,6 +32,7 @@ def run_identity(module: Any) -> dict[str, Any]:
             "--model.saes": sorted(spec.label() for spec in module.sae_specs),
             "--model.train_saes": asdict(module.train_saes) if module.train_saes else None,
             "--model.pooling": hp.pooling,
+            "--calibration.target": getattr(module, "calibration_target", "generated"),
             "--model.max_new_tokens": hp.max_new_tokens or data.task.max_new_tokens,
             "--trainer.devices x --trainer.num_nodes": module.trainer.world_size,
             **{f"--data.{key}": value for key, value in data.identity().items()},

@@ -23,8 +23,8 @@ ARGS = [
 
 def test_calibration_from_cached_answers_equals_running_the_model(tmp_path, monkeypatch):
     calls = []
-    live = capture.generate_with_features
-    monkeypatch.setattr(capture, "generate_with_features", lambda *a, **k: calls.append(1) or live(*a, **k))
+    live = capture.generate_answers
+    monkeypatch.setattr(capture, "generate_answers", lambda *a, **k: calls.append(1) or live(*a, **k))
 
     main(["fit", *ARGS, "--trainer.default_root_dir", str(tmp_path / "cached")])
     assert calls == [], "with answers cached, calibration never runs the LM"

@@ -4,7 +4,8 @@ import pytest
 import torch
 from sae_lens import SAE, TopKSAE
 
-from corrsteer_pl.calibration.answer_cache import AnswerCache
+from corrsteer_pl.calibration import sae_training
+from corrsteer_pl.calibration.answer_cache import AnswerCache, letter_ids
 from corrsteer_pl.calibration.sae_training import (
     METRICS_FILE,
     SAETrainingConfig,
@@ -13,7 +14,6 @@ from corrsteer_pl.calibration.sae_training import (
     prepare_saes,
     train_topk_sae,
 )
-from corrsteer_pl.models import sae_training
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -49,7 +49,7 @@ def test_collection_stops_at_the_token_budget(llama, tokenizer):
 
 
 def test_answer_rows_equal_greedy_generate_and_last_position_hidden_states(model, tokenizer):
-    cache = AnswerCache()
+    cache = AnswerCache(logit_ids=letter_ids(tokenizer))
     acts = collect_activations(model, tokenizer, TEXTS, [0, 1], max_tokens=7, batch_size=2, answers=cache)
     assert torch.equal(acts[1], collect_activations(model, tokenizer, TEXTS, [1], 7, 2)[1]), "budget unchanged"
     assert len(cache) == len(TEXTS), "every text is read, past the token budget too"
@@ -60,19 +60,21 @@ def test_answer_rows_equal_greedy_generate_and_last_position_hidden_states(model
             out = model(**enc, output_hidden_states=True)
             greedy = model.generate(**enc, max_new_tokens=1, do_sample=False, pad_token_id=0)[0, -1]
         assert cache.tokens[row] == greedy
+        torch.testing.assert_close(cache.logits[row], out.logits[0, -1, cache.logit_ids], msg="letter logits")
         for layer in (0, 1):
             torch.testing.assert_close(cache.residuals[layer][row], out.hidden_states[layer + 1][0, -1])
     assert cache.rows(["a prompt never read"], [0]) is None and cache.rows(TEXTS, [0, 2]) is None
 
 
 def test_answer_cache_reloads_identically_and_refuses_a_damaged_file(tmp_path):
-    cache = AnswerCache()
-    cache.add(["a", "b"], torch.tensor([3, 4]), {5: torch.randn(2, 8)})
+    cache = AnswerCache(logit_ids=torch.tensor([7, 9]))
+    cache.add(["a", "b"], torch.tensor([3, 4]), {5: torch.randn(2, 8)}, torch.randn(2, 2))
     cache.save(tmp_path / "answers.safetensors")
     loaded = AnswerCache.load(tmp_path / "answers.safetensors")
     assert loaded.keys == cache.keys and torch.equal(loaded.tokens, cache.tokens)
+    assert torch.equal(loaded.logit_ids, cache.logit_ids) and torch.equal(loaded.logits, cache.logits)
     assert torch.equal(loaded.residuals[5], cache.residuals[5]) and loaded.rows(["b"], [5]).tolist() == [1]
-    short = AnswerCache(cache.keys, cache.tokens[:1], cache.residuals)
+    short = AnswerCache(cache.keys, cache.tokens[:1], cache.residuals, cache.logit_ids, cache.logits)
     short.save(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="delete it"):
         AnswerCache.load(tmp_path / "bad.safetensors")

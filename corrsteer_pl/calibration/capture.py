@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any, Literal
 
 import torch
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 
 from corrsteer_pl.calibration.answer_cache import AnswerCache
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks
+from corrsteer_pl.tasks.choice import ChoiceTokens
 
 Pooling = Literal["max", "mean"]
 
@@ -92,19 +94,20 @@ def encode_rows(sae: SAE, residuals: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def recorded_features(
-    cache: AnswerCache, texts: list[str], saes: Mapping[int, SAE]
-) -> tuple[Tensor, dict[int, Tensor]] | None:
-    """New tokens (B, 1) and pooled features of prompts whose one-token answer `cache` recorded; None if any is missing.
+    cache: AnswerCache, texts: list[str], saes: Mapping[int, SAE], choice: ChoiceTokens | None = None
+) -> tuple[Tensor, dict[int, Tensor], Tensor | None] | None:
+    """New tokens (B, 1), pooled features and (with `choice`) the letters' restricted logits (B, K) of prompts
+    whose one-token answer `cache` recorded; None if any prompt, layer or letter logit is missing.
 
     One answer token means one generation position, where max and mean pooling are both the identity: the
     features are the SAE encodes of the recorded residuals, exactly what `FeatureCapture` computes live.
     """
     rows = cache.rows(texts, list(saes))
-    if rows is None:
+    if rows is None or (choice is not None and not choice.covered_by(cache.logit_ids)):
         return None
-    return cache.tokens[rows].unsqueeze(1), {
-        layer: encode_rows(sae, cache.residuals[layer][rows]) for layer, sae in saes.items()
-    }
+    restricted = choice.restrict(cache.logits[rows], cache.logit_ids) if choice is not None else None
+    pooled = {layer: encode_rows(sae, cache.residuals[layer][rows]) for layer, sae in saes.items()}
+    return cache.tokens[rows].unsqueeze(1), pooled, restricted
 
 
 @torch.inference_mode()
@@ -119,21 +122,42 @@ def generate_with_features(
     pad_token_id: int | None = None,
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """Greedy-decode left-padded prompts; return the new tokens (B, N) and pooled SAE features."""
+    new, pooled, _ = generate_answers(
+        model, input_ids, attention_mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id
+    )
+    return new, pooled
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    saes: Mapping[int, SAE] | None = None,
+    pooling: Pooling = "max",
+    eos_token_ids: Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+    choice: ChoiceTokens | None = None,
+) -> tuple[Tensor, dict[int, Tensor], Tensor | None]:
+    """`generate_with_features`, plus (with `choice`) the first position's logits restricted to its letters (B, K):
+    the logits the first new token is the argmax of, read from the same pass (`output_logits`, unprocessed)."""
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad_token_id,
+        return_dict_in_generate=True,
+        output_logits=choice is not None,
     )
     if eos_token_ids is not None:
         kwargs["eos_token_id"] = list(eos_token_ids)
-    if not saes:
+    capture = FeatureCapture(model, saes, pooling, eos_token_ids) if saes else None
+    with capture if capture is not None else nullcontext():
         out = model.generate(**kwargs)
-        return out[:, input_ids.shape[1] :], {}
-    with FeatureCapture(model, saes, pooling, eos_token_ids) as capture:
-        out = model.generate(**kwargs)
-    return out[:, input_ids.shape[1] :], capture.pooled()
+    restricted = choice.restrict(out.logits[0]) if choice is not None else None  # (B, V) -> (B, K)
+    return out.sequences[:, input_ids.shape[1] :], capture.pooled() if capture is not None else {}, restricted
 
 
 @torch.inference_mode()
@@ -146,12 +170,14 @@ def calibration_features(
     answers: AnswerCache | None,
     eos_token_ids: Iterable[int],
     pad_token_id: int,
-) -> tuple[Tensor, dict[int, Tensor]]:
-    """New tokens (B, N) and pooled features of one calibration batch: from the recorded one-token answers when
-    every prompt of the batch has one, else by generating with the capture hooks on."""
+    choice: ChoiceTokens | None = None,
+) -> tuple[Tensor, dict[int, Tensor], Tensor | None]:
+    """New tokens (B, N), pooled features and (with `choice`) the restricted first-position logits (B, K) of one
+    calibration batch: from the recorded one-token answers when every prompt of the batch has one (and its letter
+    logits), else by generating with the capture hooks on."""
     if answers is not None and max_new_tokens == 1:
-        cached = recorded_features(answers, batch["texts"], saes)
+        cached = recorded_features(answers, batch["texts"], saes, choice)
         if cached is not None:
             return cached
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    return generate_with_features(model, ids, mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id)
+    return generate_answers(model, ids, mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id, choice)

@@ -28,7 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE, AnswerCache
+from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE, ANSWERS_FORMAT, AnswerCache, letter_ids
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks, position_ids, without_attention_sink
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.models.sources import cache_dir
@@ -122,7 +122,8 @@ def collect_activations(
             recorder.start_batch(rows, without_attention_sink(batch["attention_mask"]))
             logits = _forward(model, batch)
             if answers is not None:
-                answers.add(batch_texts, logits[:, -1].argmax(-1), recorder.last)
+                last = logits[:, -1]  # (B, vocab)
+                answers.add(batch_texts, last.argmax(-1), recorder.last, last[:, answers.logit_ids.to(last.device)])
             progress.update(int(recorder.keep.sum()))
     progress.close()
     return {layer: torch.cat(recorder.per_text[layer])[:max_tokens] for layer in recorder.layers}
@@ -300,7 +301,7 @@ def prepare_saes(
     missing = [layer for layer, path in paths.items() if not path.is_dir()]
     if not missing:
         return paths
-    cache = AnswerCache() if answers else None
+    cache = AnswerCache(logit_ids=letter_ids(tokenizer)) if answers else None
     start = time.perf_counter()
     acts = collect_activations(
         model, tokenizer, texts, missing, cfg.tokens, cfg.prompts_per_batch, cache, add_special_tokens
@@ -358,7 +359,7 @@ def trained_saes(
     The cache folder is keyed by the model, its dtype, the data's identity and `cfg`: any change trains anew.
     """
     data = trainer.datamodule
-    key = {"model": model_id, "dtype": dtype, "data": data.identity(), "sae": asdict(cfg)}
+    key = {"model": model_id, "dtype": dtype, "data": data.identity(), "sae": asdict(cfg), "answers": ANSWERS_FORMAT}
     digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     folder = cache_dir() / "saes" / Path(model_id).name / f"{data.task.name}-{digest}"
     if trainer.is_global_zero:

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.evaluation.choice_report import choice_report, choice_scalars
 from corrsteer_pl.evaluation.comparison import method_rows
 from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
 from corrsteer_pl.evaluation.judge import Judged
@@ -50,20 +51,33 @@ def export_conditions(
     return conditions
 
 
-def score_columns(judged: dict[str, Judged], conditions: ConditionSet, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-    """(B, C) scores and valid flags of one batch: the answered conditions, then the baselines' own columns."""
-    columns = [(scores, valid) for scores, valid, _ in judged.values()]
-    columns += [scorer(batch) for scorer in conditions.baselines.values()]
-    return torch.stack([s.cpu() for s, _ in columns], 1), torch.stack([v.cpu() for _, v in columns], 1)
+def score_columns(
+    judged: dict[str, Judged], conditions: ConditionSet, batch: dict[str, Any]
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(B, C) scores, valid flags and (multiple choice; else None) choice-restricted scores of one batch: the
+    answered conditions, then the baselines' own columns."""
+    columns = list(judged.values()) + [scorer(batch) for scorer in conditions.baselines.values()]
+    scores, valid = torch.stack([j.scores.cpu() for j in columns], 1), torch.stack([j.valid.cpu() for j in columns], 1)
+    if any(j.choice_scores is None for j in columns):
+        return scores, valid, None
+    return scores, valid, torch.stack([j.choice_scores.cpu() for j in columns], 1)
 
 
 def build_report(
-    conditions: ConditionSet, scores: Tensor, valid: Tensor, steering: SteeringVectors, folder: Path, **context: Any
+    conditions: ConditionSet,
+    scores: Tensor,
+    valid: Tensor,
+    choice: Tensor | None,
+    steering: SteeringVectors,
+    folder: Path,
+    **context: Any,
 ) -> EvaluationReport:
-    """The report of (N, C) scores and valid flags; `context` gives task, split, judge and data."""
+    """The report of (N, C) scores, valid flags and choice-restricted scores (None: not multiple choice);
+    `context` gives task, split, judge and data."""
     column, control_scores = conditions.columns(scores)
     is_valid, control_valid = conditions.columns(valid)
-    return EvaluationReport.from_scores(
+    choice_column, choice_controls = conditions.columns(choice) if choice is not None else ({}, {})
+    report = EvaluationReport.from_scores(
         column["unsteered"],
         column["steered"],
         valid=is_valid,
@@ -72,9 +86,12 @@ def build_report(
         steering={"path": str(folder), **steering.info},
         warnings=list(steering.info.get("warnings", [])),
         selection=read_selection(folder),
-        methods=method_rows(conditions, column, is_valid, control_scores),
+        methods=method_rows(conditions, column, is_valid, control_scores, choice_column),
         **context,
     )
+    if choice is not None:
+        report.choice = choice_report(report, choice_column["unsteered"], choice_column["steered"], choice_controls)
+    return report
 
 
 def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:
@@ -87,7 +104,9 @@ def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:
         out |= {f"{stage}/{c.kind}/accuracy_mean": c.accuracy_mean, f"{stage}/{c.kind}/p_value": c.p_value}
     for m in report.methods:
         out |= {f"{stage}/method/{m.name}/{k}": float(getattr(m, k)) for k in ("accuracy", "difference", "ser")}
-    return out
+        if m.choice is not None:
+            out |= {f"{stage}/method/{m.name}/choice_{k}": getattr(m.choice, k) for k in ("accuracy", "difference")}
+    return out | (choice_scalars(report.choice, stage) if report.choice is not None else {})
 
 
 def save_report(report: EvaluationReport, folder: Path, split: str, stage: str, loggers: list, step: int) -> None:

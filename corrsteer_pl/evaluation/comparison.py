@@ -155,11 +155,16 @@ def _scales(selections: Mapping[str, Selection], validator: Validator, options: 
 
 
 def method_rows(
-    conditions: ConditionSet, scores: Mapping[str, Tensor], valid: Mapping[str, Tensor], controls: Mapping[str, Tensor]
+    conditions: ConditionSet,
+    scores: Mapping[str, Tensor],
+    valid: Mapping[str, Tensor],
+    controls: Mapping[str, Tensor],
+    choice: Mapping[str, Tensor] | None = None,
 ) -> list[MethodRow]:
     """The comparison table's rows (none without a comparison): unsteered, the export, each method, each baseline.
 
-    `scores` / `valid`: per-item columns by name (`ConditionSet.columns`); `controls`: kind -> (draws, n) scores.
+    `scores` / `valid`: per-item columns by name (`ConditionSet.columns`); `controls`: kind -> (draws, n) scores;
+    `choice`: the choice-restricted per-item columns by name (multiple choice; empty or None otherwise).
     """
     if not conditions.methods and not conditions.baselines:
         return []
@@ -178,6 +183,7 @@ def method_rows(
             valid[name],
             dict(controls),
             *_described(steerings.get(name)),
+            choice=(choice["unsteered"], choice[name]) if choice else None,
         )
         for name, label in labels.items()
     ]

@@ -15,19 +15,29 @@ from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from corrsteer_pl.calibration.capture import generate_with_features
-from corrsteer_pl.evaluation.judge import Judged
+from corrsteer_pl.calibration.capture import generate_answers
+from corrsteer_pl.evaluation.judge import Judged, Target
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks, position_ids
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.steering.vectors import SteeringVectors
+from corrsteer_pl.tasks.choice import ChoiceTokens
 
 Conditions = Mapping[str, SteeringVectors | None]
+
+
+class Answered(NamedTuple):
+    """One condition's answers to a batch."""
+
+    tokens: Tensor
+    """(B, N) new tokens, greedy."""
+    choice_logits: Tensor | None
+    """(B, K) the first answer position's logits restricted to the letters asked for (None when none were)."""
 
 
 @torch.inference_mode()
@@ -41,7 +51,26 @@ def answer_conditions(
     pad_token_id: int,
     prompt_caches: PromptCaches | None = None,
 ) -> dict[str, Tensor]:
-    """New tokens (B, N) per condition, greedy; identical to `generate` under each steering.
+    """New tokens (B, N) per condition, greedy; identical to `generate` under each steering (see `answered`)."""
+    answers = answered(model, input_ids, attention_mask, conditions, max_new_tokens, eos_token_ids, pad_token_id,
+                       prompt_caches)  # fmt: skip
+    return {name: a.tokens for name, a in answers.items()}
+
+
+@torch.inference_mode()
+def answered(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    conditions: Conditions,
+    max_new_tokens: int,
+    eos_token_ids: Iterable[int],
+    pad_token_id: int,
+    prompt_caches: PromptCaches | None = None,
+    choice: ChoiceTokens | None = None,
+) -> dict[str, Answered]:
+    """New tokens per condition, and with `choice` the first position's logits restricted to its letters, read
+    from the pass that produced the first token (no extra forward).
 
     One-token answers of generation-position steerings share one prompt pass; a steering of every position
     (positions="all") changes the prompt's cache, so it runs its own. With `prompt_caches`, a one-token pass
@@ -50,14 +79,16 @@ def answer_conditions(
     eos = list(eos_token_ids)
     one_token = max_new_tokens == 1 and input_ids.shape[1] > 1
     shared = {n: s for n, s in conditions.items() if one_token and (s is None or s.positions == "generation")}
-    out = _one_token(model, input_ids, attention_mask, shared, prompt_caches) if shared else {}
+    out = _one_token(model, input_ids, attention_mask, shared, prompt_caches, choice) if shared else {}
     for name, steering in conditions.items():
         if name in shared:
             continue
         with steering.apply(model) if steering is not None else nullcontext():  # e.g. positions="all": own prefill
-            out[name], _ = generate_with_features(
-                model, input_ids, attention_mask, max_new_tokens, eos_token_ids=eos, pad_token_id=pad_token_id
-            )
+            tokens, _, restricted = generate_answers(
+                model, input_ids, attention_mask, max_new_tokens, eos_token_ids=eos, pad_token_id=pad_token_id,
+                choice=choice,
+            )  # fmt: skip
+        out[name] = Answered(tokens, restricted)
     return {name: out[name] for name in conditions}
 
 
@@ -67,7 +98,8 @@ def _one_token(
     attention_mask: Tensor,
     conditions: Conditions,
     prompt_caches: PromptCaches | None = None,
-) -> dict:
+    choice: ChoiceTokens | None = None,
+) -> dict[str, Answered]:
     positions = position_ids(attention_mask)
     cache = prompt_caches.get(input_ids, attention_mask) if prompt_caches is not None else None
     if cache is None:
@@ -87,8 +119,12 @@ def _one_token(
     out = {}
     for start in range(0, len(names), per_pass):
         chunk = names[start : start + per_pass]
-        tokens = _last_positions(model, input_ids, attention_mask, positions, cache, [conditions[n] for n in chunk])
-        out.update({name: tokens[:, i : i + 1] for i, name in enumerate(chunk)})
+        steerings = [conditions[n] for n in chunk]
+        logits = _last_positions(model, input_ids, attention_mask, positions, cache, steerings)  # (B, C, vocab)
+        restricted = choice.restrict(logits) if choice is not None else None  # (B, C, K)
+        tokens = logits.argmax(-1)
+        for i, name in enumerate(chunk):
+            out[name] = Answered(tokens[:, i : i + 1], restricted[:, i] if restricted is not None else None)
     if prompt_caches is not None:
         _compact(cache)  # once per batch, and only for a cache kept for a later pass
     return out
@@ -121,7 +157,7 @@ def _last_positions(
     cache: Any,
     steerings: list[SteeringVectors | None],
 ) -> Tensor:
-    """Greedy tokens (B, C) at the last position, query j of every row steered by `steerings[j]` (None: unsteered).
+    """Logits (B, C, vocab) at the last position, query j of every row steered by `steerings[j]` (None: unsteered).
 
     The C queries are appended to `cache` for the pass and cropped off after it: the next pass starts again from
     the prompt body, and no copy of the cache is kept beside it.
@@ -151,7 +187,7 @@ def _last_positions(
             ).logits
     finally:
         cache.crop(-c)
-    return logits.argmax(-1)
+    return logits
 
 
 def _compact(cache: Any) -> None:
@@ -275,13 +311,17 @@ class SplitResult:
 
 
 def evaluate_batches(
-    batches: Iterable[dict[str, Any]], score: Callable[[dict[str, Any]], Mapping[str, Judged]], names: Iterable[str]
+    batches: Iterable[dict[str, Any]],
+    score: Callable[[dict[str, Any]], Mapping[str, Judged]],
+    names: Iterable[str],
+    target: Target = "generated",
 ) -> dict[str, SplitResult]:
-    """Accuracy, valid rate and answer counts per condition (`names`) over `batches`, gathered over all ranks."""
+    """Accuracy, valid rate and answer counts per condition (`names`) over `batches`, gathered over all ranks;
+    correct as `target` (--calibration.target) defines it."""
     results = {name: SplitResult() for name in names}
     for batch in batches:
-        for name, (scores, valid, answers) in score(batch).items():
-            results[name].add(scores, valid, answers)
+        for name, judged in score(batch).items():
+            results[name].add(*judged.target(target))
     if dist.is_available() and dist.is_initialized():
         gathered: list[dict[str, SplitResult]] = [{} for _ in range(dist.get_world_size())]
         dist.all_gather_object(gathered, results)

@@ -17,6 +17,7 @@ from sae_lens import SAE
 from torch import Tensor
 
 from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.evaluation.judge import Judged
 from corrsteer_pl.evaluation.validation import group, grouped
 from corrsteer_pl.selection.variants import SelectedFeature, validated_layers, validation_trials
 from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors, decoder_vector
@@ -74,8 +75,8 @@ def _matched(selected: LayerSteering, direction: Tensor, features: list[Selected
     return LayerSteering(selected.layer, vector, features, selected.hook_name, selected.sae_source)
 
 
-Scorer = Callable[[dict[str, Any]], tuple[Tensor, Tensor]]
-"""A batch -> per-item (scores, valid) of a model other than the steered one (e.g. a fine-tuned baseline)."""
+Scorer = Callable[[dict[str, Any]], Judged]
+"""A batch -> its judged answers by a model other than the steered one (e.g. a fine-tuned baseline)."""
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -13,6 +13,9 @@ from torch import Tensor
 from corrsteer_pl.atomic import atomic_file
 from corrsteer_pl.selection.diagnosis import nothing_steered
 from corrsteer_pl.selection.evidence import candidates_table
+
+if TYPE_CHECKING:
+    from corrsteer_pl.evaluation.choice_report import ChoiceReport
 
 RESAMPLES = 10_000
 
@@ -78,6 +81,35 @@ class ConditionResult:
         )
 
 
+@dataclass
+class PairedAccuracy:
+    """One condition's accuracy against the unsteered model's on the same items, pairs kept together."""
+
+    accuracy: float
+    unsteered: float
+    difference: float  # accuracy - unsteered
+    ci_low: float  # paired bootstrap 95% CI of the difference
+    ci_high: float
+    better: int  # wrong -> right
+    worse: int  # right -> wrong
+    ser: float  # worse / (better + worse); 0 when nothing changed
+
+    @classmethod
+    def from_scores(cls, unsteered: Tensor, scores: Tensor) -> PairedAccuracy:
+        unsteered, scores = unsteered.double().cpu(), scores.double().cpu()
+        better, worse = int((scores > unsteered).sum()), int((scores < unsteered).sum())
+        low, high = paired_bootstrap_ci(unsteered, scores)
+        n = scores.numel()
+        accuracy, base = (float(scores.mean()), float(unsteered.mean())) if n else (0.0, 0.0)
+        ser = worse / (better + worse) if better + worse else 0.0
+        return cls(accuracy, base, accuracy - base, low, high, better, worse, ser)
+
+    @property
+    def moved(self) -> int:
+        """+1 / -1 when the 95% CI of the difference lies above / below 0, else 0."""
+        return 1 if self.ci_low > 0 else -1 if self.ci_high < 0 else 0
+
+
 def control_rank(accuracy: float, controls: Tensor) -> int:
     """1 + the number of control draws (rows of `controls`, (draws, n) per-item scores) at least as accurate."""
     return 1 + int((controls.double().mean(dim=1) >= accuracy).sum())
@@ -101,13 +133,16 @@ class MethodRow:
     p_values: dict[str, float] = field(default_factory=dict)  # control kind -> permutation p among its draws
     features: list[str] = field(default_factory=list)  # "L{layer}/{feature}"
     scale: float | None = None  # the coefficients' scale (None: not a steering)
+    choice: PairedAccuracy | None = None  # the choice-restricted accuracy vs unsteered (multiple choice only)
 
     @classmethod
     def from_scores(
         cls, name: str, label: str, unsteered: Tensor, scores: Tensor, valid: Tensor,
         controls: dict[str, Tensor] | None = None, features: list[str] | None = None, scale: float | None = None,
+        choice: tuple[Tensor, Tensor] | None = None,
     ) -> MethodRow:  # fmt: skip
-        """`controls`: kind -> (draws, n) per-item scores on the same items; p = rank / (draws + 1)."""
+        """`controls`: kind -> (draws, n) per-item scores on the same items; p = rank / (draws + 1); `choice`: the
+        unsteered and this row's choice-restricted per-item scores."""
         unsteered, scores = unsteered.double().cpu(), scores.double().cpu()
         plain = ConditionResult.from_scores(label, scores, valid.cpu())
         better, worse = int((scores > unsteered).sum()), int((scores < unsteered).sum())
@@ -120,7 +155,7 @@ class MethodRow:
         ser = worse / (better + worse) if better + worse else 0.0
         return cls(
             name, label, plain.accuracy, plain.valid_rate, plain.accuracy_valid, difference, low, high, better, worse,
-            ser, p_values, features or [], scale,
+            ser, p_values, features or [], scale, PairedAccuracy.from_scores(*choice) if choice is not None else None,
         )  # fmt: skip
 
 
@@ -129,11 +164,16 @@ def methods_table(rows: list[MethodRow]) -> str:
     kinds = list(dict.fromkeys(kind for row in rows for kind in row.p_values))
     head = ["method", "accuracy", "valid rate", "accuracy among valid", "vs unsteered [95% CI]"]
     head += ["better / worse", "SER"]
+    with_choice = any(r.choice is not None for r in rows)
+    head += ["choice-restricted accuracy (vs unsteered [95% CI])"] if with_choice else []
     lines = ["| " + " | ".join(head + [f"p vs {kind}" for kind in kinds] + ["scale", "features"]) + " |"]
     lines.append("|" + "---|" * (len(head) + len(kinds) + 2))
     for r in rows:
         cells = [r.label, f"{r.accuracy:.4f}", f"{r.valid_rate:.4f}", f"{r.accuracy_valid:.4f}"]
         cells += [f"{r.difference:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}]", f"{r.better} / {r.worse}", f"{r.ser:.3f}"]
+        if with_choice:
+            c = r.choice
+            cells.append(f"{c.accuracy:.4f} ({c.difference:+.4f} [{c.ci_low:+.4f}, {c.ci_high:+.4f}])" if c else "")
         cells += [f"{r.p_values[k]:.3f}" if k in r.p_values else "" for k in kinds]
         cells.append(f"{r.scale:g}" if r.scale is not None else "")
         cells.append(", ".join(r.features) if r.features else ("none" if r.scale is not None else ""))
@@ -222,6 +262,7 @@ class EvaluationReport:
     selection: dict[str, Any] = field(default_factory=dict)  # the export's selection.json: every candidate's evidence
     methods: list[MethodRow] = field(default_factory=list)  # a comparison's rows (empty without one)
     figures: list[str] = field(default_factory=list)  # PNG files written beside the report (evaluation/plots.py)
+    choice: ChoiceReport | None = None  # multiple choice: the choice-restricted accuracy and which accuracy moved
 
     @classmethod
     def from_scores(
@@ -270,7 +311,8 @@ class EvaluationReport:
     def to_markdown(self) -> str:
         lines = [f"# CorrSteer evaluation: {self.task} ({self.split} split, {self.samples} items)", ""]
         lines += self._headline_lines() + self._conditions_table() + self._difference_lines()
-        lines += self._control_lines() + self._features_table() + self._methods_lines()
+        lines += self._control_lines() + (self.choice.markdown(self) if self.choice is not None else [])
+        lines += self._features_table() + self._methods_lines()
         if self.selection:
             lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
         lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in self.figures]] if self.figures else []

@@ -5,6 +5,11 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
 
 from corrsteer_pl.tasks.base import Example, Task
 from corrsteer_pl.tasks.tables import Row
@@ -101,3 +106,85 @@ class ChoiceTask(Task):
     @property
     def judge_name(self) -> str:
         return "letter-match"
+
+
+LETTER_FORMS = ("{}", " {}")
+"""How an answer letter can open the answer after "Answer:": bare ("A", as after a chat template's turn start) or
+after a space (" A", what a raw prompt ending in "Answer:" continues with; lm-eval's MMLU scores this form alone).
+A letter's choice-restricted score is the log of the summed probability of its forms that are one token."""
+
+
+def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> list[list[int]]:
+    """Per letter, the ids of its `LETTER_FORMS` that the tokenizer encodes as one token.
+
+    A letter with no one-token form, or two letters sharing an id, cannot be scored by its first-position logit:
+    that is an error naming the letter.
+    """
+    out, seen = [], {}
+    for letter in letters:
+        ids = []
+        for form in LETTER_FORMS:
+            encoded = tokenizer.encode(form.format(letter), add_special_tokens=False)
+            if len(encoded) == 1 and encoded[0] not in ids:
+                ids.append(encoded[0])
+        if not ids:
+            raise ValueError(
+                f"choice letter {letter!r} is not one token in this tokenizer (neither {letter!r} nor ' {letter}'): "
+                "the choice-restricted accuracy needs one-token letters; use --calibration.target generated"
+            )
+        for i in ids:
+            if i in seen:
+                raise ValueError(f"choice letters {seen[i]!r} and {letter!r} share token id {i} in this tokenizer")
+            seen[i] = letter
+        out.append(ids)
+    return out
+
+
+@dataclass(frozen=True)
+class ChoiceTokens:
+    """The letters of a batch's options and their token ids: what turns first-position logits into a choice."""
+
+    letters: tuple[str, ...]
+    ids: Tensor
+    """(K, F) long: form f of letter k (a letter with fewer forms repeats its first id, masked out by `forms`)."""
+    forms: Tensor
+    """(K, F) bool: which entries of `ids` are real forms."""
+
+    @classmethod
+    def of(cls, tokenizer: Any, letters: Sequence[str]) -> ChoiceTokens:
+        per_letter = letter_token_ids(tokenizer, letters)
+        width = max(len(ids) for ids in per_letter)
+        ids = torch.tensor([row + [row[0]] * (width - len(row)) for row in per_letter], dtype=torch.long)
+        forms = torch.tensor([[j < len(row) for j in range(width)] for row in per_letter], dtype=torch.bool)
+        return cls(tuple(letters), ids, forms)
+
+    @classmethod
+    def for_examples(cls, tokenizer: Any, examples: Sequence[Example]) -> ChoiceTokens | None:
+        """The letters of any of `examples`' options, in alphabetical order; None when none has options."""
+        letters = sorted({letter for example in examples for letter in example.choices})
+        return cls.of(tokenizer, letters) if letters else None
+
+    def restrict(self, logits: Tensor, vocab_ids: Tensor | None = None) -> Tensor:
+        """(..., V) logits -> (..., K) float32: per letter, logsumexp over its forms' logits.
+
+        With `vocab_ids` (M,), `logits` (..., M) holds only the logits at those token ids (every id of `ids` must
+        be among them). Since all letters share one softmax normaliser, the argmax over letters is the letter with
+        the most probability in either form.
+        """
+        index = self.ids if vocab_ids is None else self._columns(vocab_ids)
+        picked = logits[..., index.to(logits.device)].float()  # (..., K, F)
+        return picked.masked_fill(~self.forms.to(logits.device), float("-inf")).logsumexp(-1)
+
+    def covered_by(self, vocab_ids: Tensor) -> bool:
+        """Whether every id of these letters is among `vocab_ids`."""
+        return set(self.ids.flatten().tolist()) <= set(vocab_ids.tolist())
+
+    def _columns(self, vocab_ids: Tensor) -> Tensor:
+        column = {int(t): i for i, t in enumerate(vocab_ids.tolist())}
+        return torch.tensor([[column[int(t)] for t in row] for row in self.ids.tolist()], dtype=torch.long)
+
+    def answers(self, restricted: Tensor, examples: Sequence[Example]) -> list[str]:
+        """Per example, the letter with the highest restricted logit among its own options (`restricted`: (B, K))."""
+        own = torch.tensor([[letter in e.choices for letter in self.letters] for e in examples], dtype=torch.bool)
+        best = restricted.float().cpu().masked_fill(~own, float("-inf")).argmax(-1)
+        return [self.letters[int(i)] for i in best]
