@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     total = (sum(plain) + sum(topk)) / sum(plain)
     setting = f"F = {args.layers} x {args.d_sae:,} = {features:,}, batch {args.batch}, k = {K}, 1-3% non-zero"
     measured = (
-        f"plain {C.ms(plain[args.warmup:])}, top-k {C.ms(topk[args.warmup:])} per batch {C.CLOCK_NAME} after "
+        f"plain {C.ms(plain[args.warmup :])}, top-k {C.ms(topk[args.warmup :])} per batch {C.CLOCK_NAME} after "
         f"{args.warmup * args.batch:,} samples; whole run of {args.batches * args.batch:,} samples "
         f"(slot filling included) {total:.2f}x; per-batch {min(steady):.3f}-{max(steady):.3f}"
     )

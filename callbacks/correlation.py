@@ -15,6 +15,7 @@ from corrsteer_pl.atomic import atomic_folder, check_writable
 from corrsteer_pl.calibration.bootstrap import BootstrapStats
 from corrsteer_pl.calibration.rankings import Ranking, check_ranking
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
+from corrsteer_pl.calibration.top_examples import DEFAULT_TOP_EXAMPLES, TopExamples, example_keys
 from corrsteer_pl.evaluation.comparison import SelectionOptions
 from corrsteer_pl.evaluation.controls import SEARCH_CONTROLS_DIR, search_draws, search_trials, searched_layers
 from corrsteer_pl.evaluation.tensorboard import log_selection
@@ -28,6 +29,7 @@ from corrsteer_pl.selection.evidence import (
     significance_warning,
     write_selection,
 )
+from corrsteer_pl.selection.examples import add_top_examples, example_index, reanswer
 from corrsteer_pl.selection.variants import (
     SelectedFeature,
     Selection,
@@ -59,6 +61,7 @@ class CorrelationCallback(L.Callback):
         alpha: float = 0.05,
         require_significance: bool = True,
         bootstrap: int = 20,
+        top_examples: int = DEFAULT_TOP_EXAMPLES,
         search_draws: int = 10,
         include_model: bool = False,
         export_formats: list[str] | None = None,
@@ -86,6 +89,8 @@ class CorrelationCallback(L.Callback):
                 goes to the console, steering.json and the report). false: try and export them anyway.
             bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability (share of replicates
                 where it is its layer's top-1) and its 90% interval of r.
+            top_examples: keep each feature's this-many largest pooled activations over calibration (sample, value,
+                position of the peak; 0 = off); every candidate's examples go into selection.json and the report.
             search_draws: P only: repeat P's search (as many trials per layer as P had, same norms, same test and
                 Holm correction; no q filter for random features) on random firing features this many times; test then
                 compares the steering with these searched controls (0 = off).
@@ -98,6 +103,10 @@ class CorrelationCallback(L.Callback):
         self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
         self.require_significance = require_significance
+        if top_examples < 0:
+            raise ValueError(f"--calibration.top_examples must be >= 0 (0 turns it off), got {top_examples}")
+        self.top_k_examples = top_examples
+        self.tops: dict[int, TopExamples] = {}
         self.include_model, self.export_formats, self.exported = include_model, check_formats(export_formats), False
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
@@ -128,6 +137,7 @@ class CorrelationCallback(L.Callback):
                 self.bootstrap[layer] = BootstrapStats(sae.cfg.d_sae, self.replicates, device=pl_module.device)
             self.stats[layer].to(pl_module.device)
             self.bootstrap[layer].to(pl_module.device)
+            self.tops.setdefault(layer, TopExamples(sae.cfg.d_sae, self.top_k_examples)).to(pl_module.device)
         self._started, self._samples_at_start = time.perf_counter(), self._local_samples()
 
     def on_train_batch_end(
@@ -135,9 +145,13 @@ class CorrelationCallback(L.Callback):
     ) -> None:
         labels = outputs["labels"]
         ids = [example.id for example in batch["examples"]]  # bootstrap weights follow the sample, not the batch
+        keys = example_keys(ids) if self.top_k_examples and ids else None
+        peaks = outputs.get("peaks") or {}
         for layer, pooled in outputs["pooled"].items():
             self.stats[layer].update(pooled, labels.to(pooled.device))
             self.bootstrap[layer].update(pooled, labels.to(pooled.device), ids)
+            if keys is not None:
+                self.tops[layer].update(pooled, keys, peaks.get(layer))
         stats = next(iter(self.stats.values()))
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         pl_module.log_dict(
@@ -164,6 +178,7 @@ class CorrelationCallback(L.Callback):
             for layer in self.stats:
                 self.stats[layer].to(pl_module.device)
                 self.bootstrap[layer].to(pl_module.device)
+                self.tops[layer].to(pl_module.device)
             self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -173,6 +188,7 @@ class CorrelationCallback(L.Callback):
         for layer in self.stats:
             self.stats[layer].all_reduce()
             self.bootstrap[layer].all_reduce()
+            self.tops[layer].all_reduce()
         validator = pl_module.validator()
         significance = feature_significance(self.stats)
         self.selection, scale, grid, searched = self._select(validator, pl_module.saes, significance)
@@ -191,11 +207,22 @@ class CorrelationCallback(L.Callback):
         ]
         controls = [SteeringVectors.from_selection(kept, pl_module.saes, pl_module.lm) for kept, _ in searched]
         if trainer.is_global_zero:
+            self._add_examples(trainer, pl_module, record)
             self._export(pl_module, record, controls)
             log_selection(trainer, self.stats, self.selection, record)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         self.exported = True
+
+    def _add_examples(self, trainer: L.Trainer, pl_module: L.LightningModule, record: dict[str, Any]) -> None:
+        """Every candidate's top examples into the record: their prompts answered again, unsteered."""
+        if not self.top_k_examples:
+            return
+        started = time.perf_counter()
+        examples = example_index(trainer.datamodule.examples("calibration"))
+        decode = lambda tokens: pl_module.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
+        add_top_examples(record, self.tops, examples, lambda wanted: reanswer(pl_module, wanted), decode)
+        rank_zero_info(f"top examples: candidates' prompts answered again in {time.perf_counter() - started:.0f} s")
 
     def _select(
         self, validator: Validator, saes: dict, significance: Significance
@@ -302,7 +329,16 @@ class CorrelationCallback(L.Callback):
             replicates[layer] = {k: v.cpu() for k, v in boot.all_reduce().state_dict().items()}
         loader = self._trainer.train_dataloader if self._trainer is not None else None
         complete = loader is not None and loader.completed >= len(loader)
-        return {"stats": state, "bootstrap": replicates, "complete": complete}
+        tops = {}
+        for layer, top in self.tops.items():
+            tops[layer] = {
+                k: v.cpu()
+                for k, v in TopExamples.from_state_dict(top.state_dict(), top.state.values.device)
+                .all_reduce()
+                .state_dict()
+                .items()
+            }
+        return {"stats": state, "bootstrap": replicates, "top_examples": tops, "complete": complete}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -317,6 +353,15 @@ class CorrelationCallback(L.Callback):
         for layer, state in state_dict["bootstrap"].items():
             boot = BootstrapStats.from_state_dict(state)
             self.bootstrap[int(layer)] = boot if rank == 0 else BootstrapStats(boot.num_features, boot.replicates)
+        self.tops = {}
+        for layer, state in state_dict.get("top_examples", {}).items():
+            top = TopExamples.from_state_dict(state)
+            if top.k != self.top_k_examples:
+                raise ValueError(
+                    f"cannot resume: --calibration.top_examples {self.top_k_examples} differs from the checkpoint's "
+                    f"{top.k}; resume with the original value, or start afresh with a new --trainer.default_root_dir"
+                )
+            self.tops[int(layer)] = top if rank == 0 else TopExamples(top.num_features, top.k)
         if set(self.bootstrap) != set(self.stats) or any(
             b.replicates != self.replicates for b in self.bootstrap.values()
         ):

@@ -157,9 +157,11 @@ class CorrSteerModule(L.LightningModule):
             return {"labels": torch.zeros(0, dtype=torch.float64), "pooled": {}}
         eos, pad = eos_ids(self.lm, self.tokenizer), pad_id(self.lm, self.tokenizer)
         steps, pooling = self._max_new_tokens(), self.hparams.pooling
-        new, pooled = calibration_features(self.lm, batch, steps, self.saes, pooling, self.answer_cache, eos, pad)
+        new, pooled, peaks = calibration_features(
+            self.lm, batch, steps, self.saes, pooling, self.answer_cache, eos, pad
+        )
         labels, _, _ = self.score(batch, new)
-        return {"labels": labels, "pooled": pooled}
+        return {"labels": labels, "pooled": pooled, "peaks": peaks}
 
     def score_conditions(
         self, batch: dict[str, Any], conditions: Conditions, prompt_caches: PromptCaches | None = None
