@@ -28,18 +28,19 @@ def _as_rows(state: TopState) -> list[list[tuple]]:
     return [[(v, i, p) for v, i, p in zip(*row, strict=True) if i != EMPTY] for row in rows]
 
 
-def _data(n: int = 200, f: int = 40, seed: int = 0):
+def _data(n: int = 200, f: int = 40, seed: int = 0, density: float = 0.6):
     g = torch.Generator().manual_seed(seed)
-    # few distinct values so ties are common; a third of the entries are 0 (the feature did not fire)
-    z = torch.randint(0, 4, (n, f), generator=g).float() * (torch.rand(n, f, generator=g) < 0.6)
+    # few distinct values so ties are common; the others are 0 (the feature did not fire)
+    z = torch.randint(1, 4, (n, f), generator=g).float() * (torch.rand(n, f, generator=g) < density)
     ids = example_keys([f"item/{i}" for i in range(n)])
     peaks = torch.randint(0, 6, (n, f), generator=g, dtype=torch.int32)
     return z, ids, peaks
 
 
+@pytest.mark.parametrize("density", [0.6, 0.05])  # 0.05: mostly one entering entry per feature and batch
 @pytest.mark.parametrize("k", [1, 3, 7])
-def test_streamed_update_equals_brute_force_sort_with_ties_by_ascending_id(k):
-    z, ids, peaks = _data()
+def test_streamed_update_equals_brute_force_sort_with_ties_by_ascending_id(k, density):
+    z, ids, peaks = _data(n=600, density=density)
     state = TopState.empty(z.shape[1], k)
     for start in range(0, z.shape[0], 13):  # uneven batches
         top_examples_update(state, z[start : start + 13], ids[start : start + 13], peaks[start : start + 13])
