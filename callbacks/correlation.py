@@ -15,6 +15,7 @@ from corrsteer_pl.atomic import atomic_folder, check_writable
 from corrsteer_pl.calibration.bootstrap import BootstrapStats
 from corrsteer_pl.calibration.rankings import Ranking, check_ranking
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
+from corrsteer_pl.calibration.top_examples import DEFAULT_TOP_EXAMPLES, TopExamples, example_keys
 from corrsteer_pl.evaluation.comparison import SelectionOptions
 from corrsteer_pl.evaluation.controls import SEARCH_CONTROLS_DIR, search_draws, search_trials, searched_layers
 from corrsteer_pl.evaluation.judge import Target, check_target
@@ -29,6 +30,7 @@ from corrsteer_pl.selection.evidence import (
     significance_warning,
     write_selection,
 )
+from corrsteer_pl.selection.examples import add_top_examples, example_index, reanswer
 from corrsteer_pl.selection.variants import (
     SelectedFeature,
     Selection,
@@ -60,6 +62,7 @@ class CorrelationCallback(L.Callback):
         alpha: float = 0.05,
         require_significance: bool = True,
         bootstrap: int = 20,
+        top_examples: int = DEFAULT_TOP_EXAMPLES,
         search_draws: int = 10,
         include_model: bool = False,
         export_formats: list[str] | None = None,
@@ -74,34 +77,36 @@ class CorrelationCallback(L.Callback):
             scale: multiplier (> 0; negative ones collapse accuracy, says the paper) of the coefficients; P uses it.
             scale_grid: pick the scale from these values (each > 0) by validation accuracy, e.g. [0.5, 1, 2, 4].
             max_answer_share: a multiple-choice grid scale is refused when one letter is over this share of answers.
-            active_only: coefficient = mean over correct answers where the feature fired (default: all correct).
+            active_only: coefficient = mean over the correct answers where it fired (default: over all correct).
             candidates: P tries each layer's top this-many features on validation (3: SmolLM2's top-3 r tie).
             alpha: level of the q-values (Benjamini-Hochberg over all features) and of P's paired sign tests on
                 validation against unsteered, Holm-corrected over all of P's trials (every layer's) as one family.
             require_significance: P tries only candidates with q < alpha, S and A export nothing unless a chosen
                 feature has q < alpha (the reason is said); false: try and export them anyway.
             bootstrap: Poisson bootstrap replicates of r (0 = off): each candidate's stability and 90% interval of r.
+            top_examples: keep each feature's this-many top activating calibration examples (0 = off).
             search_draws: P only: repeat P's search (trials per layer, norms, test and Holm as P's; no q filter) on
                 random firing features this many times, the search-matched control of test (0 = off).
             include_model: also write the base model's weights into the export (it then stands alone).
             export_formats: also write gguf (steering.gguf, llama.cpp control vector) and/or merged (merged/, HF
                 folder, steering in the MLP biases); both steer every position, the prompt included.
-            target: what a correct answer is in calibration and validation: generated (the paper's: the letter of
-                the generated text) or choice (multiple choice: the option letter with the highest logit).
+            target: what is correct in calibration and validation: generated (the paper's) or choice (top logit letter).
         """
-        check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
+        check_options(
+            top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws, top_examples
+        )
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
         self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
         self.require_significance, self.include_model, self.exported = require_significance, include_model, False
-        self.export_formats = check_formats(export_formats)
-        self.target = target
+        self.export_formats, self.target, self.top_k_examples = check_formats(export_formats), target, top_examples
         self._fresh_state()
 
     def _fresh_state(self) -> None:
         """What calibration accumulates (statistics, bootstrap) and what the end of fit derives from it."""
         self.stats: dict[int, CorrelationStats] = {}
         self.bootstrap: dict[int, BootstrapStats] = {}
+        self.tops: dict[int, TopExamples] = {}
         self.selection: Selection | None = None
         self.restored_complete = False  # resumed from a checkpoint written after the last calibration batch
         self._trainer: L.Trainer | None = None
@@ -133,6 +138,7 @@ class CorrelationCallback(L.Callback):
                 self.bootstrap[layer] = BootstrapStats(sae.cfg.d_sae, self.replicates, device=pl_module.device)
             self.stats[layer].to(pl_module.device)
             self.bootstrap[layer].to(pl_module.device)
+            self.tops.setdefault(layer, TopExamples(sae.cfg.d_sae, self.top_k_examples)).to(pl_module.device)
         self._started, self._samples_at_start = time.perf_counter(), self._local_samples()
 
     def on_train_batch_end(
@@ -140,9 +146,13 @@ class CorrelationCallback(L.Callback):
     ) -> None:
         labels = outputs["labels"]
         ids = [example.id for example in batch["examples"]]  # bootstrap weights follow the sample, not the batch
+        keys = example_keys(ids) if self.top_k_examples and ids else None
+        peaks = outputs.get("peaks") or {}
         for layer, pooled in outputs["pooled"].items():
             self.stats[layer].update(pooled, labels.to(pooled.device))
             self.bootstrap[layer].update(pooled, labels.to(pooled.device), ids)
+            if keys is not None:
+                self.tops[layer].update(pooled, keys, peaks.get(layer))
         stats = next(iter(self.stats.values()))
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         pl_module.log_dict(
@@ -169,6 +179,7 @@ class CorrelationCallback(L.Callback):
             for layer in self.stats:
                 self.stats[layer].to(pl_module.device)
                 self.bootstrap[layer].to(pl_module.device)
+                self.tops[layer].to(pl_module.device)
             self.on_train_end(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -178,6 +189,7 @@ class CorrelationCallback(L.Callback):
         for layer in self.stats:
             self.stats[layer].all_reduce()
             self.bootstrap[layer].all_reduce()
+            self.tops[layer].all_reduce()
         validator = pl_module.validator()
         significance = feature_significance(self.stats)
         self.selection, scale, grid, searched = self._select(validator, pl_module.saes, significance)
@@ -197,11 +209,22 @@ class CorrelationCallback(L.Callback):
         ]
         controls = [SteeringVectors.from_selection(kept, pl_module.saes, pl_module.lm) for kept, _ in searched]
         if trainer.is_global_zero:
+            self._add_examples(trainer, pl_module, record)
             self._export(pl_module, record, controls)
             log_selection(trainer, self.stats, self.selection, record)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         self.exported = True
+
+    def _add_examples(self, trainer: L.Trainer, pl_module: L.LightningModule, record: dict[str, Any]) -> None:
+        """Every candidate's top examples into the record: their prompts answered again, unsteered."""
+        if not self.top_k_examples:
+            return
+        started = time.perf_counter()
+        examples = example_index(trainer.datamodule.examples("calibration"))
+        decode = lambda tokens: pl_module.tokenizer.decode(tokens, skip_special_tokens=True)  # noqa: E731
+        add_top_examples(record, self.tops, examples, lambda wanted: reanswer(pl_module, wanted), decode)
+        rank_zero_info(f"top examples: candidates' prompts answered again in {time.perf_counter() - started:.0f} s")
 
     def _select(
         self, validator: Validator, saes: dict, significance: Significance
@@ -308,7 +331,16 @@ class CorrelationCallback(L.Callback):
             replicates[layer] = {k: v.cpu() for k, v in boot.all_reduce().state_dict().items()}
         loader = self._trainer.train_dataloader if self._trainer is not None else None
         complete = loader is not None and loader.completed >= len(loader)
-        return {"stats": state, "bootstrap": replicates, "complete": complete}
+        tops = {}
+        for layer, top in self.tops.items():
+            tops[layer] = {
+                k: v.cpu()
+                for k, v in TopExamples.from_state_dict(top.state_dict(), top.state.values.device)
+                .all_reduce()
+                .state_dict()
+                .items()
+            }
+        return {"stats": state, "bootstrap": replicates, "top_examples": tops, "complete": complete}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -323,6 +355,15 @@ class CorrelationCallback(L.Callback):
         for layer, state in state_dict["bootstrap"].items():
             boot = BootstrapStats.from_state_dict(state)
             self.bootstrap[int(layer)] = boot if rank == 0 else BootstrapStats(boot.num_features, boot.replicates)
+        self.tops = {}
+        for layer, state in state_dict.get("top_examples", {}).items():
+            top = TopExamples.from_state_dict(state)
+            if top.k != self.top_k_examples:
+                raise ValueError(
+                    f"cannot resume: --calibration.top_examples {self.top_k_examples} differs from the checkpoint's "
+                    f"{top.k}; resume with the original value, or start afresh with a new --trainer.default_root_dir"
+                )
+            self.tops[int(layer)] = top if rank == 0 else TopExamples(top.num_features, top.k)
         if set(self.bootstrap) != set(self.stats) or any(
             b.replicates != self.replicates for b in self.bootstrap.values()
         ):
@@ -334,7 +375,7 @@ class CorrelationCallback(L.Callback):
 
 def check_options(
     top_k: int, scale: float, scale_grid: list[float] | None, max_answer_share: float, candidates: int, alpha: float,
-    bootstrap: int, search_draws: int,
+    bootstrap: int, search_draws: int, top_examples: int = 0,
 ) -> None:  # fmt: skip
     """Refuses selection options that would silently do something else than asked, naming the flag."""
     if top_k < 1:
@@ -359,6 +400,8 @@ def check_options(
             f"--calibration.max_answer_share must lie in (0, 1], got {max_answer_share} "
             "(1 turns the collapse guard off)"
         )
+    if top_examples < 0:
+        raise ValueError(f"--calibration.top_examples must be >= 0 (0 turns it off), got {top_examples}")
 
 
 def check_formats(formats: list[str] | None) -> list[str]:

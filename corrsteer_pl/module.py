@@ -154,11 +154,11 @@ class CorrSteerModule(L.LightningModule):
         eos, pad = eos_ids(self.lm, self.tokenizer), pad_id(self.lm, self.tokenizer)
         steps, pooling = self._max_new_tokens(), self.hparams.pooling
         choice = target_choices(self.calibration_target, self.tokenizer, batch["examples"])  # None: generated
-        new, pooled, logits = calibration_features(
+        new, pooled, logits, peaks = calibration_features(
             self.lm, batch, steps, self.saes, pooling, self.answer_cache, eos, pad, choice
         )
         labels = self.score(batch, new, logits).target(self.calibration_target).scores
-        return {"labels": labels, "pooled": pooled}
+        return {"labels": labels, "pooled": pooled, "peaks": peaks}
 
     def score_conditions(
         self, batch: dict[str, Any], conditions: Conditions, prompt_caches: PromptCaches | None = None

@@ -14,6 +14,7 @@ SCRIPTS = (
     "scaling",
     "stats_vs_torchmetrics",
     "bootstrap_cost",
+    "top_examples_cost",
     "stats_memory",
     "calibration_overhead",
     "steering_overhead",

@@ -59,3 +59,24 @@ def test_capture_never_encodes_the_prompt_body(llama, batch):
 def test_unknown_pooling_is_refused(llama):
     with pytest.raises(ValueError, match="pooling 'median'"):
         FeatureCapture(llama, {}, pooling="median")
+
+
+def test_peak_position_is_where_the_hidden_states_oracle_reaches_the_max(model, batch):
+    from corrsteer_pl.calibration.capture import generate_with_peaks
+
+    saes = {0: random_sae(64, 128, 0, seed=0)}
+    new, pooled, peaks = generate_with_peaks(
+        model, batch["input_ids"], batch["attention_mask"], 5, saes, pad_token_id=0
+    )
+    prompt_len = batch["input_ids"].shape[1]
+    ids = torch.cat([batch["input_ids"], new], dim=1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(new)], dim=1)
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                       output_hidden_states=True).hidden_states[1]  # fmt: skip
+    codes = saes[0].encode(hidden[:, prompt_len - 1 : prompt_len + 4])  # (B, 5 generation positions, d_sae)
+    top2 = codes.topk(2, dim=1).values
+    clear = (top2[:, 0] > 0) & (top2[:, 0] - top2[:, 1] > 1e-3)  # a peak that float noise cannot move
+    assert clear.sum() > 50 and peaks[0].dtype == torch.int32
+    assert torch.equal(peaks[0][clear], codes.argmax(dim=1).to(torch.int32)[clear])
+    torch.testing.assert_close(pooled[0], codes.max(dim=1).values, atol=1e-4, rtol=1e-4)

@@ -56,6 +56,15 @@ def test_two_process_ddp_counts_every_sample_once_and_equals_one_process(tmp_pat
     assert [(f["layer"], f["feature"]) for f in ddp_features] == [(f["layer"], f["feature"]) for f in single_features]
     for a, b in zip(ddp_features, single_features, strict=True):
         assert a["r"] == pytest.approx(b["r"], rel=1e-12) and a["coefficient"] == pytest.approx(b["coefficient"])
+    assert _top_examples(tmp_path / "ddp") == _top_examples(tmp_path / "single"), "top examples merge exactly"
+
+
+def _top_examples(root: Path) -> dict:
+    """Every candidate's top examples in selection.json, by (layer, feature)."""
+    record = json.loads((root / "steered" / "selection.json").read_text())
+    tops = {(f["layer"], f["feature"]): f["top_examples"] for fs in record["layers"].values() for f in fs}
+    assert any(tops.values()), "some candidate has top examples for the comparison to mean anything"
+    return tops
 
 
 def _recorder(root: Path, log: Path, kill: bool) -> list[str]:
@@ -100,6 +109,7 @@ def test_sigkill_then_resume_from_last_computes_only_the_remaining_batches_and_g
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
     assert _selected(killed) == _selected(tmp_path / "reference")
+    assert _top_examples(killed) == _top_examples(tmp_path / "reference"), "top examples resume exactly"
 
 
 @pytest.mark.parametrize("devices", [2])

@@ -70,7 +70,9 @@ def test_choice_logits_are_the_first_answer_positions_logits_in_one_token_and_ge
         assert one[name].choice_answers == three[name].choice_answers, name
     batch = tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True)
     choice = ChoiceTokens.for_examples(tokenizer, examples)
-    _, _, live = generate_answers(llama, batch["input_ids"], batch["attention_mask"], 1, pad_token_id=0, choice=choice)
+    _, _, live, _ = generate_answers(
+        llama, batch["input_ids"], batch["attention_mask"], 1, pad_token_id=0, choice=choice
+    )
     with torch.no_grad():
         plain = llama(**batch).logits[:, -1]  # (B, vocab): the unsteered first answer position
     torch.testing.assert_close(live, choice.restrict(plain), rtol=1e-5, atol=1e-5)
@@ -133,7 +135,9 @@ def test_recorded_letter_logits_give_the_live_choice_restricted_logits(llama, to
     choice = ChoiceTokens.for_examples(tokenizer, examples)
     _, _, recorded = recorded_features(cache, texts, {}, choice)
     batch = tokenizer(texts, return_tensors="pt", padding=True)
-    _, _, live = generate_answers(llama, batch["input_ids"], batch["attention_mask"], 1, pad_token_id=0, choice=choice)
+    _, _, live, _ = generate_answers(
+        llama, batch["input_ids"], batch["attention_mask"], 1, pad_token_id=0, choice=choice
+    )
     torch.testing.assert_close(recorded, live, rtol=1e-4, atol=1e-4)
     assert recorded_features(AnswerCache(logit_ids=torch.tensor([35])), texts, {}, choice) is None
 

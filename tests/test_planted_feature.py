@@ -105,3 +105,27 @@ def test_p_under_holm_and_the_q_filter_still_keeps_the_planted_feature():
     assert [f.feature for f in selection.features] == [PLANTED]
     assert trials[f"layer_0/{PLANTED}"]["p_holm"] < 1e-6 and trials[f"layer_0/{PLANTED}"]["kept"]
     assert len(trials) <= 3 and all(selection.candidates[0][i].q_value < 0.05 for i in range(len(trials)))
+
+
+def test_planted_feature_top_examples_are_exactly_the_prompts_planted_to_fire_hardest():
+    from corrsteer_pl.calibration.top_examples import TopExamples, example_keys
+
+    model, sae, prompts = _planted_world()
+    strong = torch.arange(140, 145)  # five tokens that carry the planted direction three times as strongly
+    with torch.no_grad():
+        v = sae.W_dec[PLANTED] / sae.W_dec[PLANTED].norm()
+        model.model.embed_tokens.weight[strong] += 6.0 * v
+    top, planted_at = TopExamples(D_SAE, k=5), set()
+    for seed in range(4):
+        ids = prompts(64, seed)
+        if seed == 2:  # the hardest-firing prompts sit in one batch among others that fire too
+            ids[[3, 17, 29, 40, 61], -1] = strong
+            planted_at = {f"{seed}/{i}" for i in (3, 17, 29, 40, 61)}
+        _, pooled = _answers(model, ids, {0: sae})
+        top.update(pooled[0], [f"{seed}/{i}" for i in range(64)])
+    names = {
+        int(k): name for k, name in zip(example_keys(sorted(planted_at)).tolist(), sorted(planted_at), strict=True)
+    }
+    kept = top.examples(PLANTED)
+    assert {names.get(key) for key, _, _ in kept} == planted_at
+    assert [value for _, value, _ in kept] == sorted((value for _, value, _ in kept), reverse=True)

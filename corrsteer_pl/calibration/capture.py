@@ -33,13 +33,19 @@ class FeatureCapture:
         saes: Mapping[int, SAE],
         pooling: Pooling = "max",
         eos_token_ids: Iterable[int] | None = None,
+        peaks: bool = False,
     ) -> None:
+        """peaks: `pooled()` also fills `self.peaks`: per layer (B, d_sae) int32, the generation position (0 = the
+        last prompt position) where each feature's activation was largest (the first such position on a tie)."""
         if pooling not in ("max", "mean"):
             raise ValueError(f"unknown pooling '{pooling}'; use 'max' or 'mean'")
         self.saes = dict(saes)
         self.pooling = pooling
         self._rows: dict[int, list[Tensor]] = {}  # per layer: batch row of each kept residual
         self._residuals: dict[int, list[Tensor]] = {}  # per layer: (n, d_model) residual chunks
+        self._steps: dict[int, list[Tensor]] = {}  # per layer: generation position of each kept residual
+        self._seen: dict[int, Tensor] = {}  # per layer: (B,) positions kept so far per batch row
+        self.track_peaks, self.peaks = peaks, {}
         self._batch = 0
         fns = {layer: self._keeper(layer) for layer in self.saes}
         self.hooks = LayerHooks(model, fns, positions="generation", eos_token_ids=eos_token_ids)
@@ -47,6 +53,8 @@ class FeatureCapture:
     def __enter__(self) -> FeatureCapture:
         self._rows = {layer: [] for layer in self.saes}
         self._residuals = {layer: [] for layer in self.saes}
+        self._steps = {layer: [] for layer in self.saes}
+        self._seen, self.peaks = {}, {}
         self.hooks.attach()
         return self
 
@@ -63,7 +71,21 @@ class FeatureCapture:
             x = torch.cat(self._residuals[layer])
             acts = encode_rows(sae, x)  # (n, d_sae), one call for all steps
             out[layer] = self._pool(rows.to(acts.device), acts)
+            if self.track_peaks:
+                self.peaks[layer] = self._peak(
+                    rows.to(acts.device), torch.cat(self._steps[layer]).to(acts.device), acts
+                )
         return out
+
+    def _peak(self, rows: Tensor, steps: Tensor, acts: Tensor) -> Tensor:
+        """(B, d_sae) int32: the first generation position where each feature reached its maximum of the row."""
+        index = rows.unsqueeze(1).expand_as(acts)
+        top = torch.full((self._batch, acts.shape[1]), float("-inf"), device=acts.device)
+        top.scatter_reduce_(0, index, acts, "amax", include_self=True)
+        never = torch.iinfo(torch.int32).max
+        at = torch.where(acts == top[rows], steps.to(torch.int32).unsqueeze(1), never)  # (n, d_sae)
+        peak = torch.full_like(top, never, dtype=torch.int32).scatter_reduce_(0, index, at, "amin", include_self=True)
+        return torch.where(peak == never, 0, peak)
 
     def _pool(self, rows: Tensor, acts: Tensor) -> Tensor:
         ones = torch.ones_like(rows, dtype=acts.dtype)
@@ -78,7 +100,12 @@ class FeatureCapture:
     def _keeper(self, layer: int) -> LayerFn:
         def keep(hidden: Tensor, mask: Tensor) -> None:
             self._batch = hidden.shape[0]
-            rows, cols = mask.nonzero(as_tuple=True)
+            rows, cols = mask.nonzero(as_tuple=True)  # row-major: rows ascending, positions ascending in a row
+            if self.track_peaks and rows.numel():
+                seen = self._seen.setdefault(layer, torch.zeros(self._batch, dtype=torch.long, device=rows.device))
+                within = torch.arange(rows.numel(), device=rows.device) - torch.searchsorted(rows, rows)
+                self._steps[layer].append(seen[rows] + within)
+                seen += torch.bincount(rows, minlength=self._batch)
             if rows.numel():
                 self._rows[layer].append(rows)
                 self._residuals[layer].append(hidden[rows, cols])  # advanced indexing copies: safe to keep
@@ -111,6 +138,23 @@ def recorded_features(
 
 
 @torch.inference_mode()
+def generate_with_peaks(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    saes: Mapping[int, SAE],
+    pooling: Pooling = "max",
+    eos_token_ids: Iterable[int] | None = None,
+    pad_token_id: int | None = None,
+) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
+    """As `generate_with_features`, plus per layer the (B, d_sae) generation position where each feature peaked."""
+    args = (max_new_tokens, saes, pooling, eos_token_ids, pad_token_id)
+    new, pooled, _, peaks = generate_answers(model, input_ids, attention_mask, *args, peaks=True)
+    return new, pooled, peaks
+
+
+@torch.inference_mode()
 def generate_with_features(
     model: nn.Module,
     input_ids: Tensor,
@@ -139,9 +183,11 @@ def generate_answers(
     eos_token_ids: Iterable[int] | None = None,
     pad_token_id: int | None = None,
     choice: ChoiceTokens | None = None,
-) -> tuple[Tensor, dict[int, Tensor], Tensor | None]:
+    peaks: bool = False,
+) -> tuple[Tensor, dict[int, Tensor], Tensor | None, dict[int, Tensor] | None]:
     """`generate_with_features`, plus (with `choice`) the first position's logits restricted to its letters (B, K):
-    the logits the first new token is the argmax of, read from the same pass (`output_logits`, unprocessed)."""
+    the logits the first new token is the argmax of, read from the same pass (`output_logits`, unprocessed); and
+    (with `peaks`) per layer the generation position where each feature peaked."""
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -153,11 +199,13 @@ def generate_answers(
     )
     if eos_token_ids is not None:
         kwargs["eos_token_id"] = list(eos_token_ids)
-    capture = FeatureCapture(model, saes, pooling, eos_token_ids) if saes else None
+    capture = FeatureCapture(model, saes, pooling, eos_token_ids, peaks=peaks) if saes else None
     with capture if capture is not None else nullcontext():
         out = model.generate(**kwargs)
     restricted = choice.restrict(out.logits[0]) if choice is not None else None  # (B, V) -> (B, K)
-    return out.sequences[:, input_ids.shape[1] :], capture.pooled() if capture is not None else {}, restricted
+    pooled = capture.pooled() if capture is not None else {}
+    where = capture.peaks if capture is not None and peaks else None
+    return out.sequences[:, input_ids.shape[1] :], pooled, restricted, where
 
 
 @torch.inference_mode()
@@ -171,13 +219,14 @@ def calibration_features(
     eos_token_ids: Iterable[int],
     pad_token_id: int,
     choice: ChoiceTokens | None = None,
-) -> tuple[Tensor, dict[int, Tensor], Tensor | None]:
-    """New tokens (B, N), pooled features and (with `choice`) the restricted first-position logits (B, K) of one
-    calibration batch: from the recorded one-token answers when every prompt of the batch has one (and its letter
-    logits), else by generating with the capture hooks on."""
+) -> tuple[Tensor, dict[int, Tensor], Tensor | None, dict[int, Tensor] | None]:
+    """New tokens (B, N), pooled features, (with `choice`) the restricted first-position logits (B, K) and the
+    features' peak positions (None: all 0) of one calibration batch: from the recorded one-token answers when every
+    prompt of the batch has one (and its letter logits), else by generating with the capture hooks on."""
     if answers is not None and max_new_tokens == 1:
         cached = recorded_features(answers, batch["texts"], saes, choice)
         if cached is not None:
-            return cached
+            return *cached, None
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    return generate_answers(model, ids, mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id, choice)
+    peaks = max_new_tokens > 1  # one generation position: every feature peaks at position 0
+    return generate_answers(model, ids, mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id, choice, peaks)

@@ -84,7 +84,7 @@ def answered(
         if name in shared:
             continue
         with steering.apply(model) if steering is not None else nullcontext():  # e.g. positions="all": own prefill
-            tokens, _, restricted = generate_answers(
+            tokens, _, restricted, _ = generate_answers(
                 model, input_ids, attention_mask, max_new_tokens, eos_token_ids=eos, pad_token_id=pad_token_id,
                 choice=choice,
             )  # fmt: skip

@@ -13,6 +13,7 @@ from torch import Tensor
 from corrsteer_pl.atomic import atomic_file
 from corrsteer_pl.selection.diagnosis import nothing_steered
 from corrsteer_pl.selection.evidence import candidates_table
+from corrsteer_pl.selection.examples import examples_markdown
 
 if TYPE_CHECKING:
     from corrsteer_pl.evaluation.choice_report import ChoiceReport
@@ -315,6 +316,8 @@ class EvaluationReport:
         lines += self._features_table() + self._methods_lines()
         if self.selection:
             lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
+        examples = examples_markdown(self.selection) if self.selection else ""
+        lines += ["", "## What the chosen features respond to (calibration split)", "", examples] if examples else []
         lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in self.figures]] if self.figures else []
         return "\n".join(lines) + "\n"
 

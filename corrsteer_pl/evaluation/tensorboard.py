@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.selection.evidence import candidates_table
+from corrsteer_pl.selection.examples import examples_markdown
 from corrsteer_pl.selection.variants import Selection
 
 
@@ -59,4 +60,6 @@ def log_selection(
     writer.add_text("selection", selection_table(selection), step)
     if record is not None:
         writer.add_text("selection_candidates", candidates_table(record), step)
+        if examples_markdown(record):
+            writer.add_text("top_examples", examples_markdown(record), step)
     writer.flush()

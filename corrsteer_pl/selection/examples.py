@@ -1,0 +1,110 @@
+"""Each candidate's top activating calibration examples in `selection.json`, the report and TensorBoard.
+
+Streaming keeps only (sample key, activation, peak position) per slot (`calibration/top_examples.py`). At the
+end of fit the prompts of all candidates' top examples (a few dozen) are answered again, one prompt at a time
+(no padding), with the unsteered model, greedily, by the same code as calibration
+(`calibration.capture.generate_with_features`, then `CorrSteerModule.score` = `evaluation.judge`): that gives
+the answer, whether it was correct, and the token at which the feature peaked (the answer token produced from
+the peak's generation position; position 0 produces the first answer token). A calibration batch is left-padded
+with others, so on a model whose greedy answer depends on padding the re-answer could differ from the one
+calibration scored; the activation and position are the streamed ones, exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.calibration.top_examples import TopExamples, example_keys
+
+SHOWN_CHARS = 160  # the report shows the last this-many characters of a prompt
+
+
+def example_index(examples: list[Any]) -> dict[int, Any]:
+    """Sample key (as `TopExamples` keeps it) -> example."""
+    return dict(zip(example_keys([e.id for e in examples]).tolist(), examples, strict=True))
+
+
+def reanswer(pl_module: Any, examples: list[Any]) -> dict[str, tuple[list[int], float, str]]:
+    """Example id -> (new token ids, score, answer text): the unsteered model's greedy answer, one prompt at a time."""
+    from corrsteer_pl.data import ShardedBatches
+    from corrsteer_pl.evaluation.judge import pad_id
+    from corrsteer_pl.models.hooks import eos_ids
+
+    dm, lm, tok = pl_module.trainer.datamodule, pl_module.lm, pl_module.tokenizer
+    steps = pl_module.hparams.max_new_tokens or dm.task.max_new_tokens
+    loader = ShardedBatches([], 1, tok, chat_template=dm.hparams.chat_template)
+    out = {}
+    for example in examples:
+        batch = loader.collate([example], 0)
+        ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
+        new, _ = generate_with_features(
+            lm, ids, mask, steps, None, eos_token_ids=eos_ids(lm, tok), pad_token_id=pad_id(lm, tok)
+        )
+        scores, _, _ = pl_module.score(batch, new)
+        out[example.id] = (new[0].tolist(), float(scores[0]), tok.decode(new[0], skip_special_tokens=True))
+    return out
+
+
+def add_top_examples(
+    record: dict[str, Any],
+    tops: Mapping[int, TopExamples],
+    examples: Mapping[int, Any],
+    answer: Callable[[list[Any]], dict[str, tuple[list[int], float, str]]],
+    decode: Callable[[list[int]], str],
+) -> None:
+    """Adds `top_examples` to every candidate (and chosen feature) of a `selection.json` record, in place."""
+    wanted = {(int(f["layer"]), int(f["feature"])) for fs in record.get("layers", {}).values() for f in fs}
+    slots = {key: tops[key[0]].examples(key[1]) for key in wanted if key[0] in tops and tops[key[0]].k}
+    needed = {key for rows in slots.values() for key, _, _ in rows}
+    answers = answer([examples[key] for key in sorted(needed) if key in examples])
+
+    def rows(layer: int, feature: int) -> list[dict[str, Any]]:
+        out = []
+        for key, activation, position in slots.get((layer, feature), []):
+            example = examples.get(key)
+            if example is None or example.id not in answers:
+                continue
+            tokens, score, text = answers[example.id]
+            peak = decode(tokens[position : position + 1]) if position < len(tokens) else ""
+            marked = decode(tokens[:position]) + f"⟦{peak}⟧" + decode(tokens[position + 1 :])
+            out.append(
+                {"id": example.id, "prompt": example.prompt, "answer": text, "correct": score > 0,
+                 "score": score, "activation": activation, "position": position, "peak_token": peak,
+                 "marked_answer": marked}
+            )  # fmt: skip
+        return out
+
+    for candidates in record.get("layers", {}).values():
+        for f in candidates:
+            f["top_examples"] = rows(int(f["layer"]), int(f["feature"]))
+    for f in record.get("chosen", []):
+        f["top_examples"] = rows(int(f["layer"]), int(f["feature"]))
+
+
+def shorten(prompt: str, chars: int = SHOWN_CHARS) -> str:
+    """The last `chars` characters of a prompt on one line, "…" in front when cut."""
+    flat = " ".join(prompt.split())
+    return flat if len(flat) <= chars else "…" + flat[-chars:]
+
+
+def examples_markdown(record: dict[str, Any]) -> str:
+    """The chosen features' top examples as Markdown: prompt (shortened), answer with the peak token marked ⟦ ⟧."""
+    lines = []
+    for f in record.get("chosen", []):
+        examples = f.get("top_examples")
+        if examples is None:
+            continue
+        lines += ["", f"**Layer {f['layer']}, feature {f['feature']}**: top activating calibration examples", ""]
+        if not examples:
+            lines.append("(the feature fired on no calibration example)")
+            continue
+        lines += ["| activation | correct | prompt (end) → answer, peak token ⟦ ⟧ |", "|---|---|---|"]
+        for e in examples:
+            text = f"{shorten(e['prompt'])} → {' '.join(e['marked_answer'].split())}".replace("|", "\\|")
+            lines.append(f"| {e['activation']:.3g} | {'yes' if e['correct'] else 'no'} | {text} |")
+    return "\n".join(lines).strip()
+
+
+__all__ = ["add_top_examples", "example_index", "examples_markdown", "reanswer", "shorten"]
