@@ -71,8 +71,7 @@ class CorrelationCallback(L.Callback):
         """
         Args:
             variant: S (single best feature), A (top feature of every layer) or P (layers that help on validation).
-            ranking: pearson (CorrSteer), mi (SPARE: mutual information of firing and success), fisher (DSG:
-                E[z^2 | correct] / E[z^2 | wrong]) or caa (|mean difference|, its coefficient); all keep r > 0 only.
+            ranking: pearson (CorrSteer), mi (SPARE), fisher (DSG) or caa (mean difference); all keep r > 0 only.
             top_k: candidates kept per layer for the report.
             scale: multiplier (> 0; negative ones collapse accuracy, says the paper) of the coefficients; P uses it.
             scale_grid: pick the scale from these values (each > 0) by validation accuracy, e.g. [0.5, 1, 2, 4].
@@ -92,14 +91,13 @@ class CorrelationCallback(L.Callback):
                 folder, steering in the MLP biases); both steer every position, the prompt included.
             target: what is correct in calibration and validation: generated (the paper's) or choice (top logit letter).
         """
-        check_options(
-            top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws, top_examples
-        )
+        check_options(top_k, scale, scale_grid, max_answer_share, candidates, alpha, bootstrap, search_draws)
         self.variant, self.ranking, self.top_k, self.scale = variant, check_ranking(ranking), top_k, scale
         self.scale_grid, self.max_answer_share, self.active_only = scale_grid, max_answer_share, active_only
         self.candidates, self.alpha, self.replicates, self.search_draws = candidates, alpha, bootstrap, search_draws
         self.require_significance, self.include_model, self.exported = require_significance, include_model, False
-        self.export_formats, self.target, self.top_k_examples = check_formats(export_formats), target, top_examples
+        self.export_formats, self.target = check_formats(export_formats), target
+        self.top_k_examples = check_top_examples(top_examples)
         self._fresh_state()
 
     def _fresh_state(self) -> None:
@@ -375,7 +373,7 @@ class CorrelationCallback(L.Callback):
 
 def check_options(
     top_k: int, scale: float, scale_grid: list[float] | None, max_answer_share: float, candidates: int, alpha: float,
-    bootstrap: int, search_draws: int, top_examples: int = 0,
+    bootstrap: int, search_draws: int,
 ) -> None:  # fmt: skip
     """Refuses selection options that would silently do something else than asked, naming the flag."""
     if top_k < 1:
@@ -400,8 +398,12 @@ def check_options(
             f"--calibration.max_answer_share must lie in (0, 1], got {max_answer_share} "
             "(1 turns the collapse guard off)"
         )
+
+
+def check_top_examples(top_examples: int) -> int:
     if top_examples < 0:
         raise ValueError(f"--calibration.top_examples must be >= 0 (0 turns it off), got {top_examples}")
+    return top_examples
 
 
 def check_formats(formats: list[str] | None) -> list[str]:
