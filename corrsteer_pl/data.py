@@ -30,6 +30,23 @@ def render_prompt(tokenizer: Any, prompt: str, chat_template: bool) -> str:
     return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
+def collate(tokenizer: Any, examples: list[Example], chat_template: bool, index: int = 0) -> dict[str, Any]:
+    """A batch of `examples`: left-padded tokens of their rendered prompts; no examples give an empty batch."""
+    if not examples:
+        empty = torch.zeros(0, 1, dtype=torch.long)
+        return {"input_ids": empty, "attention_mask": empty, "examples": [], "texts": [], "index": index}
+    prompts = [render_prompt(tokenizer, e.prompt, chat_template) for e in examples]
+    # a chat template already holds its special tokens (BOS included); a raw prompt gets the tokenizer's own
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=not chat_template)
+    return {
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "examples": examples,
+        "texts": prompts,
+        "index": index,
+    }
+
+
 class ShardedBatches:
     """This rank's batches of one split: every example exactly once over all ranks.
 
@@ -69,20 +86,7 @@ class ShardedBatches:
 
     def collate(self, examples: list[Example], index: int) -> dict[str, Any]:
         """Left-padded tokens; a rank whose shard ran out gets an empty batch (no rows)."""
-        if not examples:
-            empty = torch.zeros(0, 1, dtype=torch.long)
-            return {"input_ids": empty, "attention_mask": empty, "examples": [], "texts": [], "index": index}
-        prompts = [self.render(e.prompt) for e in examples]
-        # a chat template already holds its special tokens (BOS included); a raw prompt gets the tokenizer's own
-        special = not self.chat_template
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=special)
-        return {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "examples": examples,
-            "texts": prompts,
-            "index": index,
-        }
+        return collate(self.tokenizer, examples, self.chat_template, index)
 
     def longest_first(self, examples: list[Example]) -> list[Example]:
         """The examples by token count of their rendered prompt, longest first (ties keep their order)."""
@@ -255,5 +259,9 @@ class TaskDataModule(L.LightningDataModule):
     def test_dataloader(self) -> ShardedBatches:
         return self.batches("test")
 
+    def collate(self, examples: list[Example], index: int = 0) -> dict[str, Any]:
+        """A batch of `examples` as the dataloaders make it (for prompts rewritten after loading, e.g. instructed)."""
+        return collate(self.tokenizer, examples, self.hparams.chat_template, index)
 
-__all__ = ["SPLITS", "ShardedBatches", "TaskDataModule", "render_prompt"]
+
+__all__ = ["SPLITS", "ShardedBatches", "TaskDataModule", "collate", "render_prompt"]

@@ -173,7 +173,7 @@ def method_rows(
     steerings = {"steered": conditions.steered} | conditions.methods
     labels = {"unsteered": "unsteered", "steered": f"{method_label(own)} (export)"}
     labels |= {key: s.info.get("label") or method_label(key) for key, s in conditions.methods.items()}
-    labels |= {key: key for key in conditions.baselines}
+    labels |= {key: conditions.labels.get(key, key) for key in conditions.baselines}
     return [
         MethodRow.from_scores(
             name,

@@ -82,12 +82,13 @@ Scorer = Callable[[dict[str, Any]], Judged]
 @dataclass
 class ConditionSet:
     """What is answered on the same items: the unsteered model, the steered one, other methods' steerings,
-    baselines that are other models, and groups of random controls."""
+    baselines answered by a pass of their own (another model, other prompt tokens), and groups of random controls."""
 
     steered: SteeringVectors
     controls: dict[str, list[SteeringVectors]] = field(default_factory=dict)  # kind -> draws
     methods: dict[str, SteeringVectors] = field(default_factory=dict)  # a comparison's other selections
-    baselines: dict[str, Scorer] = field(default_factory=dict)  # scored by their own models, after the steerings
+    baselines: dict[str, Scorer] = field(default_factory=dict)  # scored by their own passes, after the steerings
+    labels: dict[str, str] = field(default_factory=dict)  # a baseline's label in the table (default: its name)
 
     @classmethod
     def with_random_controls(

@@ -377,8 +377,20 @@ class EvaluationReport:
             "Each method is selected from this run's statistics with its options (candidates, paired test, "
             "scale grid on validation); p: permutation p of its accuracy among the control draws above "
             "(norm-matched to the exported steering).",
+            *self._prompting_note(),
             "",
             methods_table(self.methods),
+        ]
+
+    def _prompting_note(self) -> list[str]:
+        if not any(m.name.startswith("prompt") for m in self.methods):
+            return []
+        return [
+            "",
+            'Prompt rows: the instruction is written into every test prompt (on the line before "Answer:" for '
+            'multiple choice, as the first line otherwise) and answered by its own pass; "+" rows also apply the '
+            "export's steering. Each is compared with the unsteered model on the plain prompts; its p is against "
+            "the controls on the plain prompts, not on the instructed ones.",
         ]
 
     @property

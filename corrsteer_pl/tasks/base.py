@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 Split = Literal["calibration", "validation", "test"]
 SPLITS: tuple[Split, ...] = ("calibration", "validation", "test")
+
+CHOICE_INSTRUCTIONS = (
+    "Answer with the letter of the correct option only.",
+    "Reply with a single letter and nothing else.",
+)
+"""Prompting baselines of a multiple-choice task (`--comparison.prompts default`): the steering's format effect
+(answering with a letter at all) is what these ask for in words."""
+GENERATION_INSTRUCTIONS = (
+    "You are a helpful assistant. Answer the request directly and concisely.",
+    "Give only the answer, with no explanation.",
+)
+"""Prompting baselines of a free-form task: a system-style first line."""
 
 
 @dataclass(frozen=True)
@@ -29,6 +41,8 @@ class Task(ABC):
 
     name: ClassVar[str]
     max_new_tokens: ClassVar[int]
+    instructions: ClassVar[tuple[str, ...]] = GENERATION_INSTRUCTIONS
+    """What `--comparison.prompts default` asks for in words (multiple-choice items always get CHOICE_INSTRUCTIONS)."""
     duplicates_dropped = 0
     """Examples left out before splitting because an earlier one had the same prompt (set once splits are made)."""
 
@@ -54,6 +68,20 @@ class Task(ABC):
     def data_note(self) -> str:
         """Where the splits come from, as reports print it (a task that builds its own splits says how)."""
         return f"{self.name}: the source's own calibration / validation / test splits"
+
+
+def instructed(example: Example, instruction: str) -> Example:
+    """The example with `instruction` in its prompt: on the line before a multiple-choice prompt's closing "Answer:"
+    line, else as the prompt's first line (a system-style line; inside the user turn under a chat template)."""
+    lines = example.prompt.split("\n")
+    if example.choices and len(lines) > 1 and lines[-1].strip().startswith("Answer"):
+        return replace(example, prompt="\n".join([*lines[:-1], instruction, lines[-1]]))
+    return replace(example, prompt=f"{instruction}\n\n{example.prompt}")
+
+
+def default_instructions(task: Task, multiple_choice: bool) -> list[str]:
+    """The documented instructions of `--comparison.prompts default` for this task."""
+    return list(CHOICE_INSTRUCTIONS if multiple_choice else task.instructions)
 
 
 def check_split(split: str) -> None:

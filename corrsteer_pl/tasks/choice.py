@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from corrsteer_pl.tasks.base import Example, Task
+from corrsteer_pl.tasks.base import CHOICE_INSTRUCTIONS, Example, Task
 from corrsteer_pl.tasks.tables import Row
 
 # A letter that opens the generation and stands alone: wrapped in markup ("(C)", "**D**"), followed by
@@ -96,6 +96,8 @@ def gold_letter(value: object, letters: Sequence[str], where: str, field: str = 
 
 class ChoiceTask(Task):
     """A task whose examples carry option letters; correct when the extracted letter equals the gold one."""
+
+    instructions = CHOICE_INSTRUCTIONS
 
     def score(self, example: Example, generation: str) -> float:
         return float(self.extract(example, generation) == example.answer)
