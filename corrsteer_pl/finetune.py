@@ -47,10 +47,10 @@ from corrsteer_pl.atomic import atomic_folder
 from corrsteer_pl.data import ShardedBatches, TaskDataModule
 from corrsteer_pl.entry import run_cli
 from corrsteer_pl.evaluation.conditions import Answered, answered
-from corrsteer_pl.evaluation.judge import Judged, judge, pad_id
+from corrsteer_pl.evaluation.judge import Judged, judge
 from corrsteer_pl.evaluation.report import RESAMPLES, EvaluationReport
 from corrsteer_pl.evaluation.scores import ConditionScores
-from corrsteer_pl.models.hooks import eos_ids
+from corrsteer_pl.models.hooks import eos_ids, pad_id
 from corrsteer_pl.models.loading import DTYPES
 from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model
 from corrsteer_pl.safe_load import CKPT_FLAG, check_ckpt_path, load_checkpoint, with_safe_checkpoint_io

@@ -23,10 +23,10 @@ from corrsteer_pl.evaluation.compare_pass import (
 )
 from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, answered, evaluate_batches
 from corrsteer_pl.evaluation.controls import ConditionSet
-from corrsteer_pl.evaluation.judge import Judged, Target, judge, pad_id, target_choices
+from corrsteer_pl.evaluation.judge import Judged, Target, judge, target_choices
 from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.evaluation.validation import Validator
-from corrsteer_pl.models.hooks import eos_ids
+from corrsteer_pl.models.hooks import eos_ids, pad_id
 from corrsteer_pl.models.loading import SAESpec, check_module_options, load_frozen_lm, load_sae_set
 from corrsteer_pl.models.sources import TINY_RANDOM
 from corrsteer_pl.recovery import IDENTITY_KEY, check_same_calibration, run_identity

@@ -65,7 +65,7 @@ def _by_hand(llama, tokenizer, examples, steering=None):
     batch = tokenizer([e.prompt for e in examples], return_tensors="pt", padding=True)
     choice = ChoiceTokens.for_examples(tokenizer, examples)
     with steering.apply(llama) if steering is not None else torch.no_grad():
-        tokens, _, logits = generate_answers(
+        tokens, _, logits, _ = generate_answers(
             llama, batch["input_ids"], batch["attention_mask"], 1, eos_token_ids=[1], pad_token_id=0, choice=choice
         )
     return judge(_Choice(), tokenizer, examples, tokens, logits)

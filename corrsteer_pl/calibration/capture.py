@@ -166,7 +166,7 @@ def generate_with_features(
     pad_token_id: int | None = None,
 ) -> tuple[Tensor, dict[int, Tensor]]:
     """Greedy-decode left-padded prompts; return the new tokens (B, N) and pooled SAE features."""
-    new, pooled, _ = generate_answers(
+    new, pooled, _, _ = generate_answers(
         model, input_ids, attention_mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id
     )
     return new, pooled

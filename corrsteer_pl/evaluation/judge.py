@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from corrsteer_pl.models.hooks import eos_ids
 from corrsteer_pl.tasks.choice import ChoiceTokens
 
 Target = Literal["generated", "choice"]
@@ -90,8 +89,3 @@ def judge(
     letters = choice.answers(choice_logits, examples)
     right = torch.tensor([float(a == e.answer) for a, e in zip(letters, examples, strict=True)], dtype=torch.float64)
     return Judged(scored, valid, answers, right, letters)
-
-
-def pad_id(model: nn.Module, tokenizer: Any) -> int:
-    """The id that fills finished rows: the tokenizer's pad token, else the first EOS id."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]

@@ -82,6 +82,11 @@ def eos_ids(model: nn.Module, tokenizer: Any | None = None) -> list[int]:
     return ids
 
 
+def pad_id(model: nn.Module, tokenizer: Any) -> int:
+    """The id that fills finished rows: the tokenizer's pad token, else the first EOS id."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids(model, tokenizer)[0]
+
+
 class LayerHooks:
     """Forward hooks on decoder-layer outputs, attached for a `with` block or until `detach()`.
 

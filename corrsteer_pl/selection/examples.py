@@ -17,6 +17,7 @@ from typing import Any
 
 from corrsteer_pl.calibration.capture import generate_with_features
 from corrsteer_pl.calibration.top_examples import TopExamples, example_keys
+from corrsteer_pl.models.hooks import eos_ids, pad_id
 
 SHOWN_CHARS = 160  # the report shows the last this-many characters of a prompt
 
@@ -28,16 +29,11 @@ def example_index(examples: list[Any]) -> dict[int, Any]:
 
 def reanswer(pl_module: Any, examples: list[Any]) -> dict[str, tuple[list[int], float, str]]:
     """Example id -> (new token ids, score, answer text): the unsteered model's greedy answer, one prompt at a time."""
-    from corrsteer_pl.data import ShardedBatches
-    from corrsteer_pl.evaluation.judge import pad_id
-    from corrsteer_pl.models.hooks import eos_ids
-
     dm, lm, tok = pl_module.trainer.datamodule, pl_module.lm, pl_module.tokenizer
     steps = pl_module.hparams.max_new_tokens or dm.task.max_new_tokens
-    loader = ShardedBatches([], 1, tok, chat_template=dm.hparams.chat_template)
     out = {}
     for example in examples:
-        batch = loader.collate([example], 0)
+        batch = dm.collate([example])  # the calibration batch's tokenization, one prompt
         ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
         new, _ = generate_with_features(
             lm, ids, mask, steps, None, eos_token_ids=eos_ids(lm, tok), pad_token_id=pad_id(lm, tok)
