@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 
 class CalibrationCheckpoint(ModelCheckpoint):
-    """Saves `<dirpath>/last.ckpt` every `every_n_batches` calibration batches.
+    """Saves `<dirpath>/last.ckpt` every `every_n_batches` calibration batches and after the last one.
 
     ModelCheckpoint counts optimizer steps, and calibration takes none, so it would never fire
     mid-epoch. The folder defaults to `<default_root_dir>/checkpoints` (not a per-version logger
@@ -22,7 +22,7 @@ class CalibrationCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_batches: int = 50, dirpath: str | None = None) -> None:
         """
         Args:
-            every_n_batches: write last.ckpt after every this many calibration batches (0 = only at the end).
+            every_n_batches: write last.ckpt after every this many calibration batches (0 = only after the last).
             dirpath: checkpoint folder (None = <default_root_dir>/checkpoints).
         """
         if every_n_batches < 0:
@@ -56,16 +56,19 @@ class CalibrationCheckpoint(ModelCheckpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         trainer.train_dataloader.mark_completed()  # this batch's statistics are in: a resume starts after it
-        completed = trainer.train_dataloader.completed
-        if (
-            self.every_n_batches > 0
-            and completed % self.every_n_batches == 0
-            and completed < len(trainer.train_dataloader)
-        ):
-            path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        completed, total = trainer.train_dataloader.completed, len(trainer.train_dataloader)
+        final = completed == total
+        if final or (self.every_n_batches > 0 and completed % self.every_n_batches == 0):
+            path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
             # Not through _save_checkpoint: that marks global step 0 as saved (calibration takes no
             # optimizer step), and ModelCheckpoint would then skip the checkpoint at the end.
-            _write_atomically(trainer, str(path))
+            _write_atomically(trainer, path)
+            if final:
+                # The finished calibration is on disk before selection, validation and export run (in
+                # on_train_end): a kill there resumes without recomputing a batch. ModelCheckpoint's own save
+                # in on_train_end came only after the export, so the resume redid the batches since the last
+                # mid-calibration checkpoint (all of them with every_n_batches 0); it now sees this one and skips.
+                self._last_checkpoint_saved = path
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         _write_atomically(trainer, filepath)  # ModelCheckpoint's own end-of-calibration save

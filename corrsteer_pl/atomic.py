@@ -35,6 +35,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
         os.rename(tmp, target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        _remove_leftovers(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -73,6 +74,14 @@ def check_writable(folder: str | Path, flag: str) -> None:
         os.unlink(name)
     except OSError as err:
         raise ValueError(f"{flag}: cannot write under {parent} ({err.strerror}): choose a writable folder") from None
+
+
+def _remove_leftovers(target: Path) -> None:
+    """Temporary siblings of `target` that a killed writer left (a SIGKILL runs no cleanup): superseded now that
+    `target` is whole. With `include_model` each one holds a copy of the model's weights."""
+    for pattern in (f".{target.name}.tmp-*", f".{target.name}.old-*"):
+        for leftover in target.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _fsync_tree(folder: Path) -> None:
