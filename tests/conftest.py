@@ -9,7 +9,11 @@ from corrsteer_pl.models.tiny import tiny_model, tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-# Under pytest-xdist each of the 2 workers gets one core; a lone run keeps both.
+# Under pytest-xdist each of the 2 workers gets one core, and so do the subprocesses its tests start (train.py
+# runs, DDP ranks): on 2 shared cores a second torch thread per process made one generate call 6-12x slower.
+# A lone run keeps both cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
