@@ -40,8 +40,9 @@ def main(argv: list[str] | None = None) -> None:
             [replace(f, coefficient=f.coefficient * scale) for f in features], saes, model
         )
 
-    a = select_features(stats, "A").features
-    a_active = select_features(stats, "A", active_only=True).features
+    # The study scores what A would choose, significant or not: it asks which layers help, not whether to export.
+    a = select_features(stats, "A", require_significance=False).features
+    a_active = select_features(stats, "A", active_only=True, require_significance=False).features
     conditions: dict[str, SteeringVectors | None] = {"unsteered": None}
     for scale in (1, 2, 4):
         conditions[f"A x{scale}"] = steering(a, scale)

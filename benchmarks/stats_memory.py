@@ -31,7 +31,8 @@ def child(samples: int, layers: int, d_sae: int, batch: int, distinct: int) -> N
     import torch
 
     torch.set_num_threads(1)
-    spec = importlib.util.spec_from_file_location("corrsteer_stats", C.REPO / "corrsteer_pl" / "stats.py")
+    path = C.REPO / "corrsteer_pl" / "calibration" / "stats.py"
+    spec = importlib.util.spec_from_file_location("corrsteer_stats", path)
     stats_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stats_module)
     g = torch.Generator().manual_seed(0)

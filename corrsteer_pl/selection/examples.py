@@ -28,16 +28,24 @@ def example_index(examples: list[Any]) -> dict[int, Any]:
 
 
 def reanswer(pl_module: Any, examples: list[Any]) -> dict[str, tuple[list[int], float, str]]:
-    """Example id -> (new token ids, score, answer text): the unsteered model's greedy answer, one prompt at a time."""
+    """Example id -> (new token ids, score, answer text): the unsteered model's greedy answer, one prompt at a time.
+
+    One-token answers recorded while training the SAEs are read back instead (the same greedy token calibration
+    scored), so a run whose calibration never ran the LM does not run it here either."""
     dm, lm, tok = pl_module.trainer.datamodule, pl_module.lm, pl_module.tokenizer
     steps = pl_module.hparams.max_new_tokens or dm.task.max_new_tokens
+    recorded = getattr(pl_module, "answer_cache", None) if steps == 1 else None
     out = {}
     for example in examples:
         batch = dm.collate([example])  # the calibration batch's tokenization, one prompt
-        ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
-        new, _ = generate_with_features(
-            lm, ids, mask, steps, None, eos_token_ids=eos_ids(lm, tok), pad_token_id=pad_id(lm, tok)
-        )
+        rows = recorded.rows(batch["texts"], []) if recorded is not None else None
+        if rows is not None:
+            new = recorded.tokens[rows].unsqueeze(1)
+        else:
+            ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
+            new, _ = generate_with_features(
+                lm, ids, mask, steps, None, eos_token_ids=eos_ids(lm, tok), pad_token_id=pad_id(lm, tok)
+            )
         scores, _, _ = pl_module.score(batch, new)
         out[example.id] = (new[0].tolist(), float(scores[0]), tok.decode(new[0], skip_special_tokens=True))
     return out
