@@ -58,18 +58,18 @@ def _recorder(monkeypatch) -> dict[str, list]:
     seen: dict[str, list] = {"calibration": [], "tokens": [], "judged": []}
     calibrate, answer, score = (
         corrsteer_pl.module.calibration_features,
-        corrsteer_pl.module.answer_conditions,
+        corrsteer_pl.module.answered,
         CorrSteerModule.score_conditions,
     )
 
     def calibration_features(*args, **kwargs):
-        new, pooled = calibrate(*args, **kwargs)
-        seen["calibration"].append(new)
-        return new, pooled
+        out = calibrate(*args, **kwargs)  # (new tokens, pooled, choice logits, peaks)
+        seen["calibration"].append(out[0])
+        return out
 
-    def answer_conditions(*args, **kwargs):
+    def answered(*args, **kwargs):
         out = answer(*args, **kwargs)
-        seen["tokens"].append(out)
+        seen["tokens"].append({name: a.tokens for name, a in out.items()})
         return out
 
     def score_conditions(self, *args, **kwargs):
@@ -78,13 +78,14 @@ def _recorder(monkeypatch) -> dict[str, list]:
         return judged
 
     monkeypatch.setattr(corrsteer_pl.module, "calibration_features", calibration_features)
-    monkeypatch.setattr(corrsteer_pl.module, "answer_conditions", answer_conditions)
+    monkeypatch.setattr(corrsteer_pl.module, "answered", answered)
     monkeypatch.setattr(CorrSteerModule, "score_conditions", score_conditions)
     return seen
 
 
 def _column(judged: list[dict], name: str, part: int) -> list:
-    return [x for batch in judged for x in (batch[name][part].tolist() if part < 2 else batch[name][part])]
+    parts = [tuple(batch[name]) for batch in judged]  # Judged unpacks as (scores, valid, answers)
+    return [x for p in parts for x in (p[part].tolist() if part < 2 else p[part])]
 
 
 def test_multi_token_refusal_job_on_the_real_model_steers_generated_positions_and_reports_its_answers(
