@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCallback
@@ -59,7 +58,6 @@ class CorrSteerCLI(LightningCLI):
 def main(args: list[str] | None = None) -> CorrSteerCLI | None:
     """Runs the CLI (`python train.py fit`: the offline default job); a configuration mistake ends in one line."""
     register()
-    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the docstring under each option is its help
     return run_cli(
         CorrSteerCLI,
         DEFAULT_CONFIG,

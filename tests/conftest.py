@@ -19,8 +19,20 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Generated models and SAEs go to a fresh cache per test session (subprocesses inherit it)."""
-    os.environ["CORRSTEER_CACHE"] = str(tmp_path_factory.mktemp("corrsteer-cache"))
+    """Generated models and SAEs go to a fresh cache per test run (subprocesses inherit it), one for both xdist
+    workers: the offline SmolLM2 is converted once a run (the other worker waits on the cache's lock)."""
+    run_root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_root = run_root.parent  # popen-gw0 and popen-gw1 share their parent
+    cache = run_root / "corrsteer-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["CORRSTEER_CACHE"] = str(cache)
+
+
+def pytest_collection_modifyitems(items):
+    """The slowest tests (marked e2e or slow) go first: the two workers take the long ones early and finish
+    together on the short ones, instead of one worker starting a two-minute test when the other is done."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 2)
 
 
 @pytest.fixture()

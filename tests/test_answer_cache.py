@@ -22,6 +22,7 @@ ARGS = [
 
 
 def test_calibration_from_cached_answers_equals_running_the_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("CORRSTEER_CACHE", str(tmp_path / "cache"))  # its SAEs and answers alone in the cache
     calls = []
     live = capture.generate_answers
     monkeypatch.setattr(capture, "generate_answers", lambda *a, **k: calls.append(1) or live(*a, **k))

@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
 
+pytestmark = pytest.mark.slow  # subprocess runs of train.py: scheduled first (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 # batch_size 1: every sample is computed with the same shapes in every run (no padding differences).
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--data.batch_size", "1"]

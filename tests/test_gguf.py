@@ -17,6 +17,24 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir()), "a failed conversion must leave nothing behind"
 
 
+def test_a_conversion_finished_by_another_process_while_waiting_on_the_lock_is_reused(monkeypatch, tmp_path):
+    out = tmp_path / SMOLLM2
+
+    class OtherProcessFinishes:  # what a DDP rank sees when rank 0 held the lock and published the folder
+        def __init__(self, path):
+            assert path == tmp_path / f".{SMOLLM2}.lock", "the lock sits beside the folder it guards"
+
+        def __enter__(self):
+            out.mkdir()
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(gguf, "FileLock", OtherProcessFinishes)
+    monkeypatch.setattr(gguf, "_convert", lambda *a: pytest.fail("the folder appeared while waiting: reuse it"))
+    assert gguf.convert_gguf("unused", "unused.gguf", out) == out
+
+
 @pytest.mark.slow  # ~45-100 s on 2 shared cores: dequantizing the GGUF dominates
 @pytest.mark.skipif(not HAS_SMOLLM2, reason=MISSING_SMOLLM2)
 def test_converted_smollm2_matches_the_gguf_model(tmp_path, monkeypatch):
@@ -27,7 +45,7 @@ def test_converted_smollm2_matches_the_gguf_model(tmp_path, monkeypatch):
     monkeypatch.setattr(gguf, "load_gguf", lambda *a: loaded.append(load(*a)) or loaded[-1])
     out = convert_smollm2(tmp_path)
     assert out == tmp_path / SMOLLM2 and (out / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == [SMOLLM2], "no temporary folder may be left behind"
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [SMOLLM2], "no temporary folder may be left behind"
 
     ((reference, reference_tok),) = loaded
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

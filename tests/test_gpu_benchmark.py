@@ -37,6 +37,7 @@ def gpu_script(monkeypatch):
     torch.set_rng_state(rng)
 
 
+@pytest.mark.slow
 def test_cpu_smoke_prints_a_well_formed_row_for_every_figure(gpu_script, capsys):
     returned = gpu_script.main(["--cpu-smoke", "--header"])
     out = capsys.readouterr()

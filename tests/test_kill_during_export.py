@@ -15,6 +15,8 @@ from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.selection.evidence import read_selection
 from corrsteer_pl.steering.vectors import META_FILE, VECTORS_FILE, SteeringVectors
 
+pytestmark = pytest.mark.slow  # subprocess runs of train.py: scheduled first (conftest.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
 FINISHED = "the checkpoint holds a finished calibration: selecting and exporting from its statistics"

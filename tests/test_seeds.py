@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from corrsteer_pl import seeds
+
+pytestmark = pytest.mark.slow  # two seeds of fit + test: scheduled first (conftest.py)
 
 TINY = ["--", "--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--model.controls", "2"]
 

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -55,6 +56,14 @@ def convert_gguf(folder: str | Path, gguf_file: str, out: str | Path) -> Path:
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Processes sharing a cache (DDP ranks, parallel runs) convert once: the others wait here, then reuse it.
+    with FileLock(out.parent / f".{out.name}.lock"):
+        if out.is_dir():
+            return out
+        return _convert(folder, gguf_file, out)
+
+
+def _convert(folder: str | Path, gguf_file: str, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     steps = tqdm(total=2, desc=f"dequantizing {gguf_file} (~15-60 s)", unit="step")
     try:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from filelock import FileLock
 from sae_lens import SAE, JumpReLUSAE, JumpReLUSAEConfig
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -123,6 +124,18 @@ def build_tiny_checkpoint(
     done = folder / "COMPLETE"
     if done.exists():
         return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder / ".lock"):  # processes sharing a cache (DDP ranks, test workers) build it once
+        if not done.exists():
+            _build(folder, arch, num_layers, hidden, sae_layers, d_sae, firing_rate, seed)
+            done.touch()
+    return folder
+
+
+def _build(
+    folder: Path, arch: Arch, num_layers: int, hidden: int, sae_layers: tuple[int, ...], d_sae: int,
+    firing_rate: float, seed: int,
+) -> None:  # fmt: skip
     model, tokenizer = tiny_model(arch, num_layers, hidden, seed), tiny_tokenizer()
     model.save_pretrained(folder / "model")
     tokenizer.save_pretrained(folder / "model")
@@ -133,8 +146,6 @@ def build_tiny_checkpoint(
             pre = activations[layer] @ sae.W_enc  # (positions, d_sae); b_enc and b_dec are zero
             sae.threshold.copy_(firing_thresholds(pre, firing_rate).clamp_min(0))
         sae.save_model(folder / "saes" / f"layer_{layer}")
-    done.touch()
-    return folder
 
 
 def _layer_outputs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, layers: tuple[int, ...]) -> dict:
