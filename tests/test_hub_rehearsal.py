@@ -196,17 +196,17 @@ def test_what_the_cache_cannot_serve_is_one_line_naming_the_repo_and_file(datase
 
 
 def preset_run(home: Path, root: Path, preset: str, saes: list[dict], task_args: list[str]) -> None:
-    """`train.py fit` then `train.py test` on a preset, overriding only sizes, the layer list and the accelerator."""
+    """`train.py fit` then `train.py test` on a preset, overriding only sizes, the layer list and the accelerator,
+    in one fresh process (its HF_HOME is the rehearsal cache): `test` reads the export `fit` wrote, from disk."""
     common = ["--config", str(ROOT / "configs" / f"{preset}.yaml"), "--trainer.accelerator", "cpu",
               "--trainer.strategy", "auto", "--trainer.devices", "1", "--trainer.default_root_dir", str(root),
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--model.saes", json.dumps(saes),
               "--data.limit_calibration", "16", "--data.limit_validation", "8", "--data.limit_test", "8",
-              "--data.batch_size", "8",
+              "--data.batch_size", "8", "--model.controls", "2",
               # 16 items make no feature significant: export anyway (this rehearses loading, not evidence)
               "--calibration.require_significance", "false", *task_args]  # fmt: skip
-    for command in ("fit", "test"):
-        code = f"import sys; sys.argv = ['train.py', *sys.argv[1:]]; exec(open({str(ROOT / 'train.py')!r}).read())"
-        hub_rehearsal.run_python(code, home, command, *common)
+    code = "import sys; from corrsteer_pl.cli import main; main(['fit', *sys.argv[1:]]); main(['test', *sys.argv[1:]])"
+    hub_rehearsal.run_python(code, home, *common)
 
 
 @pytest.mark.slow

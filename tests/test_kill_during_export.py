@@ -7,11 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.cli import main
 from corrsteer_pl.selection.evidence import read_selection
 from corrsteer_pl.steering.vectors import META_FILE, VECTORS_FILE, SteeringVectors
 
@@ -22,21 +25,34 @@ TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false
 FINISHED = "the checkpoint holds a finished calibration: selecting and exporting from its statistics"
 
 
-def _fit(root: Path, *args: str, kill: str | None = None) -> subprocess.CompletedProcess:
-    """`train.py fit` in a subprocess, with the test-only callbacks: every computed batch is logged, and `kill`
-    names the point where the process SIGKILLs itself."""
+def _fit(root: Path, *args: str, kill: str | None = None) -> None:
+    """`train.py fit` with the test-only callbacks: every computed batch is logged, and `kill` names the point where
+    the process SIGKILLs itself (a subprocess then; otherwise this process, with one torch thread like it)."""
     log = root.parent / f"{root.name}-batches.log"
     callbacks = f"    - class_path: fault_injection.BatchRecorder\n      init_args: {{log: {log}}}\n"
     if kill:
         callbacks += f"    - class_path: fault_injection.KillDuringSelection\n      init_args: {{at: {kill}}}\n"
     config = root.parent / f"{root.name}-{kill or 'run'}.yaml"
     config.write_text(f"trainer:\n  callbacks:\n{callbacks}")
-    cmd = [sys.executable, "train.py", "fit", *TINY, "--trainer.default_root_dir", str(root), "--config", str(config)]
+    args = ["fit", *TINY, "--trainer.default_root_dir", str(root), "--config", str(config), *args]
+    if not kill:
+        with _one_thread():
+            main(args)
+        return
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "tests")}
-    done = subprocess.run([*cmd, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    expected = -signal.SIGKILL if kill else 0
-    assert done.returncode == expected, done.stderr[-3000:]
-    return done
+    cmd = [sys.executable, "train.py", *args]
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+
+
+@contextmanager
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _batches(root: Path) -> list[str]:
@@ -72,7 +88,7 @@ def finished(tmp_path_factory) -> Path:
     [("validation", "P"), ("export_before_rename", "A")],  # P's check is the validation pass of fit
 )
 def test_kill_after_calibration_leaves_no_export_and_resume_exports_whole_without_computing_a_batch(
-    tmp_path, finished, kill, variant
+    tmp_path, finished, kill, variant, lightning_log
 ):
     root = tmp_path / "run"
     _fit(root, "--calibration.variant", variant, kill=kill)
@@ -81,8 +97,8 @@ def test_kill_after_calibration_leaves_no_export_and_resume_exports_whole_withou
     assert not (root / "steered").exists(), "no export, not a partial one"
     assert (root / "checkpoints" / "last.ckpt").is_file()
 
-    done = _fit(root, "--ckpt_path", "last", "--calibration.variant", variant)
-    assert FINISHED in done.stderr, done.stderr[-3000:]
+    _fit(root, "--ckpt_path", "last", "--calibration.variant", variant)
+    assert FINISHED in lightning_log.text
     assert _batches(root) == calibrated, "the resume computed no calibration batch"
     steering = _assert_complete(root / "steered")
     assert [p.name for p in root.iterdir() if p.name.startswith(".steered")] == [], "the killed run's leftovers went"
@@ -94,7 +110,7 @@ def test_kill_after_calibration_leaves_no_export_and_resume_exports_whole_withou
 
 
 def test_kill_while_the_export_is_written_leaves_the_previous_export_intact_and_resume_replaces_it_whole(
-    tmp_path, finished
+    tmp_path, finished, lightning_log
 ):
     root = tmp_path / "run"
     shutil.copytree(finished, root)
@@ -103,8 +119,8 @@ def test_kill_while_the_export_is_written_leaves_the_previous_export_intact_and_
     assert _files(root / "steered") == before, "the previous export is unchanged, file for file"
     assert not _batches(root)
 
-    done = _fit(root, "--ckpt_path", "last", "--calibration.variant", "S")
-    assert FINISHED in done.stderr and not _batches(root)
+    _fit(root, "--ckpt_path", "last", "--calibration.variant", "S")
+    assert FINISHED in lightning_log.text and not _batches(root)
     steering = _assert_complete(root / "steered")
     assert steering.info["variant"] == "S" and len(steering.layers) == 1
     assert sorted(p.name for p in root.iterdir() if p.name.startswith(".steered")) == [], "no temporary folder left"

@@ -18,12 +18,12 @@ pytestmark = pytest.mark.e2e
 SMALL = [
     "--trainer.enable_progress_bar", "false",
     "--data.limit_calibration", "48",
-    "--data.limit_validation", "16",
-    "--data.limit_test", "32",
+    "--data.limit_validation", "8",
+    "--data.limit_test", "12",
     "--model.train_saes", json.dumps({"layers": [12], "d_sae": 512, "k": 16, "tokens": 4000}),
-    "--model.controls", "3",
+    "--model.controls", "1",
     "--calibration.scale_grid", "[1.0, 4.0]",
-    "--calibration.variant", "A",  # the default P may keep no layer on 16 validation items
+    "--calibration.variant", "A",  # the default P may keep no layer on 8 validation items
     "--calibration.require_significance", "false",  # 48 calibration items make no feature significant
 ]  # fmt: skip
 
@@ -37,7 +37,7 @@ def test_default_job_on_the_real_offline_model_exports_steering_that_changes_ans
     assert steering.layers[12].hook_name == "blocks.12.hook_resid_post"
 
     report = json.loads((export / "report.json").read_text())
-    assert report["samples"] == 32 and report["judge"] == "letter-match"
+    assert report["samples"] == 12 and report["judge"] == "letter-match"
     assert "no auxiliary_train offline" in report["data"] and "calibration 48" in report["data"]
     assert {c["kind"] for c in report["controls"]} == {"random_feature", "random_direction"}
     assert (export / "report.md").exists()
@@ -51,9 +51,9 @@ def test_default_job_on_the_real_offline_model_exports_steering_that_changes_ans
     assert not torch.allclose(steered, unsteered), "the exported steering changes the model's next-token logits"
 
     study = _load_selection_study(monkeypatch)
-    study.main(["--run", str(tmp_path), "--items", "16", "--draws", "2"])
+    study.main(["--run", str(tmp_path), "--items", "8", "--draws", "1"])
     table = capsys.readouterr().out
-    assert "| condition (16 validation items) |" in table and "| A x1 |" in table
+    assert "| condition (8 validation items) |" in table and "| A x1 |" in table
     assert "| layer 12 #" in table, "each layer's top feature is scored alone"
 
 
