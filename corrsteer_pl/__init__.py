@@ -1,25 +1,37 @@
 """corrsteer-pl: CorrSteer (correlation-selected SAE feature steering) for Hugging Face causal LMs."""
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
-from corrsteer_pl.calibration.capture import FeatureCapture, generate_with_features  # noqa: E402
-from corrsteer_pl.calibration.stats import CorrelationStats, pearson_corrcoef  # noqa: E402
-from corrsteer_pl.models.hooks import LayerHooks  # noqa: E402
-from corrsteer_pl.models.sae import load_sae  # noqa: E402
-from corrsteer_pl.selection.variants import SelectedFeature, Selection, select_features  # noqa: E402
-from corrsteer_pl.steering.vectors import SteeringVectors, load_steered_model  # noqa: E402
+# The public names load on first use (PEP 562): `import corrsteer_pl.calibration.stats` alone does not import
+# sae-lens and transformers (about 5 s of every process start here, spawned DDP and gloo ranks included).
+_PUBLIC = {
+    "CorrelationStats": "corrsteer_pl.calibration.stats",
+    "FeatureCapture": "corrsteer_pl.calibration.capture",
+    "LayerHooks": "corrsteer_pl.models.hooks",
+    "SelectedFeature": "corrsteer_pl.selection.variants",
+    "Selection": "corrsteer_pl.selection.variants",
+    "SteeringVectors": "corrsteer_pl.steering.vectors",
+    "generate_with_features": "corrsteer_pl.calibration.capture",
+    "load_sae": "corrsteer_pl.models.sae",
+    "load_steered_model": "corrsteer_pl.steering.vectors",
+    "pearson_corrcoef": "corrsteer_pl.calibration.stats",
+    "select_features": "corrsteer_pl.selection.variants",
+}
+__all__ = [*sorted(_PUBLIC), "__version__"]
 
-__all__ = [
-    "CorrelationStats",
-    "FeatureCapture",
-    "LayerHooks",
-    "SelectedFeature",
-    "Selection",
-    "SteeringVectors",
-    "__version__",
-    "generate_with_features",
-    "load_sae",
-    "load_steered_model",
-    "pearson_corrcoef",
-    "select_features",
-]
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'corrsteer_pl' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

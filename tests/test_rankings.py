@@ -6,7 +6,6 @@ import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_planted_feature import D_SAE, PLANTED, _answers, _planted_world
 from test_stats import BATCHES, SHARDINGS, feed, sparse_data, two_pass_r
 
 from corrsteer_pl.calibration.rankings import (
@@ -224,6 +223,9 @@ def test_dead_features_are_never_selected_under_any_ranking():
 @pytest.fixture(scope="module")
 def planted_stats() -> CorrelationStats:
     """The planted world's calibration with live distractors: every other feature fires on ~10% of prompts."""
+    # imported here, not at the top: the gloo ranks import this module, and the tiny model's imports take seconds
+    from test_planted_feature import D_SAE, PLANTED, _answers, _planted_world
+
     model, sae, prompts = _planted_world()
     others = torch.arange(D_SAE) != PLANTED
     with torch.no_grad():
@@ -239,6 +241,8 @@ def planted_stats() -> CorrelationStats:
 
 @pytest.mark.parametrize("ranking", RANKINGS)
 def test_each_ranking_selects_the_planted_feature_among_live_distractors(planted_stats, ranking):
+    from test_planted_feature import PLANTED
+
     stats = planted_stats
     assert 0.2 < stats.positive_rate() < 0.8
     assert (stats.active > 0).all() and (stats.pearson() > 0).sum() > 100, "distractors fire, many with r > 0"
