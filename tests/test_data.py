@@ -104,3 +104,18 @@ def test_per_task_help_shows_each_option_with_its_docstring(capsys):
     for option in _option_names(Custom):
         assert f"--data.task.{option}" in text
     assert "The column with the gold answer" in text and "exact: first line equals the answer" in text
+
+
+def test_a_second_cli_reads_no_source_for_its_option_help(monkeypatch, capsys):
+    import inspect
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.task.help", "Custom"])  # the first CLI of this process may parse sources
+    reads = []
+    getsource = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: reads.append(obj) or getsource(obj))
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.task.help", "Custom"])
+    assert "The column with the gold answer" in capsys.readouterr().out, "help still comes from attribute docstrings"
+    classes = [obj for obj in reads if inspect.isclass(obj)]
+    assert classes == [], "each class's attribute docstrings were parsed by the first CLI: no source is read again"

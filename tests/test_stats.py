@@ -398,3 +398,25 @@ def test_layer_stats_file_round_trip(tmp_path):
     assert sorted(loaded) == [3, 11]
     for layer, s in stats.items():
         assert torch.equal(loaded[layer].pearson(), s.pearson())
+
+
+def test_the_statistics_import_without_sae_lens_or_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, corrsteer_pl.calibration.stats; print(sorted({'sae_lens', 'transformers'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
+def test_every_public_name_resolves_to_its_module_attribute():
+    import importlib
+
+    import corrsteer_pl
+
+    for name in corrsteer_pl.__all__:
+        if name != "__version__":
+            module = importlib.import_module(corrsteer_pl._PUBLIC[name])
+            assert getattr(corrsteer_pl, name) is getattr(module, name), name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        corrsteer_pl.nope  # noqa: B018
