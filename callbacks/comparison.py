@@ -12,20 +12,13 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from callbacks.correlation import CorrelationCallback
 from corrsteer_pl.calibration.rankings import Ranking
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
-from corrsteer_pl.evaluation.comparison import (
-    SelectionOptions,
-    check_methods,
-    method_key,
-    method_label,
-    method_selections,
-)
+from corrsteer_pl.evaluation.comparison import check_methods, method_key, method_label, method_selections
 from corrsteer_pl.evaluation.controls import Scorer
 from corrsteer_pl.evaluation.judge import Judged
 from corrsteer_pl.evaluation.prompting import PromptRows, check_prompts, resolve_prompts
-from corrsteer_pl.selection.variants import Variant
+from corrsteer_pl.selection.options import SelectionOptions, Variant
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 FINETUNE_ROW = "fine-tuning"
@@ -44,6 +37,7 @@ class ComparisonCallback(L.Callback):
         finetune: str | None = None,
         all_positions: bool = False,
         prompts: list[str] | str | None = None,
+        selection: SelectionOptions | None = None,
     ) -> None:
         """
         Args:
@@ -66,6 +60,7 @@ class ComparisonCallback(L.Callback):
                 Refuse requests that could cause harm." and "Decline unsafe requests; answer safe ones."; other
                 free-form tasks "You are a helpful assistant. Answer the request directly and concisely." and "Give
                 only the answer, with no explanation.". None (the default): no prompting rows.
+            selection: the selection options every method selects under (the CLI links --selection).
         """
         check_methods(rankings or [], variants or [])  # plain strings: a typo gets one line, not a parser dump
         self.rankings: list[Ranking] = list(rankings or [])
@@ -81,6 +76,7 @@ class ComparisonCallback(L.Callback):
             read_settings(finetune)
         self.finetune, self.all_positions = finetune, all_positions
         self.prompts = check_prompts(prompts)
+        self.selection = selection or SelectionOptions()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "validate" and (self.rankings or self.finetune or self.all_positions or self.prompts):
@@ -105,19 +101,17 @@ class ComparisonCallback(L.Callback):
             pl_module.conditions.labels |= rows.labels(_label(steering))
 
     def _methods(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, SteeringVectors]:
-        calibration = next((cb for cb in trainer.callbacks if isinstance(cb, CorrelationCallback)), None)
-        options = calibration.selection_options() if calibration is not None else SelectionOptions()
         stats = load_layer_stats(pl_module.export_dir / STATS_FILE)
         started = time.perf_counter()
-        chosen = method_selections(stats, pl_module.validator(), self.rankings, self.variants, options)
+        chosen = method_selections(stats, pl_module.validator(), self.rankings, self.variants, self.selection)
         seconds = time.perf_counter() - started
         info = pl_module.steering.info
         own = method_key(info.get("ranking", "pearson"), info.get("variant", ""))
         methods = {}
-        for key, (selection, scale) in chosen.items():
+        for key, selection in chosen.items():
             if key != own:
                 methods[key] = SteeringVectors.from_selection(
-                    selection, pl_module.saes, pl_module.lm, info={"method": key, "scale": scale}
+                    selection, pl_module.saes, pl_module.lm, info={"method": key, "scale": selection.scale}
                 )
         rank_zero_info(
             f"comparison: {len(methods)} methods beside the export ({own}), selected on validation in "

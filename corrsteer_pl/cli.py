@@ -9,11 +9,14 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCallback
+from corrsteer_pl.calibration.options import CalibrationOptions
 from corrsteer_pl.data import TaskDataModule
 from corrsteer_pl.entry import run_cli
 from corrsteer_pl.module import CorrSteerModule
 from corrsteer_pl.recovery import IDENTITY_KEY
 from corrsteer_pl.safe_load import check_ckpt_path, with_safe_checkpoint_io
+from corrsteer_pl.selection.options import SelectionOptions
+from corrsteer_pl.steering.export import ExportOptions
 from corrsteer_pl.strategy import register
 
 TRAINER_DEFAULTS = {
@@ -25,6 +28,18 @@ TRAINER_DEFAULTS = {
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+OPTION_GROUPS = {CalibrationOptions: "calibration", SelectionOptions: "selection", ExportOptions: "export"}
+"""Each option group's flag prefix: `--selection.top_k` is `SelectionOptions.top_k`."""
+MOVED = {
+    **{f"calibration.{name}": f"selection.{name}" for name in (
+        "variant", "ranking", "top_k", "candidates", "alpha", "require_significance", "active_only", "scale",
+        "scale_grid", "max_answer_share", "search_draws")},
+    "calibration.export_formats": "export.formats",
+    "calibration.include_model": "export.include_model",
+    "model.pooling": "calibration.pooling",
+    "model.max_new_tokens": "data.task.max_new_tokens (a task option: --data.task Custom --data.task.max_new_tokens 16)",
+}  # fmt: skip
+"""Flags that moved to their option group's owner: the old name fails in one line that gives the new one."""
 RESUME_FIX = (
     "pass `last` or <default_root_dir>/checkpoints/last.ckpt written by `train.py fit`, or leave --ckpt_path out "
     "to start afresh"
@@ -33,10 +48,13 @@ RESUME_FIX = (
 
 class CorrSteerCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(CorrelationCallback, "calibration")
+        for options, group in OPTION_GROUPS.items():
+            parser.add_class_arguments(options, group)
         parser.add_lightning_class_args(CalibrationCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ComparisonCallback, "comparison")
         parser.link_arguments("model.model", "data.tokenizer")
+        parser.link_arguments("calibration", "model.calibration", apply_on="instantiate")
+        parser.link_arguments("selection", "comparison.selection", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, evaluate the export on the test split"
         )
@@ -46,9 +64,14 @@ class CorrSteerCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The trainer, reading --ckpt_path weights-only (SafeCheckpointIO)."""
+        """The trainer, reading --ckpt_path weights-only (SafeCheckpointIO), with the calibration callback built
+        from the option groups."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
         return super().instantiate_trainer(plugins=with_safe_checkpoint_io(plugins, RESUME_FIX), **kwargs)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
+        options = {group: self._get(self.config_init, group) for group in OPTION_GROUPS.values()}
+        return super()._instantiate_trainer(config, [CorrelationCallback(**options), *callbacks])
 
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):
@@ -62,7 +85,8 @@ def main(args: list[str] | None = None) -> CorrSteerCLI | None:
         CorrSteerCLI,
         DEFAULT_CONFIG,
         args,
-        flags_change_default=True,  # `train.py fit --calibration.target choice`: the default job, one flag changed
+        option_groups={cls.__name__: group for cls, group in OPTION_GROUPS.items()},
+        moved=MOVED,
         model_class=CorrSteerModule,
         datamodule_class=TaskDataModule,
         trainer_defaults=TRAINER_DEFAULTS,

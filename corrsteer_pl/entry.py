@@ -13,23 +13,37 @@ import docstring_parser
 from jsonargparse import ArgumentError, set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+from corrsteer_pl.errors import OptionError
+
 SUBCOMMANDS = ("fit", "validate", "test")
 
 
 def run_cli(
-    cli: type[LightningCLI], default_config: Path, args: list[str] | None, flags_change_default: bool = False,
+    cli: type[LightningCLI],
+    default_config: Path,
+    args: list[str] | None,
+    option_groups: dict[str, str] | None = None,
+    moved: dict[str, str] | None = None,
     **kwargs: Any,
-) -> LightningCLI | None:  # fmt: skip
-    """`cli(**kwargs, args=args)`; a bare subcommand runs on `default_config`, and with `flags_change_default` so
-    does a subcommand given flags but no --config, the flags changing it (`train.py fit --calibration.target
-    choice` is the default job with that one change). A ValueError, OSError (unreadable input, full disk) or
-    missing module ends with one line naming it (CORRSTEER_TRACEBACK=1 for the trace)."""
+) -> LightningCLI | None:
+    """`cli(**kwargs, args=args)`; a bare subcommand (`train.py fit`) runs on `default_config`; flags without
+    --config run on the classes' own defaults, said in one line (the default job with one flag changed is
+    `--config <default_config> <flag>`: its settings are for its own model). A ValueError, OSError (unreadable
+    input, full disk) or missing module ends with one line naming it (CORRSTEER_TRACEBACK=1 for the trace); an
+    `OptionError` of an option group names its flag (`option_groups`: class name -> flag group); a flag of
+    `moved` (old key -> new) names its new place."""
     given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
     start = 1 if args is None else 0
+    _refuse_moved(given[start:], moved or {})
     has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in given[start:])
-    bare = len(given) == start + 1
-    if len(given) > start and given[start] in SUBCOMMANDS and not has_config and (bare or flags_change_default):
+    if len(given) == start + 1 and given[start] in SUBCOMMANDS:
         given[start + 1 : start + 1] = ["--config", str(default_config)]
+    elif len(given) > start + 1 and given[start] in SUBCOMMANDS and not has_config and "--help" not in given:
+        print(
+            f"note: no --config: the classes' defaults and your flags (the offline default job is --config "
+            f"{_shown(default_config)})",
+            file=sys.stderr,
+        )
     _option_help_from_attribute_docstrings()
     strict = {"exit_on_error": False}  # a bad value raises instead of printing the whole usage: one line below
     kwargs.setdefault("parser_kwargs", {strict_key: dict(strict) for strict_key in SUBCOMMANDS} | strict)
@@ -39,11 +53,40 @@ def run_cli(
         if os.environ.get("CORRSTEER_TRACEBACK"):
             raise
         detail = re.sub(r'^Parser key "([^"]+)":', r"--\1:", " ".join(str(err).split()))  # name it as a flag
-        sys.exit(f"error: {detail} (run with --help for the accepted options)")
+        sys.exit(f"error: {detail}{_moved_hint(detail, moved or {})} (run with --help for the accepted options)")
+    except OptionError as err:
+        if os.environ.get("CORRSTEER_TRACEBACK"):
+            raise
+        group = (option_groups or {}).get(err.owner)
+        sys.exit(f"error: {err.as_flag(group) if group else err} (CORRSTEER_TRACEBACK=1 shows where)")
     except (ValueError, OSError, ModuleNotFoundError) as err:
         if os.environ.get("CORRSTEER_TRACEBACK"):
             raise
         sys.exit(f"error: {err} (CORRSTEER_TRACEBACK=1 shows where)")
+
+
+def _refuse_moved(args: list[str], moved: dict[str, str]) -> None:
+    """A flag that moved ends the run in one line naming its new name."""
+    for arg in args:
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else None
+        if key in moved:
+            sys.exit(f"error: --{key} moved to --{moved[key]}: rename it (in a config file, the same key)")
+
+
+def _moved_hint(detail: str, moved: dict[str, str]) -> str:
+    """For a config file's moved key, its new place."""
+    for old, new in moved.items():
+        group, name = old.split(".", 1)
+        if re.search(rf"\b{re.escape(old)}\b", detail) or (f'"{group}"' in detail and f'"{name}"' in detail):
+            return f" ({group}.{name} moved to {new.split(' ', 1)[0]}: rename it)"
+    return ""
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _option_help_from_attribute_docstrings() -> None:

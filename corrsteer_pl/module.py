@@ -11,7 +11,8 @@ import torch
 from torch import Tensor, nn
 
 from corrsteer_pl.calibration.answer_cache import AnswerCache
-from corrsteer_pl.calibration.capture import Pooling, calibration_features
+from corrsteer_pl.calibration.calibration import calibration_batch
+from corrsteer_pl.calibration.options import CalibrationOptions
 from corrsteer_pl.calibration.sae_training import SAETrainingConfig, announce_trained_saes, trained_saes
 from corrsteer_pl.evaluation.compare_pass import (
     build_report,
@@ -21,17 +22,15 @@ from corrsteer_pl.evaluation.compare_pass import (
     save_report,
     score_columns,
 )
-from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, answered, evaluate_batches
+from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, evaluate_batches, judge_conditions
 from corrsteer_pl.evaluation.controls import ConditionSet
-from corrsteer_pl.evaluation.judge import Judged, Target, judge, target_choices
+from corrsteer_pl.evaluation.judge import Judged, judge
 from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.evaluation.validation import Validator
-from corrsteer_pl.models.hooks import eos_ids, pad_id
 from corrsteer_pl.models.loading import SAESpec, check_module_options, load_frozen_lm, load_sae_set
 from corrsteer_pl.models.sources import TINY_RANDOM
 from corrsteer_pl.recovery import IDENTITY_KEY, check_same_calibration, run_identity
 from corrsteer_pl.steering.vectors import SteeringVectors
-from corrsteer_pl.tasks.choice import ChoiceTokens
 
 # Calibration runs in Lightning's training loop (for mid-epoch checkpoints and resume), but the
 # LM stays frozen in eval mode on purpose: silence Lightning's warning about that.
@@ -50,12 +49,11 @@ class CorrSteerModule(L.LightningModule):
         revision: str | None = None,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",
         sae_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
-        max_new_tokens: int | None = None,
-        pooling: Pooling = "max",
         steering_path: str | None = None,
         controls: int = 20,
         control_seed: int = 0,
         train_saes: SAETrainingConfig | None = None,
+        calibration: CalibrationOptions | None = None,
     ) -> None:
         """
         Args:
@@ -64,21 +62,22 @@ class CorrSteerModule(L.LightningModule):
             revision: model revision on the hub (branch, tag or commit).
             dtype: model weights dtype (bfloat16 on GPU).
             sae_dtype: SAE weights dtype.
-            max_new_tokens: tokens to generate per answer (None = the task's own).
-            pooling: how SAE features are pooled over generation positions: max or mean.
             steering_path: the export folder: fit writes the steering there, validate/test read it
                 (None = <default_root_dir>/steered).
             controls: validate/test also steer with this many random-feature and random-direction controls (>= 0).
             control_seed: seed of the random controls.
             train_saes: train TopK SAEs for these layers on the calibration prompts when none are cached
                 (for models without published SAEs); they are added to `saes`.
+            calibration: how calibration pools features and what counts as correct (the CLI links --calibration).
         """
         super().__init__()
         self.save_hyperparameters()
-        check_module_options(controls, max_new_tokens, bool(saes or (train_saes and train_saes.layers)))
+        check_module_options(controls, bool(saes or (train_saes and train_saes.layers)))
         # hparams turn dataclasses into dicts: keep the typed objects for our own use
         self.sae_specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in saes or []]
         self.train_saes = train_saes if not isinstance(train_saes, dict) else SAETrainingConfig(**train_saes)
+        options = calibration or CalibrationOptions()
+        self.calibration_options = options if not isinstance(options, dict) else CalibrationOptions(**options)
         self.sae_metrics: dict[int, dict[str, Any]] = {}
         self.automatic_optimization = False  # no optimizer, no gradient: calibration only reads
         self.strict_loading = False  # checkpoints leave out the frozen LM and SAE weights
@@ -90,7 +89,6 @@ class CorrSteerModule(L.LightningModule):
         self.answer_cache: AnswerCache | None = None  # one-token calibration rows recorded while training SAEs
         self.conditions: ConditionSet | None = None
         self.comparison, self.choice_comparison = ConditionScores(), ConditionScores()  # choice: multiple choice
-        self.calibration_target: Target = "generated"  # set by CorrelationCallback (--calibration.target)
 
     def configure_model(self) -> None:
         """Loads the LM and SAEs and checks they fit together, before any forward pass."""
@@ -105,7 +103,7 @@ class CorrSteerModule(L.LightningModule):
         cfg = self.train_saes
         if not cfg or not cfg.layers:
             return []
-        one_token = self._max_new_tokens() == 1
+        one_token = self.task.max_new_tokens == 1
         hp = self.hparams
         trained = trained_saes(self.trainer, self.lm, self.tokenizer, hp.model, hp.dtype, cfg, one_token)
         self.sae_metrics, self.answer_cache = trained.metrics, trained.answers
@@ -141,38 +139,22 @@ class CorrSteerModule(L.LightningModule):
     def task(self) -> Any:
         return self.trainer.datamodule.task
 
-    def _max_new_tokens(self) -> int:
-        return self.hparams.max_new_tokens or self.task.max_new_tokens
-
     def score(self, batch: dict[str, Any], new_tokens: Tensor, choice_logits: Tensor | None = None) -> Judged:
         """Per item: score, validity, answer (and the choice-restricted ones, given the letters' logits)."""
         return judge(self.task, self.tokenizer, batch["examples"], new_tokens, choice_logits)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        if not batch["examples"]:
-            return {"labels": torch.zeros(0, dtype=torch.float64), "pooled": {}}
-        eos, pad = eos_ids(self.lm, self.tokenizer), pad_id(self.lm, self.tokenizer)
-        steps, pooling = self._max_new_tokens(), self.hparams.pooling
-        choice = target_choices(self.calibration_target, self.tokenizer, batch["examples"])  # None: generated
-        new, pooled, logits, peaks = calibration_features(
-            self.lm, batch, steps, self.saes, pooling, self.answer_cache, eos, pad, choice
-        )
-        labels = self.score(batch, new, logits).target(self.calibration_target).scores
-        return {"labels": labels, "pooled": pooled, "peaks": peaks}
+        """One calibration batch (`calibration_batch`, as `corrsteer_pl.calibrate` runs it): CorrelationCallback
+        adds it to the run's `Calibration`."""
+        options, answers = self.calibration_options, self.answer_cache
+        return {"batch": calibration_batch(self.lm, self.tokenizer, self.saes, batch, self.task, options, answers)}
 
     def score_conditions(
         self, batch: dict[str, Any], conditions: Conditions, prompt_caches: PromptCaches | None = None
     ) -> dict[str, Judged]:
-        """Per condition: each item's score, whether its answer was valid, and the answer. The one way a batch is
-        answered and judged, for validation choices during fit and for validate / test alike (prompt caches are
-        shared by the conditions of one-token answers)."""
-        if not batch["examples"]:
-            return {}
-        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        eos, pad = eos_ids(self.lm, self.tokenizer), pad_id(self.lm, self.tokenizer)
-        steps, choice = self._max_new_tokens(), ChoiceTokens.for_examples(self.tokenizer, batch["examples"])
-        new = answered(self.lm, ids, mask, conditions, steps, eos, pad, prompt_caches, choice)
-        return {name: self.score(batch, a.tokens, a.choice_logits) for name, a in new.items()}
+        """Per condition: each item's score, validity and answer (`judge_conditions`, the one way a batch is
+        answered and judged, for validation choices during fit and for validate / test alike)."""
+        return judge_conditions(self.lm, self.tokenizer, self.task, batch, conditions, prompt_caches)
 
     @torch.inference_mode()
     def evaluate_split(
@@ -181,7 +163,8 @@ class CorrSteerModule(L.LightningModule):
         """Accuracy, valid rate and answer counts per condition on a split, over all ranks (pass the same
         `prompt_caches` to several calls over one split to run its prompts only once)."""
         score = lambda batch: self.score_conditions(batch, conditions, prompt_caches)  # noqa: E731
-        return evaluate_batches(self.trainer.datamodule.batches(split), score, conditions, self.calibration_target)
+        target = self.calibration_options.target
+        return evaluate_batches(self.trainer.datamodule.batches(split), score, conditions, target)
 
     def validator(self) -> Validator:
         """Scores candidate steerings on the validation split: P's check, the scale grid, a comparison's methods."""
@@ -189,6 +172,7 @@ class CorrSteerModule(L.LightningModule):
             evaluate=lambda conditions, caches: self.evaluate_split(conditions, prompt_caches=caches),
             build=lambda features: SteeringVectors.from_selection(features, self.saes, self.lm),
             multiple_choice=bool(self.trainer.datamodule.examples("validation")[0].choices),
+            saes=self.saes,
         )
 
     @property
@@ -198,8 +182,7 @@ class CorrSteerModule(L.LightningModule):
 
     def _prepare_conditions(self) -> None:
         """Unsteered, steered, and the random controls, all answered on the same items."""
-        if self.steering is None:
-            self.steering = load_export(self.export_dir, self.lm)
+        self.steering = load_export(self.export_dir, self.lm)
         hp = self.hparams
         self.conditions = export_conditions(self.steering, self.saes, self.export_dir, hp.controls, hp.control_seed)
 

@@ -22,8 +22,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from corrsteer_pl.calibration.capture import generate_answers
-from corrsteer_pl.evaluation.judge import Judged, Target
-from corrsteer_pl.models.hooks import LayerFn, LayerHooks, position_ids
+from corrsteer_pl.evaluation.judge import Judged, Target, judge
+from corrsteer_pl.models.hooks import LayerFn, LayerHooks, eos_ids, pad_id, position_ids
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.steering.vectors import SteeringVectors
 from corrsteer_pl.tasks.choice import ChoiceTokens
@@ -38,6 +38,29 @@ class Answered(NamedTuple):
     """(B, N) new tokens, greedy."""
     choice_logits: Tensor | None
     """(B, K) the first answer position's logits restricted to the letters asked for (None when none were)."""
+
+
+@torch.inference_mode()
+def judge_conditions(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Any,
+    batch: dict[str, Any],
+    conditions: Conditions,
+    prompt_caches: PromptCaches | None = None,
+) -> dict[Any, Judged]:
+    """Per condition: each item's score, whether its answer was valid, and the answer (with the choice-restricted
+    ones on multiple choice). The one way a batch is answered and judged: P's trials, the scale grid, validate and
+    test alike, greedy with the task's answer budget (one-token answers share `prompt_caches`)."""
+    examples = batch["examples"]
+    if not examples:
+        return {}
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    eos, pad = eos_ids(model, tokenizer), pad_id(model, tokenizer)
+    choice = ChoiceTokens.for_examples(tokenizer, examples)
+    new = answered(model, ids, mask, conditions, task.max_new_tokens, eos, pad, prompt_caches, choice)
+    return {name: judge(task, tokenizer, examples, a.tokens, a.choice_logits) for name, a in new.items()}
 
 
 @torch.inference_mode()

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from corrsteer_pl.calibration.options import TARGETS, CalibrationOptions, Target, check_target
+from corrsteer_pl.errors import OptionError
 from corrsteer_pl.tasks.choice import ChoiceTokens
-
-Target = Literal["generated", "choice"]
-"""What correct means: the generated answer's score, or the choice-restricted answer's (multiple choice only)."""
-TARGETS: tuple[Target, ...] = ("generated", "choice")
 
 
 @dataclass(frozen=True)
@@ -43,23 +41,10 @@ class Judged:
         if target == "generated":
             return self
         if self.choice_scores is None:
-            raise ValueError(
-                "--calibration.target choice needs a multiple-choice task: use --calibration.target generated"
-            )
+            raise OptionError(CalibrationOptions, "target", "choice needs a multiple-choice task: use generated")
         valid = torch.ones_like(self.choice_scores, dtype=torch.bool)
         return Judged(
             self.choice_scores, valid, list(self.choice_answers or []), self.choice_scores, self.choice_answers
-        )
-
-
-def check_target(target: str, multiple_choice: bool, task: str) -> None:
-    """Refuses an unknown target, or "choice" on a task without options, naming the flag."""
-    if target not in TARGETS:
-        raise ValueError(f"--calibration.target must be one of {', '.join(TARGETS)}; got {target!r}")
-    if target == "choice" and not multiple_choice:
-        raise ValueError(
-            f"--calibration.target choice: task {task} has free-form answers (no options to restrict the logits "
-            "to); use --calibration.target generated"
         )
 
 
@@ -89,3 +74,6 @@ def judge(
     letters = choice.answers(choice_logits, examples)
     right = torch.tensor([float(a == e.answer) for a, e in zip(letters, examples, strict=True)], dtype=torch.float64)
     return Judged(scored, valid, answers, right, letters)
+
+
+__all__ = ["TARGETS", "Judged", "Target", "check_target", "judge", "target_choices"]

@@ -50,12 +50,10 @@ def load_sae_set(specs: list[SAESpec], model: nn.Module, dtype: str) -> tuple[di
     return saes, sources
 
 
-def check_module_options(controls: int, max_new_tokens: int | None, has_saes: bool) -> None:
+def check_module_options(controls: int, has_saes: bool) -> None:
     """Refuses --model options that would silently do something else than asked, before anything loads."""
     if controls < 0:
         raise ValueError(f"--model.controls must be >= 0 (0 leaves the random controls out), got {controls}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise ValueError(f"--model.max_new_tokens must be >= 1 (or null for the task's own), got {max_new_tokens}")
     if not has_saes:
         raise ValueError(
             "no SAEs configured: add entries to --model.saes (source, sae_id) or layers to --model.train_saes"

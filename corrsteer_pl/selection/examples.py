@@ -15,9 +15,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+from torch import nn
+
+from corrsteer_pl.calibration.answer_cache import AnswerCache
 from corrsteer_pl.calibration.capture import generate_with_features
 from corrsteer_pl.calibration.top_examples import TopExamples, example_keys
+from corrsteer_pl.evaluation.judge import judge
 from corrsteer_pl.models.hooks import eos_ids, pad_id
+from corrsteer_pl.tasks.batching import collate
 
 SHOWN_CHARS = 160  # the report shows the last this-many characters of a prompt
 
@@ -27,27 +33,41 @@ def example_index(examples: list[Any]) -> dict[int, Any]:
     return dict(zip(example_keys([e.id for e in examples]).tolist(), examples, strict=True))
 
 
-def reanswer(pl_module: Any, examples: list[Any]) -> dict[str, tuple[list[int], float, str]]:
+@torch.inference_mode()
+def reanswer(
+    model: nn.Module,
+    tokenizer: Any,
+    task: Any,
+    examples: list[Any],
+    chat_template: bool = False,
+    answers: AnswerCache | None = None,
+) -> dict[str, tuple[list[int], float, str]]:
     """Example id -> (new token ids, score, answer text): the unsteered model's greedy answer, one prompt at a time.
 
-    One-token answers recorded while training the SAEs are read back instead (the same greedy token calibration
-    scored), so a run whose calibration never ran the LM does not run it here either."""
-    dm, lm, tok = pl_module.trainer.datamodule, pl_module.lm, pl_module.tokenizer
-    steps = pl_module.hparams.max_new_tokens or dm.task.max_new_tokens
-    recorded = getattr(pl_module, "answer_cache", None) if steps == 1 else None
+    One-token answers recorded while training the SAEs (`answers`) are read back instead (the same greedy token
+    calibration scored), so a run whose calibration never ran the LM does not run it here either."""
+    steps = task.max_new_tokens
+    recorded = answers if steps == 1 else None
+    device = next(model.parameters()).device
     out = {}
     for example in examples:
-        batch = dm.collate([example])  # the calibration batch's tokenization, one prompt
+        batch = collate(tokenizer, [example], chat_template)  # the calibration batch's tokenization, one prompt
         rows = recorded.rows(batch["texts"], []) if recorded is not None else None
         if rows is not None:
             new = recorded.tokens[rows].unsqueeze(1)
         else:
-            ids, mask = batch["input_ids"].to(pl_module.device), batch["attention_mask"].to(pl_module.device)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             new, _ = generate_with_features(
-                lm, ids, mask, steps, None, eos_token_ids=eos_ids(lm, tok), pad_token_id=pad_id(lm, tok)
+                model,
+                ids,
+                mask,
+                steps,
+                None,
+                eos_token_ids=eos_ids(model, tokenizer),
+                pad_token_id=pad_id(model, tokenizer),
             )
-        scores, _, _ = pl_module.score(batch, new)
-        out[example.id] = (new[0].tolist(), float(scores[0]), tok.decode(new[0], skip_special_tokens=True))
+        score = float(judge(task, tokenizer, batch["examples"], new).scores[0])
+        out[example.id] = (new[0].tolist(), score, tokenizer.decode(new[0], skip_special_tokens=True))
     return out
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from corrsteer_pl.calibration.rankings import Ranking, check_ranking, score, steering_coefficient
 from corrsteer_pl.calibration.significance import holm_adjusted, layer_p_values, paired_improvement, pooled_q_values
 from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.selection.options import VARIANTS, SelectionOptions, Variant
 
 
 class TrialResult(Protocol):
@@ -25,8 +26,6 @@ class TrialResult(Protocol):
     scores: list[float]
 
 
-Variant = Literal["S", "A", "P"]
-VARIANTS: tuple[Variant, ...] = ("S", "A", "P")
 Evaluate = Callable[[dict[str, list["SelectedFeature"]]], Mapping[str, TrialResult]]
 
 
@@ -64,6 +63,18 @@ class Selection:
     """S and A: what the variant chose but did not export, because none of it had a calibration q below alpha."""
     alpha: float = 0.05
     require_significance: bool = True
+    scale: float = 1.0
+    """The multiplier already applied to `features`' coefficients (`corrsteer_pl.select`: the grid's pick)."""
+    scale_grid: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Each grid scale's validation figures (accuracy, valid_rate, top_answer_share, refused)."""
+    search_controls: list[tuple[list[SelectedFeature], dict[str, dict[str, float]]]] = field(default_factory=list)
+    """P's search-matched draws: per draw, the random features P's search kept and its validation figures."""
+    evidence: Any = None
+    """`selection.evidence.Evidence`: every candidate's bootstrap interval, the smallest q (set by `select`)."""
+    warnings: list[str] = field(default_factory=list)
+    """Why the selection is empty or suspect, in words a user can act on (set by `select`)."""
+    options: SelectionOptions | None = None
+    """The options it was selected under (set by `select`)."""
 
 
 Significance = tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]
@@ -137,19 +148,62 @@ def trial_family(
     }
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What a selection needs before any validation: every layer's ranked candidates and, for P, its trials."""
+
+    ranked: dict[int, list[SelectedFeature]]
+    family: dict[int, list[SelectedFeature]]
+    """P's family of trials (`trial_family`); empty for S and A."""
+
+    @property
+    def trials(self) -> dict[str, list[SelectedFeature]]:
+        """P's trials by name, each steered alone (none for S and A)."""
+        return validation_trials(self.family)
+
+
+def plan(
+    stats: Mapping[int, CorrelationStats], options: SelectionOptions, significance: Significance | None = None
+) -> Plan:
+    """Ranks every layer's features by `options.ranking` and, for P, fixes its family of trials."""
+    check_ranking(options.ranking)
+    o = options
+    ranked = ranked_layers(stats, o.top_k, o.active_only, o.ranking, significance)
+    family = trial_family(ranked, o.candidates, o.alpha, o.require_significance) if o.variant == "P" else {}
+    return Plan(ranked, family)
+
+
+def decide(plan: Plan, options: SelectionOptions, results: Mapping[str, TrialResult] | None = None) -> Selection:
+    """The selection of `plan` under `options`; P decides from `results` ("unsteered" and each of `plan.trials`,
+    answered on the validation split; none are needed when P has no trial)."""
+    o = options
+    settings = {"ranking": o.ranking, "alpha": o.alpha, "require_significance": o.require_significance}
+    if o.variant == "P":
+        if plan.trials and results is None:
+            raise ValueError("variant P needs its trials answered on validation: pass a validator (or use S or A)")
+        kept, validation = validated_layers(plan.family, results or {}, o.alpha)
+        return Selection("P", kept, plan.ranked, validation, **settings)
+    best = [c[0] for c in plan.ranked.values() if c]
+    if o.variant == "S":
+        best = sorted(best, key=lambda f: -(f.r if f.score is None else f.score))[:1]
+    if o.require_significance and best and not any(is_significant(f, o.alpha) for f in best):
+        return Selection(o.variant, [], plan.ranked, withheld=best, **settings)
+    return Selection(o.variant, best, plan.ranked, **settings)
+
+
 def select_features(
     stats: Mapping[int, CorrelationStats],
-    variant: Variant = "A",
-    top_k: int = 10,
-    active_only: bool = False,
+    variant: Variant = SelectionOptions.variant,
+    top_k: int = SelectionOptions.top_k,
+    active_only: bool = SelectionOptions.active_only,
     evaluate: Evaluate | None = None,
-    ranking: Ranking = "pearson",
-    candidates: int = 1,
-    alpha: float = 0.05,
-    require_significance: bool = True,
+    ranking: Ranking = SelectionOptions.ranking,
+    candidates: int = SelectionOptions.candidates,
+    alpha: float = SelectionOptions.alpha,
+    require_significance: bool = SelectionOptions.require_significance,
     significance: Significance | None = None,
 ) -> Selection:
-    """Runs CorrSteer's selection, ranking features by `ranking` (see `corrsteer_pl.calibration.rankings`).
+    """Runs CorrSteer's selection on statistics alone (`plan`, then `decide`), ranking by `ranking`.
 
     S: the single best (layer, feature) over all layers. A: the top-1 feature of every layer. With
     `require_significance`, S and A export nothing (their choice is kept in `withheld`) when no chosen feature has a
@@ -158,40 +212,36 @@ def select_features(
     `evaluate` ({name: features} -> {name: per-item results}, one pass for all; "unsteered" maps to []); a layer
     keeps its most accurate trial among those that beat the unsteered model by an exact one-sided paired sign test
     with Holm's correction over all trials of all layers at `alpha` (`validated_layers`).
+    `corrsteer_pl.select` adds the scale grid, the search-matched draws and the evidence on top of this.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown selection variant '{variant}'; use one of {', '.join(VARIANTS)}")
     check_ranking(ranking)
     if variant == "P" and evaluate is None:
         raise ValueError("variant P needs a validation scorer (evaluate); use S or A without one")
-    ranked = ranked_layers(stats, top_k, active_only, ranking, significance)
-    options = {"ranking": ranking, "alpha": alpha, "require_significance": require_significance}
-    if variant == "P":
-        family = trial_family(ranked, candidates, alpha, require_significance)
-        kept, validation = validated_layers(family, evaluate, candidates, alpha)
-        return Selection("P", kept, ranked, validation, **options)
-    best = [c[0] for c in ranked.values() if c]
-    if variant == "S":
-        best = sorted(best, key=lambda f: -(f.r if f.score is None else f.score))[:1]
-    if require_significance and best and not any(is_significant(f, alpha) for f in best):
-        return Selection(variant, [], ranked, withheld=best, **options)
-    return Selection(variant, best, ranked, **options)
+    options = SelectionOptions(
+        variant=variant, ranking=ranking, top_k=top_k, candidates=min(candidates, top_k), alpha=alpha,
+        require_significance=require_significance, active_only=active_only,
+    )  # fmt: skip
+    chosen = plan(stats, options, significance)
+    trials = chosen.trials
+    results = evaluate({"unsteered": []} | trials) if variant == "P" and trials else None
+    return decide(chosen, options, results)
 
 
 def validated_layers(
-    family: Mapping[int, list[SelectedFeature]], evaluate: Evaluate, candidates: int, alpha: float
+    family: Mapping[int, list[SelectedFeature]], results: Mapping[str, TrialResult], alpha: float
 ) -> tuple[list[SelectedFeature], dict[str, dict[str, float]]]:
-    """CorrSteer-P's check on a family of trials (each layer's first `candidates`, each steered alone).
+    """CorrSteer-P's decision on a family of trials (each steered alone), from their validation `results`.
 
-    1. Every trial is answered in one `evaluate` pass and gets an exact one-sided paired sign test against the
-       unsteered model; 2. Holm's correction over all trials of all layers at `alpha` keeps the chance that any
-       layer is kept by luck at most alpha; 3. each layer keeps its most accurate trial (ties: higher r) among those
-       whose Holm-adjusted p is below alpha. No trial: nothing is answered and nothing kept.
+    1. Every trial (`validation_trials(family)`, named as there) gets an exact one-sided paired sign test against
+       `results["unsteered"]`; 2. Holm's correction over all trials of all layers at `alpha` keeps the chance that
+       any layer is kept by luck at most alpha; 3. each layer keeps its most accurate trial (ties: higher r) among
+       those whose Holm-adjusted p is below alpha. No trial: nothing kept, no figures.
     """
-    trials = {name: fs[0] for name, fs in validation_trials(family, candidates).items()}
+    trials = {name: fs[0] for name, fs in validation_trials(family).items()}
     if not trials:
         return [], {}
-    results = evaluate({"unsteered": []} | {name: [f] for name, f in trials.items()})
     base = results["unsteered"]
     validation = {"unsteered": {"accuracy": base.accuracy, "valid_rate": base.valid_rate}}
     for name in trials:
@@ -216,6 +266,11 @@ def validated_layers(
     return kept, validation
 
 
-def validation_trials(ranked: Mapping[int, list[SelectedFeature]], candidates: int) -> dict[str, list[SelectedFeature]]:
-    """P's trials: each layer's first `candidates` features, each steered alone, named "layer_{L}/{feature}"."""
-    return {f"layer_{f.layer}/{f.feature}": [f] for fs in ranked.values() for f in fs[:candidates]}
+def validation_trials(family: Mapping[int, list[SelectedFeature]]) -> dict[str, list[SelectedFeature]]:
+    """P's trials: every feature of its family (`trial_family`), each steered alone, named "layer_{L}/{feature}"."""
+    return {f"layer_{f.layer}/{f.feature}": [f] for fs in family.values() for f in fs}
+
+
+def scale_features(features: list[SelectedFeature], scale: float) -> list[SelectedFeature]:
+    """The features with their coefficients times `scale`: the one place a scale acts on a steering."""
+    return [replace(f, coefficient=f.coefficient * scale) for f in features]
