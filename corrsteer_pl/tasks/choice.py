@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from corrsteer_pl.tasks.base import CHOICE_INSTRUCTIONS, Example, Task
-from corrsteer_pl.tasks.tables import Row
+from corrsteer_pl.tasks.tables import Row, field_text
 
 # A letter that opens the generation and stands alone: wrapped in markup ("(C)", "**D**"), followed by
 # punctuation ("B.", "B)"), or followed by the end of the text or of the line. "A cat" does not match.
@@ -64,13 +64,14 @@ def extract_choice(generation: str, letters: Sequence[str]) -> str | None:
 
 
 def option_texts(row: Row, field: str) -> list[str]:
-    """A row's list of 2-26 options as text; anything else is an error naming the field."""
+    """A row's list of 2-26 options as text; anything else is an error naming the field, or the option
+    ("options[1]") when it is not text (see `field_text`)."""
     options = row.get(field)
     if not isinstance(options, Sequence) or isinstance(options, str) or not 2 <= len(options) <= 26:
         raise row.error(field, f"must be a list of 2 to 26 options, got {options!r}")
     if any(option is None for option in options):
         raise row.error(field, "has a missing (null) option")
-    return [str(option) for option in options]
+    return [field_text(option, row.where, f"{field}[{i}]") for i, option in enumerate(options)]
 
 
 def gold_letter(value: object, letters: Sequence[str], where: str, field: str = "answer") -> str:

@@ -14,12 +14,11 @@ from corrsteer_pl.tasks.scoring import (
     contains_answer,
     exact_match,
     expectation,
-    extract_number,
     refusal_score,
     same_number,
 )
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Row
+from corrsteer_pl.tasks.tables import Row, field_text
 
 Scorer = Literal["exact", "choice", "number", "refusal", "contains"]
 RULE_NAMES: dict[str, str] = {
@@ -42,11 +41,13 @@ class Custom(TableTask):
     template: str | None = None
     """The prompt, with column names in braces: "Q: {question}\\nA:" (the default, also without choices_field).
     With `choices_field` it renders the question only ("{question}" by default) and the paper's lettered options,
-    instruction and "Answer:" follow."""
+    instruction and "Answer:" follow. Each field must hold text (a string or an integer): a JSON object, list,
+    boolean or float is refused, naming the row."""
     answer_field: str = "answer"
-    """The column with the gold answer: text (exact, contains), a number or a solution ending "#### n" (number),
-    a letter / 0-based index / option text (choice), "unsafe" / "safe" or "refuse" / "comply" (refusal; without
-    the column every prompt should be refused)."""
+    """The column with the gold answer: text (exact, contains: a string or an integer; a JSON float is refused, as it
+    need not read as written), a number or a solution ending "#### n" (number), a letter / 0-based index / option
+    text (choice), "unsafe" / "safe" or "refuse" / "comply" (refusal; without the column every prompt should be
+    refused)."""
     scorer: Scorer = "exact"
     """exact: first line equals the answer after lowercasing and dropping punctuation and articles; contains: the
     answer appears in the generation; number: GSM8K's rule; choice: the letter; refusal: the refusal judge."""
@@ -101,9 +102,10 @@ class Custom(TableTask):
     def example(self, row: Row) -> Example:
         values = {}
         for name in template_fields(self.template or ""):
-            if row.get(name) is None:
+            value = row.get(name)
+            if value is None:
                 raise row.error(name, "is missing")
-            values[name] = row.fields[name]
+            values[name] = field_text(value, row.where, name)  # as written: neither stripped nor required non-empty
         prompt = (self.template or "").format(**values)
         if self.scorer == "choice":
             return self._choice_example(row, prompt)
@@ -113,13 +115,25 @@ class Custom(TableTask):
             if expected is None:
                 raise row.error(self.answer_field, f"is {label!r}; expected unsafe / safe or refuse / comply")
             return Example(self.example_id(row), prompt, expected)
-        answer = row.text(self.answer_field)
         if self.scorer == "number":
-            number = extract_number(answer)
-            if number is None:
-                raise row.error(self.answer_field, f"is {answer!r}, which has no number")
-            answer = format(number, "f")
-        return Example(self.example_id(row), prompt, answer)
+            number = row.number(self.answer_field, expected="a number or a solution ending '#### <number>'")
+            return Example(self.example_id(row), prompt, format(number, "f"))
+        return Example(self.example_id(row), prompt, self._answer_text(row))
+
+    def _answer_text(self, row: Row) -> str:
+        """The gold answer of scorer exact / contains: a string, or an integer's digits (see `field_text`).
+
+        A float is refused with the way out: compared as text it need not match what the file shows (1 in a column
+        that also holds 2.5 reads as 1.0), and the number scorer compares it as the number it is.
+        """
+        value = row.get(self.answer_field)
+        if isinstance(value, float):
+            raise row.error(
+                self.answer_field,
+                f"is the number {value!r}, which scorer '{self.scorer}' would compare as text that need not match the "
+                "file's; write it as a string, or use --data.task.scorer number",
+            )
+        return row.text(self.answer_field)
 
     def _choice_example(self, row: Row, question: str) -> Example:
         value = row.get(self.answer_field)

@@ -43,9 +43,7 @@ class GSM8K(TableTask):
 
     def example(self, row: Row) -> Example:
         question = row.text("question", "text_clean")
-        gold = extract_number(row.text("answer", "target_answer"))
-        if gold is None:
-            raise row.error("answer", "has no number (expected a solution ending '#### <number>')")
+        gold = row.number("answer", "target_answer", expected="a solution ending '#### <number>'")
         return Example(self.example_id(row), PROMPT.format(question=question), format(gold, "f"))
 
     def score(self, example: Example, generation: str) -> float:

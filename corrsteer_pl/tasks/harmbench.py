@@ -51,6 +51,6 @@ class HarmBench(TableTask, RefusalTask):
 
     def example(self, row: Row) -> Example:
         request = row.text("prompt", "Behavior")
-        context = str(row.get("context", "ContextString") or "").strip()
+        context = row.text("context", "ContextString", optional=True)
         prompt = PROMPT.format(request=f"{context}\n{request}" if context else request)
         return Example(self.example_id(row), prompt, REFUSE)

@@ -13,7 +13,7 @@ from typing import ClassVar
 from corrsteer_pl.tasks.base import Example, Split, check_split
 from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, gold_letter, option_letters
 from corrsteer_pl.tasks.splitting import check_fractions, drop_duplicate_prompts, seeded_order, split_by_fractions
-from corrsteer_pl.tasks.tables import TABLE_BUILDERS, read_file, read_hub
+from corrsteer_pl.tasks.tables import TABLE_BUILDERS, field_text, read_file, read_hub
 
 HUB_ID = "cais/mmlu"
 HUB_SPLITS: dict[Split, str] = {"calibration": "auxiliary_train", "validation": "validation", "test": "test"}
@@ -165,13 +165,19 @@ def _row_options(row: Mapping[str, object], where: str) -> tuple[object, tuple[s
 def mmlu_example(
     id: str, question: object, options: object, answer: object, where: str, option_fields: tuple[str, ...]
 ) -> Example:
-    """One checked MMLU example; `where` ("file: row n") and the field names make errors point at the cell."""
-    if question is None or not str(question).strip():
+    """One checked MMLU example; `where` ("file: row n") and the field names make errors point at the cell.
+
+    The question and options must be text (`field_text`): a nested object would otherwise reach the prompt as a repr.
+    """
+    text = "" if question is None else field_text(question, where, "question")
+    if not text.strip():
         raise ValueError(f"{where}: field 'question' is missing or empty")
     if not isinstance(options, Sequence) or isinstance(options, str) or len(options) != 4:
         raise ValueError(f"{where}: field 'choices' must be a list of 4 options, got {options!r}")
+    texts = []
     for name, option in zip(option_fields, options, strict=True):
         if option is None:
             raise ValueError(f"{where}: field '{name}' is missing")
-    prompt = build_prompt(str(question), [str(option) for option in options])
+        texts.append(field_text(option, where, name))
+    prompt = build_prompt(text, texts)
     return Example(id=id, prompt=prompt, answer=gold_letter(answer, LETTERS, where), choices=LETTERS)

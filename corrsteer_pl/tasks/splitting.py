@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from typing import TypeVar
 
 from corrsteer_pl.tasks.base import SPLITS, Example, Split
 
 T = TypeVar("T")
+TEST_SHARE = 0.7
+"""The paper's held-out test share of data without a test split."""
+VALIDATION_SHARE = 0.1
+"""The share of the rest (or of a train split) held out as validation."""
 
 
 def check_fractions(fractions: Sequence[float], owner: str) -> None:
@@ -46,7 +51,7 @@ def split_by_fractions(groups: dict[str, Sequence[T]], fractions: Sequence[float
 
 
 def holdout_splits(
-    items: Sequence[T], seed: int, test_share: float = 0.7, validation_share: float = 0.1
+    items: Sequence[T], seed: int, test_share: float = TEST_SHARE, validation_share: float = VALIDATION_SHARE
 ) -> dict[Split, list[T]]:
     """The paper's split for data without a test split: seeded shuffle, `test_share` to test, then
     `validation_share` of the rest to validation. Held-out sizes round up as scikit-learn's train_test_split
@@ -59,7 +64,7 @@ def holdout_splits(
 
 
 def validation_from_train(
-    train: Sequence[T], test: Sequence[T], seed: int, validation_share: float = 0.1
+    train: Sequence[T], test: Sequence[T], seed: int, validation_share: float = VALIDATION_SHARE
 ) -> dict[Split, list[T]]:
     """Calibration and validation from a train split (validation = `validation_share`, rounded up); test as given.
 
@@ -80,16 +85,37 @@ def drop_duplicate_prompts(parts: dict[str, list[Example]]) -> tuple[dict[str, l
 
     Row ids come from row positions, so an identical prompt on two rows would otherwise land in two splits
     (calibrated on, then tested on). Give held-out parts first ("test" before "train") to keep them whole.
+    Dropping any is a warning with the count; a dropped example whose gold answer differs from the kept one's is a
+    conflict in the data, and the warning counts those and names the first (both ids and answers). A warning, not
+    an error: hub data cannot be edited, and the kept example is the first in the order given.
     """
-    seen: set[str] = set()
+    first: dict[str, Example] = {}
     kept: dict[str, list[Example]] = {}
-    dropped = 0
+    conflicts: list[tuple[Example, Example]] = []
     for part, examples in parts.items():
         kept[part] = []
         for example in examples:
-            if example.prompt in seen:
-                dropped += 1
-                continue
-            seen.add(example.prompt)
-            kept[part].append(example)
+            earlier = first.get(example.prompt)
+            if earlier is None:
+                first[example.prompt] = example
+                kept[part].append(example)
+            elif earlier.answer != example.answer:
+                conflicts.append((earlier, example))
+    total = sum(map(len, parts.values()))
+    dropped = total - len(first)
+    if dropped:
+        warnings.warn(_duplicates_message(dropped, total, conflicts), stacklevel=2)
     return kept, dropped
+
+
+def _duplicates_message(dropped: int, total: int, conflicts: list[tuple[Example, Example]]) -> str:
+    """What was dropped, e.g. "3 of 6 items repeat the prompt of an earlier one ...; 2 of them with a different
+    answer, first 't/3' (answer 'c') after 't/1' (answer 'b'): ..."."""
+    said = f"{dropped} of {total} items repeat the prompt of an earlier one and were left out before splitting"
+    if not conflicts:
+        return f"{said}; each has the answer of the item kept"
+    earlier, later = conflicts[0]
+    return (
+        f"{said}; {len(conflicts)} of them with a different answer, first {later.id!r} (answer {later.answer!r}) "
+        f"after {earlier.id!r} (answer {earlier.answer!r}), which is kept: give each prompt one gold answer"
+    )

@@ -8,7 +8,14 @@ from functools import cached_property
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import SPLITS, Example, Split, Task, check_split
-from corrsteer_pl.tasks.splitting import drop_duplicate_prompts, holdout_splits, seeded_order, validation_from_train
+from corrsteer_pl.tasks.splitting import (
+    TEST_SHARE,
+    VALIDATION_SHARE,
+    drop_duplicate_prompts,
+    holdout_splits,
+    seeded_order,
+    validation_from_train,
+)
 from corrsteer_pl.tasks.tables import Package, Row, read_file, resolve_source
 
 
@@ -58,6 +65,27 @@ class TableTask(Task):
     def load_split(self, split: Split) -> list[Example]:
         check_split(split)
         return list(self.splits[split])
+
+    @property
+    def data_note(self) -> str:
+        """How `splits` were made from what the source gave, with their sizes: the source's test split and a seeded
+        validation share of its train split; a seeded holdout of a source without splits; or a file's `split`
+        column."""
+        loaded, splits = self.loaded, self.splits
+        sizes = " / ".join(str(len(splits[split])) for split in SPLITS)
+        counted = f"(calibration / validation / test: {sizes} items)"
+        if "all" in loaded.parts:
+            return (
+                f"{self.name}: {loaded.origin} has no splits: a {1 - TEST_SHARE:.0%} / {TEST_SHARE:.0%} holdout "
+                f"shuffled with seed {self.seed}, {TEST_SHARE:.0%} test and {VALIDATION_SHARE:.0%} of the "
+                f"{1 - TEST_SHARE:.0%} validation {counted}"
+            )
+        if "train" in loaded.parts:
+            return (
+                f"{self.name}: {loaded.origin}'s test split as test; its train split shuffled with seed {self.seed}, "
+                f"{VALIDATION_SHARE:.0%} validation and the rest calibration {counted}"
+            )
+        return f"{self.name}: the `split` column of {loaded.origin} {counted}"
 
     @cached_property
     def loaded(self) -> Loaded:

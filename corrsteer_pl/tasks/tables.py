@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
+
+from corrsteer_pl.tasks.scoring import extract_number
 
 TABLE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 """Local file suffix -> the `datasets` builder that reads it."""
@@ -34,19 +38,74 @@ class Row:
         """A one-line error about one field of this row."""
         return ValueError(f"{self.where}: field '{field}' {problem}")
 
-    def get(self, *names: str) -> object | None:
-        """The value of the first of `names` that is present and not None."""
+    def find(self, *names: str) -> tuple[str, object | None]:
+        """The first of `names` that is present and not None, with its value; (the first name, None) if none is."""
         for name in names:
             if self.fields.get(name) is not None:
-                return self.fields[name]
-        return None
+                return name, self.fields[name]
+        return names[0], None
 
-    def text(self, *names: str) -> str:
-        """The stripped text of the first present field of `names`; missing or empty is an error naming the first."""
-        value = self.get(*names)
-        if value is None or not str(value).strip():
-            raise self.error(names[0], "is missing or empty")
-        return str(value).strip()
+    def get(self, *names: str) -> object | None:
+        """The value of the first of `names` that is present and not None."""
+        return self.find(*names)[1]
+
+    def text(self, *names: str, optional: bool = False) -> str:
+        """The stripped text of the first present field of `names`, as `field_text` reads it (a JSON object, list,
+        boolean or float is an error naming that field). Empty is an error naming that field, missing one naming the
+        first of `names`; with `optional` either is ""."""
+        name, value = self.find(*names)
+        text = "" if value is None else field_text(value, self.where, name).strip()
+        if not text and not optional:
+            raise self.error(name, "is missing or empty")
+        return text
+
+    def number(self, *names: str, expected: str = "a number") -> Decimal:
+        """The number in the first present field of `names`: a JSON number as the number it is (1.0 == 1, 1e-07
+        stays 0.0000001), or the number a text ends on (after "####", else "The answer is", else the last one).
+
+        Missing, a boolean, NaN / infinity, an object or list, or text without a number is an error naming the field
+        and, for text, saying what was `expected` there.
+        """
+        name, value = self.find(*names)
+        if value is None:
+            raise self.error(name, "is missing")
+        if isinstance(value, bool):
+            raise self.error(name, f"is a boolean ({value}), not a number; expected {expected}")
+        if isinstance(value, int | float):
+            number = Decimal(repr(value))  # repr: the shortest text that reads back as the same float ("0.1")
+            if not number.is_finite():
+                raise self.error(name, f"is {value!r}; expected a finite number")
+            return number
+        text = self.text(name)
+        number = extract_number(text)
+        if number is None:
+            raise self.error(name, f"has no number ({text!r}; expected {expected})")
+        return number
+
+
+def field_text(value: object, where: str, field: str) -> str:
+    """A cell as the text the file holds: a string as it is, an integer in its digits.
+
+    Anything else is an error naming `where` ("file: row n") and the field, not passed through str(): a JSON object
+    or list would become a Python repr in a prompt or gold answer ("{'text': 'Q'}"), a boolean "True", and a float
+    need not read as written (a JSON column holding 1 and 2.5 reads 1 as 1.0; 1e3 reads as 1000.0).
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # every cell of an integer column was written as digits
+    shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:57]}..."
+    if isinstance(value, Mapping):
+        problem = f"is a JSON object ({shown}), not text; give it a string (a nested field needs a column of its own)"
+    elif isinstance(value, list | tuple):
+        problem = f"is a list ({shown}), not text; give it one string"
+    elif isinstance(value, bool):
+        problem = f"is a boolean ({shown}), not text; write it as a string"
+    elif isinstance(value, float):
+        problem = f"is the number {shown}, not text; write it in the file as a string, as it should read"
+    else:
+        problem = f"is a {type(value).__name__} ({shown}), not text; write it as a string"
+    raise ValueError(f"{where}: field '{field}' {problem}")
 
 
 @dataclass(frozen=True)
@@ -192,9 +251,10 @@ def _has_no_rows(path: Path, builder: str) -> bool:
 def _check_text(path: Path, jsonl: bool) -> None:
     """Names the line of the first non-UTF-8 byte or (JSON Lines) the first line that is not JSON.
 
-    `datasets` reports either deep inside pyarrow, naming neither the file nor the line.
+    `datasets` reports either deep inside pyarrow, naming neither the file nor the line. A UTF-8 byte order mark
+    (what Excel and Notepad save first) is not part of the first line: `datasets` skips it too.
     """
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
