@@ -37,7 +37,7 @@ MOVED = {
     "calibration.export_formats": "export.formats",
     "calibration.include_model": "export.include_model",
     "model.pooling": "calibration.pooling",
-    "model.max_new_tokens": "data.task.max_new_tokens (a task option: --data.task Custom --data.task.max_new_tokens 16)",
+    "model.max_new_tokens": "data.task.max_new_tokens (a task's option: --data.task Custom ...max_new_tokens 8)",
 }  # fmt: skip
 """Flags that moved to their option group's owner: the old name fails in one line that gives the new one."""
 RESUME_FIX = (

@@ -158,3 +158,19 @@ def test_a_bad_prompts_option_is_one_line_naming_the_flag(tmp_path, value, says)
         main(["test", *TINY, "--trainer.default_root_dir", str(tmp_path), "--comparison.prompts", value])
     line = str(exc.value.code)
     assert line.startswith("error: --comparison.prompts") and says in line and "\n" not in line
+
+
+def test_an_instruction_that_makes_a_test_prompt_too_long_is_one_line_before_anything_is_answered(prompted):
+    root, _ = prompted
+    report = root / "steered" / "report.json"
+    before = report.read_text()
+    long = "word " * 20  # 80 tokens of the tiny tokenizer: the plain test prompts (at most 20) fit in 64, not with it
+    with pytest.raises(SystemExit) as exc:
+        main(
+            ["test", *TINY, "--trainer.default_root_dir", str(root), "--data.max_prompt_tokens", "64"]
+            + ["--comparison.prompts", json.dumps([long])]
+        )
+    line = str(exc.value.code)
+    assert line.startswith("error: --comparison.prompts: instruction 1") and "\n" not in line
+    assert "instructed test item 'synthetic/" in line and "more than 64 tokens" in line
+    assert report.read_text() == before, "nothing was answered"

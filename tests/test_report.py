@@ -5,7 +5,7 @@ import pytest
 import scipy.stats
 import torch
 
-from corrsteer_pl.evaluation.report import EvaluationReport, paired_bootstrap_ci
+from corrsteer_pl.evaluation.report import CHOSEN_SECTION, RESPONDS_SECTION, EvaluationReport, paired_bootstrap_ci
 
 
 def test_bootstrap_ci_of_identical_differences_is_that_difference():
@@ -130,3 +130,12 @@ def test_the_headline_is_positive_only_when_every_check_below_it_agrees():
     assert "does not beat the search_matched controls" in failed_search
     noise = _headline(control_rate=0.12, q_value=0.2)  # exported with --calibration.require_significance false
     assert noise.startswith("**Verdict: not shown to help.**") and "not significant (smallest q 0.200" in noise
+
+
+def test_a_report_without_a_selection_record_says_so_under_both_sections_built_from_it():
+    scores = torch.tensor([1.0, 0.0])
+    report = EvaluationReport.from_scores(scores, scores, "t", "test", "j", steering={"path": "runs/x/steered"})
+    text = report.to_markdown()
+    missing = "Not shown: the export folder runs/x/steered has no selection.json"
+    for heading in (CHOSEN_SECTION, RESPONDS_SECTION):
+        assert f"{heading}\n\n{missing}" in text

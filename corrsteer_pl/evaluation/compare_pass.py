@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
+from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, load_layer_stats
 from corrsteer_pl.evaluation.choice_report import choice_report, choice_scalars
 from corrsteer_pl.evaluation.comparison import method_rows
 from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
@@ -20,7 +20,7 @@ from corrsteer_pl.evaluation.judge import Judged
 from corrsteer_pl.evaluation.plots import report_figures, save_figure
 from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.selection.diagnosis import nothing_steered
-from corrsteer_pl.selection.evidence import read_selection
+from corrsteer_pl.selection.evidence import SELECTION_FILE, read_selection
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 REPORT_SCALARS = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
@@ -37,13 +37,26 @@ def load_export(folder: Path, model: nn.Module) -> SteeringVectors:
     return steering
 
 
+def export_stats(folder: Path, needed_by: str, instead: str) -> dict[int, CorrelationStats]:
+    """The export's correlation statistics; a missing file is one line saying what needs it and the two fixes
+    (re-run fit to write it, or `instead`: do without what needs it)."""
+    path = folder / STATS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing, and {needed_by}: re-run `train.py fit` with this config to write it, or {instead}"
+        )
+    return load_layer_stats(path)
+
+
 def export_conditions(
     steering: SteeringVectors, saes: dict[int, nn.Module], folder: Path, controls: int, seed: int
 ) -> ConditionSet:
     """Unsteered, steered and the random controls (with the export's search-matched draws), on the same items."""
     if not steering.layers:
         rank_zero_warn(nothing_steered(list(steering.info.get("warnings", []))))
-    stats = load_layer_stats(folder / STATS_FILE) if controls and steering.layers else {}
+    needed_by = "the random-feature controls (--model.controls) draw their features from it"
+    without = "pass --model.controls 0 to run without controls"
+    stats = export_stats(folder, needed_by, without) if controls and steering.layers else {}
     conditions = ConditionSet.with_random_controls(steering, saes, stats, controls, seed)
     searched = load_search_controls(folder) if controls else []
     if searched and steering.layers:
@@ -85,13 +98,23 @@ def build_report(
         features=[asdict(f) for layer in steering.layers.values() for f in layer.features],
         steering={"path": str(folder), **steering.info},
         warnings=list(steering.info.get("warnings", [])),
-        selection=read_selection(folder),
+        selection=selection_record_of(folder),
         methods=method_rows(conditions, column, is_valid, control_scores, choice_column),
         **context,
     )
     if choice is not None:
         report.choice = choice_report(report, choice_column["unsteered"], choice_column["steered"], choice_controls)
     return report
+
+
+def selection_record_of(folder: Path) -> dict[str, Any]:
+    """The export's selection.json record; without the file, a warning that the report says what it cannot show."""
+    if not (folder / SELECTION_FILE).is_file():
+        rank_zero_warn(
+            f"{folder / SELECTION_FILE} is missing: report.md says so in place of how the features were chosen and "
+            "what they respond to; re-run `train.py fit` with this config to write it"
+        )
+    return read_selection(folder)
 
 
 def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:

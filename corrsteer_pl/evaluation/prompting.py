@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from corrsteer_pl.data import check_prompt_lengths
 from corrsteer_pl.evaluation.conditions import Conditions
 from corrsteer_pl.evaluation.controls import Scorer
 from corrsteer_pl.evaluation.judge import Judged
@@ -54,6 +55,24 @@ def resolve_prompts(option: list[str] | str | None, task: Task, multiple_choice:
     if option is None:
         return []
     return default_instructions(task, multiple_choice) if option == DEFAULT else list(option)
+
+
+def check_instructed_lengths(
+    instructions: list[str], examples: list[Example], tokenizer: Any, limit: int, render: Callable[[str], str]
+) -> None:
+    """Refuses, before anything is answered, an instruction that makes a test prompt longer than `limit` tokens
+    (--data.max_prompt_tokens, the data module's check on every split): one line naming the flag, the instruction,
+    the item and the limit."""
+    for i, instruction in enumerate(instructions):
+        prompts = [instructed(e, instruction) for e in examples]
+        try:
+            check_prompt_lengths(prompts, "instructed test", tokenizer, limit, render)
+        except ValueError as err:
+            start = instruction if len(instruction) <= 40 else instruction[:40] + "..."
+            raise ValueError(
+                f"{FLAG}: instruction {i + 1} ({start!r}, {len(instruction):,} characters) makes a test prompt too "
+                f"long: {err}"
+            ) from None
 
 
 @dataclass

@@ -12,13 +12,15 @@ from torch import Tensor
 
 from corrsteer_pl.atomic import atomic_file
 from corrsteer_pl.selection.diagnosis import nothing_steered
-from corrsteer_pl.selection.evidence import candidates_table
+from corrsteer_pl.selection.evidence import SELECTION_FILE, candidates_table
 from corrsteer_pl.selection.examples import examples_markdown
 
 if TYPE_CHECKING:
     from corrsteer_pl.evaluation.choice_report import ChoiceReport
 
 RESAMPLES = 10_000
+CHOSEN_SECTION = "## How the features were chosen (validation split)"
+RESPONDS_SECTION = "## What the chosen features respond to (calibration split)"
 
 
 def _percentiles(samples: Tensor, level: float) -> tuple[float, float]:
@@ -313,13 +315,24 @@ class EvaluationReport:
         lines = [f"# CorrSteer evaluation: {self.task} ({self.split} split, {self.samples} items)", ""]
         lines += self._headline_lines() + self._conditions_table() + self._difference_lines()
         lines += self._control_lines() + (self.choice.markdown(self) if self.choice is not None else [])
-        lines += self._features_table() + self._methods_lines()
-        if self.selection:
-            lines += ["", "## How the features were chosen (validation split)", "", candidates_table(self.selection)]
-        examples = examples_markdown(self.selection) if self.selection else ""
-        lines += ["", "## What the chosen features respond to (calibration split)", "", examples] if examples else []
+        lines += self._features_table() + self._methods_lines() + self._selection_lines()
         lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in self.figures]] if self.figures else []
         return "\n".join(lines) + "\n"
+
+    def _selection_lines(self) -> list[str]:
+        """The sections built from the export's selection.json; without it, each says why it is empty."""
+        chosen, responds = CHOSEN_SECTION, RESPONDS_SECTION
+        if not self.selection:
+            folder = self.steering.get("path")
+            where = f"the export folder {folder}" if folder else "the export"
+            missing = (
+                f"Not shown: {where} has no {SELECTION_FILE}, which this section is built from; re-run "
+                "`train.py fit` with this config to write it."
+            )
+            return ["", chosen, "", missing, "", responds, "", missing]
+        lines = ["", chosen, "", candidates_table(self.selection)]
+        examples = examples_markdown(self.selection)
+        return lines + (["", responds, "", examples] if examples else [])
 
     def _headline_lines(self) -> list[str]:
         if not self.features:
