@@ -10,6 +10,22 @@ __version__ = "0.1.0"
 # The public names load on first use (PEP 562): `import corrsteer_pl.calibration.stats` alone does not import
 # sae-lens and transformers (about 5 s of every process start here, spawned DDP and gloo ranks included).
 _PUBLIC = {
+    # the library: calibrate -> select -> steer -> export (corrsteer_pl/api.py)
+    "calibrate": "corrsteer_pl.api",
+    "select": "corrsteer_pl.api",
+    "select_many": "corrsteer_pl.api",
+    "export_selection": "corrsteer_pl.api",
+    "write_export": "corrsteer_pl.api",
+    "load_model": "corrsteer_pl.api",
+    "load_saes": "corrsteer_pl.api",
+    "get_task": "corrsteer_pl.tasks",
+    "Calibration": "corrsteer_pl.calibration.calibration",
+    "CalibrationOptions": "corrsteer_pl.calibration.options",
+    "SelectionOptions": "corrsteer_pl.selection.options",
+    "ExportOptions": "corrsteer_pl.steering.export",
+    "Validator": "corrsteer_pl.evaluation.validation",
+    "OptionError": "corrsteer_pl.errors",
+    # the pieces underneath
     "CorrelationStats": "corrsteer_pl.calibration.stats",
     "FeatureCapture": "corrsteer_pl.calibration.capture",
     "LayerHooks": "corrsteer_pl.models.hooks",

@@ -60,6 +60,8 @@ class TaskDataModule(L.LightningDataModule):
         build = partial(get_task, task) if isinstance(task, str) else task
         self.task: Task = build(seed=seed, source=source)  # fails here, before any model loads, on a bad name or option
         self.hparams.update(task=self.task.name, task_options=task_options(self.task))
+        if self.task.max_new_tokens < 1:
+            raise ValueError(f"--data.task.max_new_tokens must be >= 1, got {self.task.max_new_tokens}")
         self.limits = {"calibration": limit_calibration, "validation": limit_validation, "test": limit_test}
         for split, limit in self.limits.items():
             if limit is not None and limit < 1:

@@ -33,7 +33,6 @@ def run_identity(module: Any) -> dict[str, Any]:
             "--model.train_saes": asdict(module.train_saes) if module.train_saes else None,
             "--calibration.pooling": module.calibration_options.pooling,
             "--calibration.target": module.calibration_options.target,
-            "--data.task.max_new_tokens": data.task.max_new_tokens,
             "--trainer.devices x --trainer.num_nodes": module.trainer.world_size,
             **{f"--data.{key}": value for key, value in data.identity().items()},
             "--data.batch_size": data.hparams.batch_size,

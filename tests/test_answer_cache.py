@@ -17,7 +17,7 @@ ARGS = [
     "--trainer.enable_progress_bar", "false",
     "--model.saes", "[]",
     "--model.train_saes", json.dumps(SAES),
-    "--model.max_new_tokens", "1",
+    "--data.task", "Synthetic", "--data.task.max_new_tokens", "1",
 ]  # fmt: skip
 
 

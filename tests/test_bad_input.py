@@ -25,17 +25,17 @@ def _exit_line(args: list[str], tmp_path) -> str:
 @pytest.mark.parametrize(
     ("flag", "value"),
     [
-        ("--calibration.scale", "-1"),
-        ("--calibration.max_answer_share", "2"),
-        ("--calibration.top_k", "0"),
-        ("--calibration.scale_grid", "[1.0, -2.0]"),
+        ("--selection.scale", "-1"),
+        ("--selection.max_answer_share", "2"),
+        ("--selection.top_k", "0"),
+        ("--selection.scale_grid", "[1.0, -2.0]"),
         ("--model.controls", "-1"),
         ("--checkpoint.every_n_batches", "-1"),
         ("--data.max_prompt_tokens", "0"),
-        ("--calibration.export_formats", "[onnx]"),
+        ("--export.formats", "[onnx]"),
         ("--calibration.bootstrap", "-1"),
-        ("--calibration.search_draws", "-2"),
-        ("--calibration.scale_grid", "[0, 1]"),
+        ("--selection.search_draws", "-2"),
+        ("--selection.scale_grid", "[0, 1]"),
         ("--data.limit_calibration", "0"),
     ],
 )
@@ -61,7 +61,7 @@ def test_a_bad_task_option_is_refused_naming_its_flag_before_any_model_loads(tmp
 @pytest.mark.parametrize(
     ("flag", "value", "says"),
     [
-        ("--model.pooling", "median", "Expected a typing.Literal['max', 'mean']"),
+        ("--calibration.pooling", "median", "Expected a typing.Literal['max', 'mean']"),
         ("--data.limit_calibration", "abc", "Given value: abc"),
         ("--calibration.topk", "3", "unrecognized arguments: --calibration.topk"),
     ],

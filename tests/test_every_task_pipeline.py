@@ -18,8 +18,6 @@ SMALL = [
     "4",
     "--model.controls",
     "1",
-    "--model.max_new_tokens",
-    "2",
 ]
 
 
@@ -60,10 +58,11 @@ def _fixture(task, tmp_path, n=24):
 
 
 OPTIONS = {  # --data.task SimpleQA --data.task.judge exact-match, or all at once in --data.task.init_args
-    "simpleqa": {"judge": "exact-match"},
-    "harmbench": {"judge": "refusal-phrases"},
-    "xstest": {"judge": "refusal-phrases"},
-    "custom": {"template": "Q: {question}\nA:", "answer_field": "answer", "scorer": "exact"},
+    "simpleqa": {"judge": "exact-match", "max_new_tokens": 2},
+    "harmbench": {"judge": "refusal-phrases", "max_new_tokens": 2},
+    "xstest": {"judge": "refusal-phrases", "max_new_tokens": 2},
+    "gsm8k": {"max_new_tokens": 2},  # the paper's 512 tokens would take minutes on the tiny model
+    "custom": {"template": "Q: {question}\nA:", "answer_field": "answer", "scorer": "exact", "max_new_tokens": 2},
 }
 
 

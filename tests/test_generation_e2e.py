@@ -99,12 +99,12 @@ def test_multi_token_refusal_job_on_the_real_model_steers_generated_positions_an
         "--trainer.enable_progress_bar", "false",
         "--data.task", "XSTest", "--data.task.judge", "refusal-phrases", "--data.source", str(data),
         "--data.batch_size", "8",
-        "--model.max_new_tokens", str(NEW_TOKENS),
+        "--data.task.max_new_tokens", str(NEW_TOKENS),
         "--model.train_saes", json.dumps({"layers": [12], "d_sae": 256, "k": 8, "tokens": 2000,
                                           "batch_size_tokens": 64, "epochs": 2}),
         "--model.controls", str(CONTROLS),
-        "--calibration.variant", "A", "--calibration.scale_grid", "null", "--calibration.search_draws", "0",
-        "--calibration.scale", "4.0",
+        "--selection.variant", "A", "--selection.scale_grid", "null", "--selection.search_draws", "0",
+        "--selection.scale", "4.0",
     ])  # fmt: skip
     export = tmp_path / "steered"
     steering = SteeringVectors.load(export)

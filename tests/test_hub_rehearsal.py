@@ -204,7 +204,7 @@ def preset_run(home: Path, root: Path, preset: str, saes: list[dict], task_args:
               "--data.limit_calibration", "16", "--data.limit_validation", "8", "--data.limit_test", "8",
               "--data.batch_size", "8", "--model.controls", "2",
               # 16 items make no feature significant: export anyway (this rehearses loading, not evidence)
-              "--calibration.require_significance", "false", *task_args]  # fmt: skip
+              "--selection.require_significance", "false", *task_args]  # fmt: skip
     code = "import sys; from corrsteer_pl.cli import main; main(['fit', *sys.argv[1:]]); main(['test', *sys.argv[1:]])"
     hub_rehearsal.run_python(code, home, *common)
 

@@ -91,13 +91,13 @@ def test_kill_after_calibration_leaves_no_export_and_resume_exports_whole_withou
     tmp_path, finished, kill, variant, lightning_log
 ):
     root = tmp_path / "run"
-    _fit(root, "--calibration.variant", variant, kill=kill)
+    _fit(root, "--selection.variant", variant, kill=kill)
     calibrated = _batches(root)
     assert len(calibrated) == 8, "the kill came after all 8 calibration batches"
     assert not (root / "steered").exists(), "no export, not a partial one"
     assert (root / "checkpoints" / "last.ckpt").is_file()
 
-    _fit(root, "--ckpt_path", "last", "--calibration.variant", variant)
+    _fit(root, "--ckpt_path", "last", "--selection.variant", variant)
     assert FINISHED in lightning_log.text
     assert _batches(root) == calibrated, "the resume computed no calibration batch"
     steering = _assert_complete(root / "steered")
@@ -115,11 +115,11 @@ def test_kill_while_the_export_is_written_leaves_the_previous_export_intact_and_
     root = tmp_path / "run"
     shutil.copytree(finished, root)
     before = _files(root / "steered")
-    _fit(root, "--ckpt_path", "last", "--calibration.variant", "S", kill="export_first_file")
+    _fit(root, "--ckpt_path", "last", "--selection.variant", "S", kill="export_first_file")
     assert _files(root / "steered") == before, "the previous export is unchanged, file for file"
     assert not _batches(root)
 
-    _fit(root, "--ckpt_path", "last", "--calibration.variant", "S")
+    _fit(root, "--ckpt_path", "last", "--selection.variant", "S")
     assert FINISHED in lightning_log.text and not _batches(root)
     steering = _assert_complete(root / "steered")
     assert steering.info["variant"] == "S" and len(steering.layers) == 1

@@ -22,9 +22,9 @@ SMALL = [
     "--data.limit_test", "12",
     "--model.train_saes", json.dumps({"layers": [12], "d_sae": 512, "k": 16, "tokens": 4000}),
     "--model.controls", "1",
-    "--calibration.scale_grid", "[1.0, 4.0]",
-    "--calibration.variant", "A",  # the default P may keep no layer on 8 validation items
-    "--calibration.require_significance", "false",  # 48 calibration items make no feature significant
+    "--selection.scale_grid", "[1.0, 4.0]",
+    "--selection.variant", "A",  # the default P may keep no layer on 8 validation items
+    "--selection.require_significance", "false",  # 48 calibration items make no feature significant
 ]  # fmt: skip
 
 

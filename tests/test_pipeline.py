@@ -80,7 +80,7 @@ def test_test_compares_unsteered_and_steered_with_side_effect_ratio(fitted):
 
 
 def test_variant_p_records_validation_scores_per_candidate(tmp_path):
-    main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--calibration.variant", "P"])
+    main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--selection.variant", "P"])
     meta = json.loads((tmp_path / "steered" / "steering.json").read_text())
     validation = meta["info"]["validation"]
     trials = {k for k in validation if k != "unsteered"}
@@ -95,7 +95,16 @@ def test_variant_p_and_the_scale_grid_run_the_validation_prompts_once(tmp_path, 
     monkeypatch.setattr(
         evaluation.PromptCaches, "get", lambda self, *a: found.append(get(self, *a) is not None) or get(self, *a)
     )
-    args = ["--calibration.variant", "P", "--calibration.scale_grid", "[0.5, 2.0]", "--model.max_new_tokens", "1"]
+    args = [
+        "--selection.variant",
+        "P",
+        "--selection.scale_grid",
+        "[0.5, 2.0]",
+        "--data.task",
+        "Synthetic",
+        "--data.task.max_new_tokens",
+        "1",
+    ]
     # P keeps a layer, so the grid runs: the tiny model's noise survives no Holm correction, so every trial passes
     monkeypatch.setattr(variants, "holm_adjusted", lambda p: [0.0] * len(p))
     main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), *args])
@@ -134,7 +143,7 @@ def test_an_sae_that_does_not_fit_the_model_is_named(tmp_path, capsys, d_in, lay
 
 
 def test_mmlu_from_the_offline_package_runs_through_fit_and_test(tmp_path):
-    args = [*TINY, "--trainer.default_root_dir", str(tmp_path), "--data.task", "mmlu", "--model.max_new_tokens", "1"]
+    args = [*TINY, "--trainer.default_root_dir", str(tmp_path), "--data.task", "mmlu"]
     main(["fit", *args, "--data.limit_calibration", "24"])
     cli = main(["test", *args, "--data.limit_test", "8"])
     assert SteeringVectors.load(tmp_path / "steered").info["task"] == "mmlu"
@@ -142,7 +151,7 @@ def test_mmlu_from_the_offline_package_runs_through_fit_and_test(tmp_path):
 
 
 def test_scale_grid_is_scored_on_validation_and_recorded_in_the_export(tmp_path):
-    main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--calibration.scale_grid", "[0.5, 2.0]"])
+    main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--selection.scale_grid", "[0.5, 2.0]"])
     info = SteeringVectors.load(tmp_path / "steered").info
     assert set(info["scale_grid"]) == {"0.5", "2"} and info["scale"] in (0.5, 2.0)
     best = max(info["scale_grid"].items(), key=lambda kv: (kv[1]["accuracy"], -float(kv[0])))

@@ -299,7 +299,7 @@ def test_caa_coefficient_is_the_mean_difference():
 
 def test_unknown_ranking_is_refused_naming_the_option():
     stats = one_pass(*special_data())
-    with pytest.raises(ValueError, match=r"unknown ranking 'spare' \(--calibration.ranking\); use one of pearson"):
+    with pytest.raises(ValueError, match=r"unknown ranking 'spare' \(--selection.ranking\); use one of pearson"):
         select_features({0: stats}, "A", ranking="spare")
     with pytest.raises(ValueError, match="unknown ranking"):
         score(stats, "MI")

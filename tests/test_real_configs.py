@@ -146,13 +146,14 @@ def test_preset_calibrates_and_exports_with_tiny_stand_ins_of_the_same_architect
         ["fit", "--config", str(CONFIGS / f"{name}.yaml")]
         + ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto"]
         + ["--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false"]
-        + ["--model.dtype", "float32", "--model.max_new_tokens", "2"]
+        + ["--model.dtype", "float32"]
         # The synthetic task: a random model's answers are right about half the time, so every layer
         # has a positively correlated feature to steer (MMLU letters would all be wrong).
-        + ["--data.task", "synthetic", "--data.source", "null", "--data.limit_calibration", "8"]
+        + ["--data.task", "Synthetic", "--data.task.max_new_tokens", "2", "--data.source", "null"]
+        + ["--data.limit_calibration", "8"]
         + ["--data.batch_size", "4"]
         # 8 items make no feature significant: export anyway, this test is about loading and hooks, not evidence.
-        + ["--calibration.require_significance", "false"]
+        + ["--selection.require_significance", "false"]
         # No TensorBoard: its per-layer r figures (tested in test_pipeline) cost ~0.2 s each x 26-32 layers.
         + ["--trainer.logger", "false"]
     )

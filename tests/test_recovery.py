@@ -45,8 +45,8 @@ def no_calibration(monkeypatch):
         (["--data.task", "Synthetic", "--data.task.size", "50"], "--data.task.size"),
         (["--data.batch_size", "4"], "--data.batch_size"),
         (["--model.saes", '[{"source": "tiny-random", "sae_id": "layer_1"}]'], "--model.saes"),
-        (["--model.pooling", "mean"], "--model.pooling"),
-        (["--model.max_new_tokens", "2"], "--model.max_new_tokens"),
+        (["--calibration.pooling", "mean"], "--calibration.pooling"),
+        (["--data.task", "Synthetic", "--data.task.max_new_tokens", "2"], "--data.task.max_new_tokens"),
     ],
 )
 def test_resume_with_a_config_that_changes_the_statistics_is_refused_naming_the_flag(fitted, change, flag):
@@ -60,7 +60,7 @@ def test_resume_of_a_finished_calibration_reselects_and_exports_without_computin
     _fit(tmp_path)
     before = json.loads((tmp_path / "steered" / "steering.json").read_text())
     monkeypatch.setattr(CorrSteerModule, "training_step", lambda *a, **k: pytest.fail("a batch was computed"))
-    _fit(tmp_path, "--ckpt_path", "last", "--calibration.variant", "S")  # selection options may change
+    _fit(tmp_path, "--ckpt_path", "last", "--selection.variant", "S")  # selection options may change
     after = json.loads((tmp_path / "steered" / "steering.json").read_text())
     assert before["info"]["variant"] == "A" and len(before["layers"]) == 2
     assert after["info"]["variant"] == "S" and len(after["layers"]) == 1
@@ -91,7 +91,7 @@ def test_a_failed_export_leaves_the_previous_export_whole_and_says_how_to_recove
 
     monkeypatch.setattr(callbacks.correlation, "save_layer_stats", full_disk)
     with pytest.raises(SystemExit) as exc:
-        _fit(root, "--calibration.variant", "S", "--ckpt_path", "last")
+        _fit(root, "--selection.variant", "S", "--ckpt_path", "last")
     assert "could not write the export" in _error(exc) and "No space left on device" in _error(exc)
     assert "--ckpt_path last" in _error(exc)
     assert {p.name: p.read_bytes() for p in (root / "steered").iterdir()} == old

@@ -128,7 +128,7 @@ def test_the_headline_is_positive_only_when_every_check_below_it_agrees():
     failed_search = _headline(control_rate=0.45, q_value=0.001)  # search-matched draws do as well
     assert failed_search.startswith("**Verdict: not shown to help.**")
     assert "does not beat the search_matched controls" in failed_search
-    noise = _headline(control_rate=0.12, q_value=0.2)  # exported with --calibration.require_significance false
+    noise = _headline(control_rate=0.12, q_value=0.2)  # exported with --selection.require_significance false
     assert noise.startswith("**Verdict: not shown to help.**") and "not significant (smallest q 0.200" in noise
 
 

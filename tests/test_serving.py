@@ -195,11 +195,11 @@ def test_failed_merged_write_leaves_the_old_folder_intact(saved_llama, tmp_path)
 
 
 def test_fit_writes_the_requested_serving_formats_and_warns_for_one_it_cannot(tmp_path):
-    """--calibration.export_formats: merged/ lands in the export; gguf cannot hold layer 0, so fit warns and goes on."""
+    """--export.formats: merged/ lands in the export; gguf cannot hold layer 0, so fit warns and goes on."""
     from corrsteer_pl.cli import main as cli
 
     args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
-    args += ["--trainer.default_root_dir", str(tmp_path), "--calibration.export_formats", "[gguf, merged]"]
+    args += ["--trainer.default_root_dir", str(tmp_path), "--export.formats", "[gguf, merged]"]
     with pytest.warns(UserWarning, match="export_formats: gguf not written: layer 0"):
         cli(["fit", *args])
     export = tmp_path / "steered"

@@ -251,7 +251,7 @@ def test_paired_test_counts_only_changed_items_and_both_directions():
 
 
 def test_paired_test_rejects_bad_alpha_and_unpaired_scores():
-    with pytest.raises(ValueError, match="--calibration.alpha"):
+    with pytest.raises(ValueError, match="--selection.alpha"):
         paired_improvement([1.0], [0.0], 0.0)
     with pytest.raises(ValueError, match="3 steered vs 2 unsteered"):
         paired_improvement([1.0, 0.0, 1.0], [0.0, 0.0], 0.05)

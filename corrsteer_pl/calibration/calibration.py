@@ -45,7 +45,9 @@ class CalibrationBatch:
     peaks: dict[int, Tensor] | None = None
     """Per layer (B, d_sae) int32: the generation position of each feature's maximum (None: all at 0)."""
     cut: int = 0
-    """Answers that used the whole answer budget (the task's max_new_tokens) without ending."""
+    """Free-form answers that used the whole answer budget (the task's max_new_tokens) without ending."""
+    budget: int = 0
+    """The answer budget they were generated with."""
 
 
 @torch.inference_mode()
@@ -72,7 +74,8 @@ def calibration_batch(
         model, batch, steps, saes, options.pooling, answers, eos, pad, choice
     )
     labels = judge(task, tokenizer, examples, new, logits).target(options.target).scores
-    return CalibrationBatch([e.id for e in examples], labels, pooled, peaks, answers_cut(new, eos, steps))
+    cut = 0 if examples[0].choices else answers_cut(new, eos, steps)  # a one-letter answer is meant to be cut
+    return CalibrationBatch([e.id for e in examples], labels, pooled, peaks, cut, steps)
 
 
 def answers_cut(new_tokens: Tensor, eos_token_ids: Iterable[int], max_new_tokens: int) -> int:
@@ -94,7 +97,9 @@ class Calibration:
     tops: dict[int, TopExamples]
     options: CalibrationOptions = field(default_factory=CalibrationOptions)
     cut: int = 0
-    """Answers that ran the whole answer budget without ending (a budget that cuts every answer is said)."""
+    """Free-form answers that ran the whole answer budget without ending (a budget that cuts them all is said)."""
+    budget: int = 0
+    """The answer budget (max new tokens) calibration ran with (0: unknown)."""
 
     @classmethod
     def empty(
@@ -139,7 +144,7 @@ class Calibration:
             self.bootstrap[layer].update(pooled, labels, batch.ids)
             if keys is not None:
                 self.tops[layer].update(pooled, keys, (batch.peaks or {}).get(layer))
-        self.cut += batch.cut
+        self.cut, self.budget = self.cut + batch.cut, batch.budget or self.budget
 
     def merge(self, other: Calibration) -> Calibration:
         """This calibration and `other` (over other samples) as one; returns self."""
@@ -149,7 +154,7 @@ class Calibration:
             self.stats[layer].merge(other.stats[layer])
             self.bootstrap[layer].merge(other.bootstrap[layer])
             self.tops[layer].merge(other.tops[layer])
-        self.cut += other.cut
+        self.cut, self.budget = self.cut + other.cut, self.budget or other.budget
         return self
 
     def all_reduce(self) -> Calibration:
@@ -177,6 +182,7 @@ class Calibration:
             "top_examples": {layer: _cpu(t.state_dict()) for layer, t in self.tops.items()},
             "options": asdict(self.options),
             "cut": self.cut,
+            "budget": self.budget,
         }
 
     @classmethod
@@ -188,7 +194,7 @@ class Calibration:
         boot = {int(layer): BootstrapStats.from_state_dict(b, device) for layer, b in state["bootstrap"].items()}
         tops = {int(layer): TopExamples.from_state_dict(t, device) for layer, t in state["top_examples"].items()}
         options = CalibrationOptions(**state.get("options", {}))
-        return cls(stats, boot, tops, options, int(state.get("cut", 0)))
+        return cls(stats, boot, tops, options, int(state.get("cut", 0)), int(state.get("budget", 0)))
 
     def zeros_like(self) -> Calibration:
         """A calibration of no samples with this one's layers, widths, replicates and top-example slots."""
@@ -198,7 +204,7 @@ class Calibration:
             layer: BootstrapStats(b.num_features, b.replicates, device=device) for layer, b in self.bootstrap.items()
         }
         tops = {layer: TopExamples(t.num_features, t.k, device=device) for layer, t in self.tops.items()}
-        return Calibration(stats, boot, tops, self.options)
+        return Calibration(stats, boot, tops, self.options, budget=self.budget)
 
     def save(self, path: str | Path) -> Path:
         """Writes the whole calibration to one safetensors file (a folder gets `calibration.safetensors`)."""
@@ -211,7 +217,8 @@ class Calibration:
             for layer, tensors in state[part].items()
             for key, value in tensors.items()
         }
-        save_file(flat, str(path), metadata={"options": json.dumps(state["options"]), "cut": str(self.cut)})
+        metadata = {"options": json.dumps(state["options"]), "cut": str(self.cut), "budget": str(self.budget)}
+        save_file(flat, str(path), metadata=metadata)
         return path
 
     @classmethod
@@ -223,7 +230,8 @@ class Calibration:
             tensors = load_file(str(path))
             with safe_open(str(path), "pt") as f:
                 metadata = f.metadata() or {}
-            extra = {"options": json.loads(metadata.get("options", "{}")), "cut": int(metadata.get("cut", 0))}
+            extra = {"options": json.loads(metadata.get("options", "{}"))}
+            extra |= {"cut": int(metadata.get("cut", 0)), "budget": int(metadata.get("budget", 0))}
         except (SafetensorError, OSError, ValueError) as err:
             raise ValueError(f"{path}: not a calibration written by Calibration.save ({err})") from None
         state: dict[str, Any] = {part: {} for part in _PARTS}

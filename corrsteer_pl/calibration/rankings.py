@@ -95,7 +95,7 @@ def class_mean_squares(stats: CorrelationStats) -> tuple[Tensor, Tensor]:
         raise ValueError(
             f"the fisher ranking needs per-class sums of z² (sum_zz_pos, sum_zz_neg), which {where} lacks: "
             "it was written before they were kept. Recalibrate (run the calibration again) to rank by fisher, "
-            "or choose --calibration.ranking pearson, mi or caa, which these statistics support"
+            "or choose --selection.ranking pearson, mi or caa, which these statistics support"
         )
     n_pos, n_neg = _class_sizes(stats)
     return _per_sample(stats.sum_zz_pos, n_pos), _per_sample(stats.sum_zz_neg, n_neg)
@@ -148,7 +148,7 @@ _SCORES: dict[str, Callable[[CorrelationStats], Tensor]] = {
 def check_ranking(ranking: str) -> Ranking:
     """Return `ranking` if it names a ranking, else raise a ValueError naming the option and the choices."""
     if ranking not in _SCORES:
-        raise ValueError(f"unknown ranking '{ranking}' (--calibration.ranking); use one of {', '.join(RANKINGS)}")
+        raise ValueError(f"unknown ranking '{ranking}' (--selection.ranking); use one of {', '.join(RANKINGS)}")
     return cast(Ranking, ranking)
 
 

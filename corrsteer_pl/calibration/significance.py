@@ -231,7 +231,7 @@ def paired_improvement(
     count. Passes only if p < alpha, so at alpha <= 0.5 one changed item never decides.
     """
     if not 0 < alpha < 1:
-        raise ValueError(f"alpha (--calibration.alpha) must lie in (0, 1), got {alpha}")
+        raise ValueError(f"alpha (--selection.alpha) must lie in (0, 1), got {alpha}")
     steered = torch.as_tensor(scores_steered, dtype=torch.float64).reshape(-1)
     unsteered = torch.as_tensor(scores_unsteered, dtype=torch.float64).reshape(-1)
     if steered.shape != unsteered.shape:

@@ -408,7 +408,7 @@ class EvaluationReport:
 
     @property
     def alpha(self) -> float:
-        """The run's --calibration.alpha (from the export's selection record; 0.05 for an export without one)."""
+        """The run's --selection.alpha (from the export's selection record; 0.05 for an export without one)."""
         return float(self.selection.get("settings", {}).get("alpha", 0.05))
 
     def __post_init__(self) -> None:

@@ -8,6 +8,17 @@ from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.selection.variants import Selection
 
 
+def budget_warning(answers: int, cut: int, budget: int) -> list[str]:
+    """A warning when every free-form calibration answer ran the whole answer budget without ending: the
+    scores then judge cut answers (a one-token budget on a free-form task makes every answer wrong)."""
+    if answers == 0 or cut < answers:
+        return []
+    return [
+        f"{cut} of {answers} calibration answers used the whole answer budget of {budget} new tokens without "
+        "ending, so their scores judge cut answers: raise the task's max_new_tokens (--data.task.max_new_tokens)"
+    ]
+
+
 def selection_warnings(stats: Mapping[int, CorrelationStats], selection: Selection) -> list[str]:
     """One sentence per reason the selection is empty or suspect; an empty list when all is well."""
     if not stats:
@@ -40,7 +51,7 @@ def _not_significant(selection: Selection) -> str:
     return (
         f"variant {selection.variant}'s choice {chosen} is not significant: no chosen feature has a calibration "
         f"q-value below alpha {selection.alpha}, so nothing is exported; use more calibration items "
-        "(--data.limit_calibration), or --calibration.require_significance false to export it anyway"
+        "(--data.limit_calibration), or --selection.require_significance false to export it anyway"
     )
 
 
@@ -53,7 +64,7 @@ def _p_kept_nothing(selection: Selection) -> str:
         return (
             f"variant P tried no candidate: no layer's top features have a calibration q-value below alpha "
             f"{selection.alpha} (smallest {_q(smallest)}), so nothing is exported; use more calibration items "
-            "(--data.limit_calibration), or --calibration.require_significance false to try them anyway"
+            "(--data.limit_calibration), or --selection.require_significance false to try them anyway"
         )
     best = max(trials, key=lambda name: trials[name]["accuracy"])
     v, unsteered = trials[best], validation["unsteered"]["accuracy"]
@@ -62,8 +73,8 @@ def _p_kept_nothing(selection: Selection) -> str:
         f"variant P kept no layer: no candidate beat the unsteered model on validation by the paired test with "
         f"Holm's correction over its {len(trials)} trials at alpha {selection.alpha} (unsteered {unsteered:.3f}; best "
         f"{best}: {v['accuracy']:.3f}, {v['better']} items better, {v['worse']} worse, p = {v['p_value']:.3f}{holm}); "
-        "try more validation items (--data.limit_validation), fewer --calibration.candidates, or "
-        "--calibration.variant A"
+        "try more validation items (--data.limit_validation), fewer --selection.candidates, or "
+        "--selection.variant A"
     )
 
 

@@ -71,13 +71,13 @@ def annotate(
 
 def significance_warning(evidence: Evidence, alpha: float) -> list[str]:
     """A warning when no feature of any layer is significant at `alpha` after the BH correction (say it only of a
-    steering that was exported all the same, with --calibration.require_significance false)."""
+    steering that was exported all the same, with --selection.require_significance false)."""
     if evidence.features_tested == 0 or evidence.smallest_q < alpha:
         return []
     return [
         f"no feature's correlation with success is significant: the smallest q-value over "
         f"{evidence.features_tested:,} features is {evidence.smallest_q:.3f} (alpha {alpha}); what was selected "
-        "may be noise (exported because --calibration.require_significance is false): use more calibration items "
+        "may be noise (exported because --selection.require_significance is false): use more calibration items "
         "(--data.limit_calibration)"
     ]
 

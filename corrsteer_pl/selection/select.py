@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from corrsteer_pl.calibration.stats import CorrelationStats
-from corrsteer_pl.selection.diagnosis import selection_warnings
+from corrsteer_pl.selection.diagnosis import budget_warning, selection_warnings
 from corrsteer_pl.selection.evidence import annotate, significance_warning
 from corrsteer_pl.selection.options import SelectionOptions
 from corrsteer_pl.selection.search import search_draws
@@ -95,8 +95,12 @@ def select_many(
         ]
         selections[key] = selection
     _pick_scales(selections, methods, validator)
+    budget = budget_warning(
+        getattr(calibration, "num_samples", 0), getattr(calibration, "cut", 0), getattr(calibration, "budget", 0)
+    )
     for key, selection in selections.items():
         _explain(selection, stats, bootstrap, significance, methods[key].alpha)
+        selection.warnings = budget + selection.warnings
     return selections
 
 

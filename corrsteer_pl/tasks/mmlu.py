@@ -31,7 +31,8 @@ class MMLU(ChoiceTask):
     """
 
     name: ClassVar[str] = "mmlu"
-    max_new_tokens: ClassVar[int] = 1
+    max_new_tokens: int = 1
+    """Tokens generated per answer (the paper's: 1)."""
 
     seed: int = 0
     """Set by `--data.seed`: orders every split; for offline sources it also decides which split each question lands

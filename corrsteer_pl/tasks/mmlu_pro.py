@@ -19,7 +19,8 @@ class MMLUPro(TableTask, ChoiceTask):
     """MMLU-Pro (options A-J), one new token; calibration and a seeded 10% validation from train, test = test."""
 
     name: ClassVar[str] = "mmlu_pro"
-    max_new_tokens: ClassVar[int] = 1
+    max_new_tokens: int = 1
+    """Tokens generated per answer (the paper's: 1)."""
     hub_id: ClassVar[str | None] = HUB_ID
 
     seed: int = 0

@@ -24,7 +24,8 @@ class SimpleQA(TableTask):
     """
 
     name: ClassVar[str] = "simpleqa"
-    max_new_tokens: ClassVar[int] = 16
+    max_new_tokens: int = 16
+    """Tokens generated per answer (the paper's: 16)."""
     hub_id: ClassVar[str | None] = HUB_ID
 
     seed: int = 0

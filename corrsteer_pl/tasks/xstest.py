@@ -26,7 +26,8 @@ class XSTest(TableTask, RefusalTask):
     """
 
     name: ClassVar[str] = "xstest"
-    max_new_tokens: ClassVar[int] = 32
+    max_new_tokens: int = 32
+    """Tokens generated per answer (the paper's: 32)."""
     hub_id: ClassVar[str | None] = HUB_ID
 
     seed: int = 0
