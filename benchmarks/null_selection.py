@@ -134,7 +134,7 @@ def old_p_rule(
 ) -> list[SelectedFeature]:
     """P before Holm (commit 2f9ba47's `validated_layers`): per layer, its most accurate of the top `candidates` is
     kept when its own sign test against unsteered has p < alpha; no multiplicity correction, no q filter."""
-    trials = validation_trials(ranked, candidates)
+    trials = validation_trials({layer: fs[:candidates] for layer, fs in ranked.items()})
     results = evaluate({"unsteered": []} | trials)
     kept = []
     for layer, fs in ranked.items():

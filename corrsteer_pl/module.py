@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,13 +72,14 @@ class CorrSteerModule(L.LightningModule):
             calibration: how calibration pools features and what counts as correct (the CLI links --calibration).
         """
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["calibration"])  # kept as a plain dict below: checkpoints hold no class
         check_module_options(controls, bool(saes or (train_saes and train_saes.layers)))
         # hparams turn dataclasses into dicts: keep the typed objects for our own use
         self.sae_specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in saes or []]
         self.train_saes = train_saes if not isinstance(train_saes, dict) else SAETrainingConfig(**train_saes)
         options = calibration or CalibrationOptions()
         self.calibration_options = options if not isinstance(options, dict) else CalibrationOptions(**options)
+        self.hparams["calibration"] = asdict(self.calibration_options)
         self.sae_metrics: dict[int, dict[str, Any]] = {}
         self.automatic_optimization = False  # no optimizer, no gradient: calibration only reads
         self.strict_loading = False  # checkpoints leave out the frozen LM and SAE weights

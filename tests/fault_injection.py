@@ -51,14 +51,14 @@ class KillDuringSelection(L.Callback):
 
             pl_module.score_conditions = answered_then_killed  # during fit only validation choices answer batches
         elif self.at == "export_first_file":
-            import callbacks.correlation
+            import corrsteer_pl.steering.export
 
             def killed_before_statistics(stats, path):
                 if not any(Path(path).parent.iterdir()):
                     raise AssertionError(f"the kill point expected files in {Path(path).parent}")
                 _kill()
 
-            callbacks.correlation.save_layer_stats = killed_before_statistics
+            corrsteer_pl.steering.export.save_layer_stats = killed_before_statistics
         else:
             import corrsteer_pl.atomic
 

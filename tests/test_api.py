@@ -19,9 +19,11 @@ from corrsteer_pl import (
     load_saes,
     select,
 )
+from corrsteer_pl.calibration.calibration import calibration_batch
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.cli import main
 from corrsteer_pl.steering.vectors import SteeringVectors
+from corrsteer_pl.tasks.batching import ShardedBatches
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
@@ -63,16 +65,20 @@ def test_calibrate_gives_the_statistics_train_py_fit_exports_bit_for_bit(tiny, t
 
 def test_two_calibrations_over_halves_merge_into_the_calibration_over_all(tiny):
     model, tokenizer, saes, task = tiny
-    examples = task.load_split("calibration")
-    whole = calibrate(model, tokenizer, saes, examples, task, batch_size=4)
-    half = len(examples) // 2
-    merged = calibrate(model, tokenizer, saes, examples[:half], task, batch_size=4)
-    merged.merge(calibrate(model, tokenizer, saes, examples[half:], task, batch_size=4))
-    assert merged.num_samples == whole.num_samples == len(examples)
+    batches = [
+        calibration_batch(model, tokenizer, saes, batch, task)
+        for batch in ShardedBatches(task.load_split("calibration"), 4, tokenizer)
+    ]
+    whole, first, second = (Calibration.for_saes(saes) for _ in range(3))
+    for i, result in enumerate(batches):
+        whole.update(result)
+        (first if i < len(batches) // 2 else second).update(result)
+    merged = first.merge(second)
+    assert merged.num_samples == whole.num_samples == sum(len(b.ids) for b in batches)
     for layer in whole.stats:
         torch.testing.assert_close(merged.stats[layer].pearson(), whole.stats[layer].pearson(), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(merged.bootstrap[layer].pearson(), whole.bootstrap[layer].pearson())
-        assert torch.equal(merged.tops[layer].state.ids, whole.tops[layer].state.ids), "same top examples"
+        assert torch.equal(merged.tops[layer].state.ids, whole.tops[layer].state.ids), "the same top examples"
 
 
 def test_a_saved_calibration_loads_back_to_the_same_selection(tiny, tmp_path):

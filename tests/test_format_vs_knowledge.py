@@ -167,12 +167,22 @@ def test_target_choice_on_a_free_form_task_is_refused_naming_the_flag(tmp_path):
     with pytest.raises((SystemExit, ValueError)) as exc:
         main(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path), "--calibration.target", "choice"])
     message = str(exc.value.code if isinstance(exc.value, SystemExit) else exc.value)
-    assert "--calibration.target choice" in message and "generated" in message
+    assert (
+        message.startswith("error: --calibration.target: choice needs a multiple-choice task")
+        and "generated" in message
+    )
 
 
-def test_fit_with_only_the_target_flag_is_the_default_job_with_that_change(capsys):
+def test_the_default_job_with_the_target_flag_is_its_config_with_that_change(capsys):
     with pytest.raises(SystemExit):
-        main(["fit", "--calibration.target", "choice", "--print_config"])
+        main(["fit", "--config", "configs/default.yaml", "--calibration.target", "choice", "--print_config"])
     printed = capsys.readouterr().out
     assert "model: smollm2-135m-instruct" in printed and "task: mmlu" in printed, "configs/default.yaml is read"
     assert "target: choice" in printed
+
+
+def test_flags_without_a_config_run_on_the_classes_defaults_not_the_default_job(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--calibration.target", "choice", "--print_config"])
+    printed = capsys.readouterr().out
+    assert "model: tiny-random" in printed and "smollm2" not in printed and "target: choice" in printed

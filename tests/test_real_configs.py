@@ -73,20 +73,19 @@ def test_preset_parses_and_names_every_layer_of_the_real_release(name, capsys):
     model_key, task = name.split("_", 1)
     hub_id, release, num_layers, sae_id = EXPECTED[model_key]
     model, data, trainer = config["model"], config["data"], config["trainer"]
-    assert model["model"] == hub_id and model["dtype"] == "bfloat16" and model["pooling"] == "max"
+    assert model["model"] == hub_id and model["dtype"] == "bfloat16" and config["calibration"]["pooling"] == "max"
     assert model["saes"] == [{"source": release, "sae_id": sae_id.format(layer)} for layer in range(num_layers)]
     known = get_pretrained_saes_directory()[release]
     assert {s["sae_id"] for s in model["saes"]} <= set(known.saes_map), "ids sae-lens does not know"
     assert data["task"] == task and data["source"] == "hub"
     assert (data["limit_calibration"], data["limit_validation"]) == PAPER_SIZES.get(task, (4000, 200))
-    assert model["max_new_tokens"] == PAPER_NEW_TOKENS.get(task, 1)
     assert trainer["accelerator"] == "gpu" and trainer["strategy"] == "ddp" and trainer["devices"] == 1
     assert trainer["precision"] is None, "the module sets dtypes itself"
     assert trainer["default_root_dir"] == f"runs/{name}"
-    assert config["calibration"]["variant"] == "A" and config["checkpoint"]["every_n_batches"] >= 1
-    # The task accepts the preset's data settings (construction reads no data), and agrees on the budget.
+    assert config["selection"]["variant"] == "A" and config["checkpoint"]["every_n_batches"] >= 1
+    # The task accepts the preset's data settings (construction reads no data) and owns the paper's answer budget.
     built = get_task(data["task"], seed=data["seed"], source=data["source"])
-    assert built.max_new_tokens == model["max_new_tokens"]
+    assert built.max_new_tokens == PAPER_NEW_TOKENS.get(task, 1) and "max_new_tokens" not in model
 
 
 @pytest.fixture()

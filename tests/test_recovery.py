@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-import callbacks.correlation
+import corrsteer_pl.steering.export
 from corrsteer_pl.cli import main
 from corrsteer_pl.module import CorrSteerModule
 
@@ -89,7 +89,7 @@ def test_a_failed_export_leaves_the_previous_export_whole_and_says_how_to_recove
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(callbacks.correlation, "save_layer_stats", full_disk)
+    monkeypatch.setattr(corrsteer_pl.steering.export, "save_layer_stats", full_disk)
     with pytest.raises(SystemExit) as exc:
         _fit(root, "--selection.variant", "S", "--ckpt_path", "last")
     assert "could not write the export" in _error(exc) and "No space left on device" in _error(exc)

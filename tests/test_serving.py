@@ -200,7 +200,7 @@ def test_fit_writes_the_requested_serving_formats_and_warns_for_one_it_cannot(tm
 
     args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
     args += ["--trainer.default_root_dir", str(tmp_path), "--export.formats", "[gguf, merged]"]
-    with pytest.warns(UserWarning, match="export_formats: gguf not written: layer 0"):
+    with pytest.warns(UserWarning, match="--export.formats: gguf not written: layer 0"):
         cli(["fit", *args])
     export = tmp_path / "steered"
     steering = SteeringVectors.load(export)

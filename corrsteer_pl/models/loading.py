@@ -20,7 +20,10 @@ def load_frozen_lm(model: str, revision: str | None, dtype: str) -> tuple[nn.Mod
     path = resolve_model(model)
     lm = load_pretrained(AutoModelForCausalLM.from_pretrained, path, revision=revision, dtype=DTYPES[dtype]).eval()
     lm.requires_grad_(False)
-    return lm, load_pretrained(AutoTokenizer.from_pretrained, path, revision=revision, padding_side="left")
+    tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path, revision=revision, padding_side="left")
+    if tokenizer.pad_token is None:  # batched generation pads; finished rows are filled with EOS anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer
 
 
 @dataclass

@@ -100,7 +100,7 @@ def select_many(
     )
     for key, selection in selections.items():
         _explain(selection, stats, bootstrap, significance, methods[key].alpha)
-        selection.warnings = budget + selection.warnings
+        selection.warnings = selection.warnings + budget
     return selections
 
 
