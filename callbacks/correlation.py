@@ -11,7 +11,7 @@ import lightning as L
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from corrsteer_pl.atomic import atomic_folder, check_writable
+from corrsteer_pl.atomic import check_writable
 from corrsteer_pl.calibration.bootstrap import BootstrapStats
 from corrsteer_pl.calibration.rankings import Ranking, check_ranking
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
@@ -21,7 +21,7 @@ from corrsteer_pl.evaluation.controls import SEARCH_CONTROLS_DIR, search_draws, 
 from corrsteer_pl.evaluation.judge import Target, check_target
 from corrsteer_pl.evaluation.tensorboard import log_selection
 from corrsteer_pl.evaluation.validation import Validator, group, grouped, scale_features
-from corrsteer_pl.export import FORMATS, write_formats
+from corrsteer_pl.export import FORMATS, export_folder, write_formats
 from corrsteer_pl.selection.diagnosis import selection_warnings
 from corrsteer_pl.selection.evidence import (
     annotate,
@@ -290,7 +290,7 @@ class CorrelationCallback(L.Callback):
         folder = pl_module.export_dir
         model = pl_module.lm if self.include_model else None
         try:
-            with atomic_folder(folder) as tmp:
+            with export_folder(folder, note=rank_zero_info) as tmp:  # keeps what the export does not own
                 pl_module.steering.save(tmp, model=model, tokenizer=pl_module.tokenizer if model is not None else None)
                 save_layer_stats(self.stats, tmp / STATS_FILE)
                 write_selection(tmp, record)
