@@ -28,7 +28,7 @@ from corrsteer_pl.evaluation.conditions import PromptCaches, SplitResult, answer
 from corrsteer_pl.evaluation.controls import random_feature_controls
 from corrsteer_pl.models.hooks import eos_ids
 from corrsteer_pl.selection.variants import SelectedFeature, select_features
-from corrsteer_pl.steering.vectors import META_FILE, SteeringVectors
+from corrsteer_pl.steering.vectors import META_FILE, SteeringVectors, model_source
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,8 +81,9 @@ def _load(args: argparse.Namespace) -> tuple:
     meta = json.loads((steered / META_FILE).read_text())
     sae_root = Path(meta["layers"][0]["sae_source"]).parent  # every layer's SAE sits beside the steered ones
     stats = load_layer_stats(steered / STATS_FILE)
-    model = AutoModelForCausalLM.from_pretrained(meta["model"]["name_or_path"], dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(meta["model"]["name_or_path"], padding_side="left")
+    source, _ = model_source(steered)  # steering.json names the model portably (e.g. smollm2-135m-instruct)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(source, padding_side="left")
     saes = {layer: SAE.load_from_disk(sae_root / f"layer_{layer}") for layer in stats}
     data = TaskDataModule(
         task=args.task,
@@ -90,7 +91,7 @@ def _load(args: argparse.Namespace) -> tuple:
         seed=0,
         batch_size=16,
         limit_validation=args.items,
-        tokenizer=meta["model"]["name_or_path"],
+        tokenizer=source,
     )
     data.setup("validate")
     return model, tokenizer, saes, stats, data

@@ -113,7 +113,7 @@ class CorrelationCallback(L.Callback):
                 folder, self.selection, self.calibration, pl_module.saes, pl_module.lm,
                 tokenizer=pl_module.tokenizer, options=self.export_options, examples=data.examples("calibration"),
                 task=data.task, chat_template=data.hparams.chat_template, answers=pl_module.answer_cache,
-                sae_sources=pl_module.sae_sources, info={"task": data.task.name},
+                sae_sources=pl_module.sae_sources, info={"task": data.task.name}, note=rank_zero_info,
             )  # fmt: skip
         except OSError as err:
             raise OSError(

@@ -17,7 +17,7 @@ writes the folder `train.py fit` writes; `Calibration.save` / `load` keep a cali
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ def export_selection(
     answers: AnswerCache | None = None,
     sae_sources: Mapping[int, str] | None = None,
     info: dict[str, Any] | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> tuple[SteeringVectors, list[str]]:
     """Exports `selection` to `folder` as `train.py fit` does: the steering, the statistics, selection.json (with
     each candidate's top examples when the calibration `examples` and `task` are given: their prompts are answered
@@ -111,7 +112,7 @@ def export_selection(
     controls = [SteeringVectors.from_selection(kept, saes, model) for kept, _ in selection.search_controls]
     warnings = write_export(
         folder, steering, stats=calibration.stats, record=record, search_controls=controls, options=options,
-        model=model, tokenizer=tokenizer,
+        model=model, tokenizer=tokenizer, note=note,
     )  # fmt: skip
     return steering, warnings
 

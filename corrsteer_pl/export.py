@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from corrsteer_pl.atomic import atomic_folder, write_errors
+from corrsteer_pl.steering.owned import owned_by_export
 from corrsteer_pl.steering.serving import (
     CONTROL_VECTOR_FILE,
     MERGED_DIR,
@@ -23,10 +26,28 @@ from corrsteer_pl.steering.serving import (
     write_control_vector,
     write_merged,
 )
-from corrsteer_pl.steering.vectors import META_FILE, SteeringVectors, _read_metadata
+from corrsteer_pl.steering.vectors import (
+    META_FILE,
+    SteeringVectors,
+    _read_metadata,
+    check_made_for,
+    load_base_model,
+    model_source,
+    resolve_given,
+)
 
 FORMATS = ("gguf", "merged")
 """What `--to` (and the fit option) accepts: gguf = steering.gguf, merged = merged/."""
+MODEL_FLAG = "--model"
+
+
+@contextmanager
+def export_folder(folder: str | Path, note: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """`atomic_folder` for an export: replaces the export's own files (steering/owned.py), keeps the rest (a report
+    written by `test`, a user's notes), and says in one line to `note` what it kept. A failed write (a full disk)
+    is one OSError line naming the folder."""
+    with write_errors(folder), atomic_folder(folder, owned=owned_by_export, note=note) as tmp:
+        yield tmp
 
 
 def write_formats(
@@ -36,18 +57,21 @@ def write_formats(
     tokenizer: Any,
     formats: Sequence[str],
     hint: str | None = None,
+    note: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
     """Writes each requested serving format into `folder`; checks all of them before writing any.
 
     Returns {format: path written}. Raises a one-line ValueError for an unknown format or a steering that a
     format cannot represent (layer 0 for gguf; an architecture without a foldable MLP bias for merged).
-    `hint` overrides `controlvector.model_hint` (default: llama.cpp's name for the model's architecture).
+    `hint` overrides `controlvector.model_hint` (default: llama.cpp's name for the model's architecture). `note`
+    hears which files an existing merged/ kept (what `save_pretrained` does not write).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown export format {', '.join(map(repr, unknown))}: choose from {', '.join(FORMATS)}")
     if "gguf" in formats:
         check_control_vector(steering)
+        steering.validate(model)
     if "merged" in formats:
         check_mergeable(steering, model)
     folder = Path(folder)
@@ -56,38 +80,15 @@ def write_formats(
         hint = hint or model_hint(getattr(model.config, "model_type", ""))
         written["gguf"] = write_control_vector(steering, folder / CONTROL_VECTOR_FILE, hint)
     if "merged" in formats:
-        written["merged"] = write_merged(steering, model, tokenizer, folder / MERGED_DIR)
+        written["merged"] = write_merged(steering, model, tokenizer, folder / MERGED_DIR, note=note)
     return written
 
 
-def model_source(folder: Path, steering: SteeringVectors) -> tuple[str, str | None]:
-    """(path or hub id, revision) of the export's base model: its standalone copy, else the model it names."""
-    from corrsteer_pl.models.sources import resolve_model
-
-    standalone = _read_metadata(folder)["model"].get("standalone")
-    if standalone:
-        return str(folder / standalone), None
-    if not steering.model_name_or_path:
-        raise ValueError(f"{folder / META_FILE} names no model: export with SteeringVectors.save(folder, model=...)")
-    try:
-        return resolve_model(steering.model_name_or_path), steering.model_revision
-    except (FileNotFoundError, ValueError):
-        raise ValueError(
-            f"{folder / META_FILE} names the model '{steering.model_name_or_path}', which is neither a model folder "
-            "nor a hub id here: restore it, or export with SteeringVectors.save(folder, model=...)"
-        ) from None
-
-
-def _load_base(folder: Path, steering: SteeringVectors) -> tuple[nn.Module, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    source, revision = model_source(folder, steering)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype="auto").eval()
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{folder / META_FILE}: cannot load its model '{source}' ({_one_line(err)})") from None
-    return model, tokenizer
+def _load_base(folder: Path, steering: SteeringVectors, model: str | None) -> tuple[nn.Module, Any]:
+    """The base model (--model, else the export's own), checked to be the one the steering was made for."""
+    lm, tokenizer, given = load_base_model(folder, MODEL_FLAG, model, dtype="auto")
+    check_made_for(folder, steering, lm, given, MODEL_FLAG)
+    return lm, tokenizer
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,10 +105,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-hint", help="controlvector.model_hint of steering.gguf (default: llama.cpp's name of the model)"
     )
+    parser.add_argument(
+        MODEL_FLAG, help="the base model (a folder, hub id or built-in name) when the one steering.json names is absent"
+    )
     return parser
 
 
-def run(folder: Path, formats: Sequence[str], hint: str | None = None) -> dict[str, Path]:
+def run(
+    folder: Path,
+    formats: Sequence[str],
+    hint: str | None = None,
+    model: str | None = None,
+    note: Callable[[str], None] | None = None,
+) -> dict[str, Path]:
     """Loads the export (and, for merged, its base model) and writes the formats into it; checks before writing."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder: give an export written by SteeringVectors.save")
@@ -115,30 +125,44 @@ def run(folder: Path, formats: Sequence[str], hint: str | None = None) -> dict[s
     if "gguf" in formats:
         check_control_vector(steering)  # before loading a model for merged
     if "merged" in formats:
-        model, tokenizer = _load_base(folder, steering)
-        return write_formats(folder, steering, model, tokenizer, formats, hint=hint)
-    hint = hint or model_hint(_model_type(folder, steering))
-    return {"gguf": write_control_vector(steering, folder / CONTROL_VECTOR_FILE, hint)}
+        lm, tokenizer = _load_base(folder, steering, model)
+        return write_formats(folder, steering, lm, tokenizer, formats, hint=hint, note=note)
+    model_type = _check_config(folder, steering, model, required=hint is None)
+    return {"gguf": write_control_vector(steering, folder / CONTROL_VECTOR_FILE, hint or model_hint(model_type))}
 
 
-def _model_type(folder: Path, steering: SteeringVectors) -> str:
-    """The base model's `model_type`, from its config alone (no weights loaded)."""
+def _check_config(folder: Path, steering: SteeringVectors, model: str | None, required: bool) -> str:
+    """The base model's `model_type`, from its config alone (no weights loaded), after checking that the model has
+    the steering's layers and width. A config that cannot be read fails only when `required` (no --model-hint)."""
     from transformers import AutoConfig
 
-    source, revision = model_source(folder, steering)
     try:
-        return AutoConfig.from_pretrained(source, revision=revision).model_type
+        source, revision = (resolve_given(model, MODEL_FLAG), None) if model else model_source(folder, MODEL_FLAG)
+        config = AutoConfig.from_pretrained(source, revision=revision)
     except (OSError, ValueError) as err:
+        if not required:
+            return ""
         raise ValueError(
-            f"{folder / META_FILE}: cannot read its model's config ({_one_line(err)}); give --model-hint"
+            f"{folder / META_FILE}: cannot read its model's config ({_one_line(err)}); give {MODEL_FLAG} or "
+            "--model-hint"
         ) from None
+    text = config.get_text_config()
+    layers, width = getattr(text, "num_hidden_layers", None), getattr(text, "hidden_size", None)
+    if (layers, width) != (steering.num_layers, steering.d_model):
+        raise ValueError(
+            f"{folder}: the steering is for {steering.num_layers} layers of width {steering.d_model}, but its model "
+            f"'{model or steering.model_name_or_path}' has {layers} layers of width {width}: pass the model it was "
+            f"made for ({MODEL_FLAG})"
+        )
+    return config.model_type
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; a bad folder, file or flag prints one line and returns 2."""
     try:
         args = _parser().parse_args(argv)
-        written = run(args.folder, list(dict.fromkeys(args.to)), args.model_hint)
+        say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        written = run(args.folder, list(dict.fromkeys(args.to)), args.model_hint, args.model, note=say)
     except (FileNotFoundError, ValueError, OSError) as err:
         print(f"corrsteer_pl.export: error: {_one_line(err)}", file=sys.stderr)
         return 2

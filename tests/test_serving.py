@@ -1,9 +1,14 @@
 """Serving formats: llama.cpp control vector (GGUF), bias-folded HF folder, the export CLI, atomic writes."""
 
+import contextlib
+import io
+
 import gguf
 import numpy as np
 import pytest
 import torch
+import transformers.modeling_utils
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
 from corrsteer_pl.export import main, write_formats
@@ -139,6 +144,43 @@ def test_cli_uses_the_exports_standalone_model_and_the_given_hint(saved_llama, t
     reader = gguf.GGUFReader(tmp_path / CONTROL_VECTOR_FILE)
     assert reader.fields["controlvector.model_hint"].contents() == "smollm2"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / MERGED_DIR).config.mlp_bias is True
+
+
+@pytest.mark.parametrize(("layers", "hidden"), [(2, D_MODEL), (NUM_LAYERS, 32)])
+def test_cli_gguf_refuses_a_layer_or_width_its_models_config_lacks(tmp_path, layers, hidden):
+    model = tmp_path / "model"
+    tiny_model("llama", num_layers=layers, hidden=hidden).save_pretrained(model)
+    _steering(name_or_path=str(model)).save(tmp_path / "export")  # layers 1 and 2 of width 64
+    error = _cli_error([str(tmp_path / "export"), "--to", "gguf"])
+    assert f"{layers} layers of width {hidden}" in error and "--model" in error
+    assert not (tmp_path / "export" / CONTROL_VECTOR_FILE).exists()
+
+
+def test_cli_merged_on_a_full_disk_is_one_line_and_leaves_the_old_merged_folder(saved_llama, tmp_path, monkeypatch):
+    _steering(name_or_path=str(saved_llama)).save(tmp_path)
+    assert main([str(tmp_path), "--to", "merged"]) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / MERGED_DIR).iterdir()}
+
+    def full_disk(*args, **kwargs):  # what safetensors' writer raises when the disk fills up
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    error = _cli_error([str(tmp_path), "--to", "merged"])
+    assert "No space left on device" in error and str(tmp_path / MERGED_DIR) in error
+    assert {p.name: p.read_bytes() for p in (tmp_path / MERGED_DIR).iterdir()} == before
+
+
+def _cli_error(argv: list[str]) -> str:
+    """The one line `main` prints for a failure (after any progress bar of the loaders), checked to be one line."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(argv) == 2
+    text = err.getvalue()
+    line = text[text.index("corrsteer_pl.export: error:") :]
+    assert line.count("\n") == 1 and "Traceback" not in text
+    return line
 
 
 @pytest.mark.parametrize(

@@ -137,3 +137,28 @@ def test_a_broken_export_fails_with_a_message_naming_the_file(saved_model, saes,
         error, match = ValueError, "inconsistent export"
     with pytest.raises(error, match=match):
         SteeringVectors.load(tmp_path)
+
+
+def test_attaching_a_steering_the_model_already_carries_is_refused_in_one_line(saved_model, saes):
+    model, tok = saved_model
+    steering = SteeringVectors.from_selection(FEATURES, saes, model)
+    hooks = steering.attach(model)
+    try:
+        for again in (lambda: steering.attach(model), lambda: SteeringVectors(**vars(steering)).apply(model)):
+            with pytest.raises(ValueError, match="already attached") as err:
+                again()
+            assert "\n" not in str(err.value)
+    finally:
+        hooks.detach()
+    with steering.apply(model):  # once detached, it attaches again
+        pass
+
+
+def test_load_steered_model_then_attaching_its_steering_again_is_refused(saved_model, saes, tmp_path):
+    steering = SteeringVectors.from_selection(FEATURES, saes, saved_model[0])
+    steering.save(tmp_path / "export")
+    model, tok = load_steered_model(tmp_path / "export")
+    base = _generate(model, tok)
+    with pytest.raises(ValueError, match="model.corrsteer_hooks"):
+        SteeringVectors.load(tmp_path / "export").attach(model)
+    assert torch.equal(_generate(model, tok), base), "the steering is still added once"

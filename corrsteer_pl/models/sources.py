@@ -41,6 +41,27 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path
 
 
+def portable_name(name_or_path: str) -> str:
+    """The name to record for a model: a built-in offline model (smollm2-135m-instruct, tiny-random) by its name,
+    never the cache folder `resolve_model` built it in (on another machine the cache lies elsewhere, or nowhere);
+    a hub id or a user's own folder as given. A missing folder named like a built-in one (an older export's cache
+    path, from another machine) maps to that built-in name too, so that `resolve_model` can build it here.
+    """
+    if not name_or_path:
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    built_in = {SMOLLM2: cache_dir() / SMOLLM2, TINY_RANDOM: _tiny_folder() / "model"}
+    for name, folder in built_in.items():
+        if path.resolve() == folder.resolve():
+            return name
+    if not path.exists():
+        for name, folder in built_in.items():
+            depth = len(folder.relative_to(cache_dir()).parts)  # smollm2-135m-instruct, tiny-random-v2/model
+            if len(path.parts) > depth and path.parts[-depth:] == folder.parts[-depth:]:
+                return name
+    return name_or_path
+
+
 def load_pretrained(loader: Callable[..., T], source: str, flag: str = "--model.model", **kwargs: Any) -> T:
     """`loader(source, **kwargs)` (e.g. AutoModelForCausalLM.from_pretrained) with a one-line error naming the flag.
 

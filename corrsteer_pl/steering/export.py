@@ -3,17 +3,16 @@ written whole or not at all (`--export.*` on the command line)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from corrsteer_pl.atomic import atomic_folder
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.errors import OptionError
-from corrsteer_pl.export import FORMATS, write_formats
+from corrsteer_pl.export import FORMATS, export_folder, write_formats
 from corrsteer_pl.selection.evidence import write_selection
 from corrsteer_pl.steering.vectors import SteeringVectors
 
@@ -51,18 +50,20 @@ def write_export(
     options: ExportOptions = ExportOptions(),
     model: nn.Module | None = None,
     tokenizer: Any = None,
+    note: Callable[[str], None] | None = None,
 ) -> list[str]:
     """Writes the export folder that `train.py fit` writes, atomically: a failure leaves any previous export whole.
 
     `stats` (a `Calibration`'s `.stats`) become statistics.safetensors (the controls and the comparison of
     `train.py test` need them); `record` becomes selection.json (`selection.evidence.selection_record`);
     `search_controls` go to search_controls/<i>/; `options.formats` need `model` (and `tokenizer` for merged).
-    Returns the warnings of formats the steering could not take (the main export lands all the same).
+    Files in `folder` that an export does not write (an earlier `test` report, a user's notes) are kept, and
+    `note` hears which. Returns the warnings of formats the steering could not take (the main export lands).
     """
     if options.formats and model is None:
         raise ValueError("write_export: serving formats need the base model: pass model=")
     warnings = []
-    with atomic_folder(folder) as tmp:
+    with export_folder(folder, note=note) as tmp:
         standalone = model if options.include_model else None
         steering.save(tmp, model=standalone, tokenizer=tokenizer if standalone is not None else None)
         if stats is not None:

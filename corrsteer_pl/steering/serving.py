@@ -9,6 +9,7 @@ layer N (0-based, = HF `model.layers[N]`, = our `steering.layers[N]`); layer 0 h
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from corrsteer_pl.atomic import atomic_file, atomic_folder
+from corrsteer_pl.atomic import atomic_file, atomic_folder, write_errors
 from corrsteer_pl.models.layers import decoder_layers, decoder_layers_path
+from corrsteer_pl.steering.owned import owned_by_saved_model
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 CONTROL_VECTOR_FILE = "steering.gguf"
@@ -63,7 +65,7 @@ def write_control_vector(steering: SteeringVectors, path: str | Path, model_hint
 
     check_control_vector(steering)
     path = Path(path)
-    with atomic_file(path) as tmp:
+    with write_errors(path), atomic_file(path) as tmp:
         writer = gguf.GGUFWriter(tmp, CONTROL_VECTOR_ARCH)  # also sets general.architecture
         writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", model_hint)
         # int32 and "number of direction tensors", as llama.cpp's own cvector-generator writes it
@@ -123,14 +125,21 @@ def bias_folded_model(steering: SteeringVectors, model: nn.Module) -> nn.Module:
     return merged.eval()
 
 
-def write_merged(steering: SteeringVectors, model: nn.Module, tokenizer: Any, folder: str | Path) -> Path:
+def write_merged(
+    steering: SteeringVectors,
+    model: nn.Module,
+    tokenizer: Any,
+    folder: str | Path,
+    note: Callable[[str], None] | None = None,
+) -> Path:
     """Writes an HF folder that plain `from_pretrained` loads and that steers like `positions="all"`.
 
     vLLM's Llama, Mistral and Qwen3 layers read `mlp_bias` from the config, so the folder also serves there.
+    Over an existing folder it replaces what `save_pretrained` writes and keeps the rest (`note` hears what).
     """
     merged = bias_folded_model(steering, model)
     folder = Path(folder)
-    with atomic_folder(folder) as tmp:
+    with write_errors(folder), atomic_folder(folder, owned=owned_by_saved_model, note=note) as tmp:
         merged.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -15,15 +16,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from corrsteer_pl.atomic import atomic_file, atomic_folder
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks, PositionPolicy
 from corrsteer_pl.models.layers import decoder_layers, hidden_size, lm_eval_hookpoint
 from corrsteer_pl.selection.variants import SelectedFeature, Selection
+from corrsteer_pl.steering.identity import describe, identity, mismatch
+from corrsteer_pl.steering.owned import owned_by_saved_model
 
 FORMAT_VERSION = 1
 VECTORS_FILE = "steering.safetensors"
 META_FILE = "steering.json"
 LM_EVAL_FILE = "lm_eval_steer.pt"
 MODEL_DIR = "model"
+IDENTITY_KEYS = ("architecture", "model_type", "dtype", "fingerprint", "fingerprint_method")
+"""steering.json's `model` fields beside name_or_path, revision, d_model and num_layers (see steering/identity.py)."""
 
 
 @dataclass
@@ -49,6 +55,7 @@ class SteeringVectors:
     model_revision: str | None = None
     lm_eval_hookpoints: dict[int, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)  # variant, scale, samples seen, ...
+    model_identity: dict[str, Any] = field(default_factory=dict)  # IDENTITY_KEYS; empty for older exports
 
     @classmethod
     def from_selection(
@@ -75,6 +82,8 @@ class SteeringVectors:
             )
             for layer, fs in sorted(by_layer.items())
         }
+        from corrsteer_pl.models.sources import portable_name
+
         info = dict(info or {})
         if isinstance(selection, Selection):
             info.setdefault("variant", selection.variant)
@@ -83,10 +92,11 @@ class SteeringVectors:
             d_model=hidden_size(model),
             num_layers=len(decoder_layers(model)),
             positions=positions,
-            model_name_or_path=str(getattr(model, "name_or_path", "") or ""),
+            model_name_or_path=portable_name(str(getattr(model, "name_or_path", "") or "")),
             model_revision=getattr(model.config, "_commit_hash", None),
             lm_eval_hookpoints={layer: lm_eval_hookpoint(model, layer) for layer in layers},
             info=info,
+            model_identity=identity(model),
         )
 
     # -- applying -------------------------------------------------------------------------
@@ -100,18 +110,32 @@ class SteeringVectors:
             raise ValueError(f"steering was built for {self.num_layers} layers, but the model has {num_layers}")
 
     def apply(self, model: nn.Module) -> LayerHooks:
-        """Hooks that add the vectors; use as `with steering.apply(model):` or `.attach()` / `.detach()`."""
+        """Hooks that add the vectors; use as `with steering.apply(model):` or `.attach()` / `.detach()`.
+
+        A model carries a steering once: attaching one it already carries (the same vectors, e.g. after
+        `load_steered_model`, whose hooks are `model.corrsteer_hooks`) is refused rather than added twice.
+        """
         self.validate(model)
+        key = self.key()
+        SteeringHooks.refuse_if_attached(model, key)
         modules = decoder_layers(model)
         fns: dict[int, LayerFn] = {}
         for layer, steer in self.layers.items():
             param = next(modules[layer].parameters())
             fns[layer] = _adder(steer.vector.to(param.device, param.dtype), self.positions)
-        return LayerHooks(model, fns, positions=self.positions)
+        return SteeringHooks(model, fns, self.positions, key)
 
     def attach(self, model: nn.Module) -> LayerHooks:
         """Attaches the steering until `detach()` is called on the returned hooks."""
         return self.apply(model).attach()
+
+    def key(self) -> str:
+        """A hash of what the steering adds (positions, layers and vectors): equal steerings have equal keys."""
+        digest = hashlib.sha256(self.positions.encode())
+        for layer, steer in sorted(self.layers.items()):
+            digest.update(f"|{layer}|".encode())
+            digest.update(steer.vector.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     # -- save / load ----------------------------------------------------------------------
 
@@ -122,15 +146,19 @@ class SteeringVectors:
         tensors = {
             f"layer.{layer}.vector": s.vector.detach().float().cpu().contiguous() for layer, s in self.layers.items()
         }
-        save_file(tensors, folder / VECTORS_FILE)
+        with atomic_file(folder / VECTORS_FILE) as tmp:  # each file whole, with the usual mode
+            save_file(tensors, tmp)
         meta = self._metadata()
         if model is not None:
-            model.save_pretrained(folder / MODEL_DIR)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder / MODEL_DIR)
+            with atomic_folder(folder / MODEL_DIR, owned=owned_by_saved_model) as tmp:
+                model.save_pretrained(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
             meta["model"]["standalone"] = MODEL_DIR
-        (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-        torch.save(self.lm_eval_dict(), folder / LM_EVAL_FILE)
+        with atomic_file(folder / META_FILE) as tmp:
+            tmp.write_text(json.dumps(meta, indent=2))
+        with atomic_file(folder / LM_EVAL_FILE) as tmp:
+            torch.save(self.lm_eval_dict(), tmp)
         return folder
 
     def lm_eval_dict(self) -> dict[str, dict[str, Any]]:
@@ -157,6 +185,7 @@ class SteeringVectors:
                 "revision": self.model_revision,
                 "d_model": self.d_model,
                 "num_layers": self.num_layers,
+                **self.model_identity,
             },
             "positions": self.positions,
             "info": self.info,
@@ -214,6 +243,7 @@ class SteeringVectors:
                 model_revision=model.get("revision"),
                 lm_eval_hookpoints=hookpoints,
                 info=meta.get("info", {}),
+                model_identity={key: model[key] for key in IDENTITY_KEYS if isinstance(model.get(key), str)},
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
@@ -299,8 +329,14 @@ def _read_metadata(folder: Path) -> dict[str, Any]:
     return meta
 
 
-def model_source(folder: str | Path) -> tuple[str, str | None]:
-    """(path or hub id, revision) of the export's base model: its own `model/` copy when it has one."""
+def model_source(folder: str | Path, fix: str = "model=...") -> tuple[str, str | None]:
+    """(path or hub id, revision) of the export's base model: its own `model/` copy when it has one, else the model
+    steering.json names, resolved here (`resolve_model`: the built-in offline models are built on first use).
+
+    A model that is not on this machine is one line naming the file and `fix` (how the caller passes a model).
+    """
+    from corrsteer_pl.models.sources import portable_name, resolve_model
+
     folder = Path(folder)
     meta = _read_metadata(folder)
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
@@ -313,22 +349,129 @@ def model_source(folder: str | Path) -> tuple[str, str | None]:
                 "it must name a folder inside it (export again with SteeringVectors.save(folder, model=...))"
             )
         return str(path), None
-    source = model.get("name_or_path")
-    if not source or not isinstance(source, str):
-        raise ValueError(f"{folder / META_FILE} names no model: export with SteeringVectors.save(folder, model=...)")
-    return source, model.get("revision")
+    name = model.get("name_or_path")
+    if not name or not isinstance(name, str):
+        raise ValueError(f"{folder / META_FILE} names no model: pass the model it was made for ({fix})")
+    try:
+        return resolve_model(portable_name(name)), model.get("revision")
+    except (FileNotFoundError, ValueError):
+        raise ValueError(
+            f"{folder / META_FILE} names the model '{name}', which is neither a model folder nor a hub id here: "
+            f"pass the model it was made for ({fix})"
+        ) from None
+
+
+def load_base_model(
+    folder: Path, fix: str, model: str | Path | None = None, dtype: torch.dtype | str | None = None
+) -> tuple[nn.Module, Any, str]:
+    """(model, tokenizer, how to name it) from `model` (a folder, hub id or built-in name), else the export's own."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corrsteer_pl.models.sources import load_pretrained
+
+    if model is not None:
+        source, revision, flag = resolve_given(model, fix), None, f"the given model ({fix})"
+    else:
+        source, revision = model_source(folder, fix)
+        flag = f"{folder / META_FILE}: its model"
+    try:
+        lm = load_pretrained(AutoModelForCausalLM.from_pretrained, source, flag, revision=revision, dtype=dtype)
+        tokenizer = load_pretrained(AutoTokenizer.from_pretrained, source, flag, revision=revision, padding_side="left")
+    except ValueError as err:
+        raise ValueError(f"{err}; pass the model it was made for ({fix})") from None
+    return lm.eval(), tokenizer, f"'{model if model is not None else source}'"
+
+
+def resolve_given(model: str | Path, fix: str) -> str:
+    """`resolve_model(model)` for a model the caller passed, its one-line error naming `fix` (the flag or argument)."""
+    from corrsteer_pl.models.sources import resolve_model
+
+    try:
+        return resolve_model(str(model))
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{fix}: {_reason(err).split(': ', 1)[-1]}") from None  # its own flag prefix dropped
+
+
+def check_made_for(folder: Path, steering: SteeringVectors, model: nn.Module, given: str, fix: str) -> None:
+    """One line naming the export, the model it was made for, the `given` model and `fix`, unless they match."""
+    why = mismatch(steering.model_identity, steering.d_model, steering.num_layers, model)
+    if why:
+        made_for = describe(
+            steering.model_name_or_path or "an unnamed model", steering.model_identity, steering.d_model,
+            steering.num_layers,
+        )  # fmt: skip
+        raise ValueError(
+            f"{folder}: this steering was made for {made_for}, but {given} has {why}: pass the model it was made "
+            f"for ({fix}), or export a steering from this model"
+        )
 
 
 def load_steered_model(
-    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    folder: str | Path,
+    model: nn.Module | str | Path | None = None,
+    *,
+    tokenizer: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, Any]:
-    """An HF model + tokenizer with the export's steering attached (the hooks are `model.corrsteer_hooks`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """An HF model + tokenizer with the export's steering attached (the hooks are `model.corrsteer_hooks`).
 
+    `model`: the base model, as an `nn.Module` (used as it is: `device` and `dtype` do not apply; give `tokenizer`
+    or the tokenizer is loaded from its `name_or_path`), a model folder, a hub id or a built-in name
+    (smollm2-135m-instruct, tiny-random); by default the export's own `model/` copy or the model steering.json
+    names. The model is checked against the one the steering was made for (width, layer count and the weights'
+    fingerprint): a mismatch is one line.
+    """
     folder = Path(folder)
     steering = SteeringVectors.load(folder)
-    source, revision = model_source(folder)
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision, padding_side="left")
-    model.corrsteer_hooks = steering.attach(model)
-    return model, tokenizer
+    fix = "load_steered_model(folder, model=...)"
+    if isinstance(model, nn.Module):
+        lm, given = model, f"the given {type(model).__name__}"
+        if tokenizer is None:
+            tokenizer = _tokenizer_of(model, fix)
+    else:
+        lm, loaded_tokenizer, given = load_base_model(folder, fix, model, dtype)
+        lm, tokenizer = lm.to(device), tokenizer if tokenizer is not None else loaded_tokenizer
+    check_made_for(folder, steering, lm, given, fix)
+    lm.corrsteer_hooks = steering.attach(lm)
+    return lm, tokenizer
+
+
+def _tokenizer_of(model: nn.Module, fix: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from corrsteer_pl.models.sources import load_pretrained
+
+    source = str(getattr(model, "name_or_path", "") or "")
+    if not source:
+        raise ValueError(f"{fix}: the given model names no folder to load its tokenizer from: pass tokenizer=...")
+    flag = f"{fix}: the given model's tokenizer (pass tokenizer=...)"
+    return load_pretrained(AutoTokenizer.from_pretrained, source, flag, padding_side="left")
+
+
+class SteeringHooks(LayerHooks):
+    """A steering's hooks: a model carries one steering once, so attaching one it carries already is refused."""
+
+    def __init__(self, model: nn.Module, fns: Mapping[int, LayerFn], positions: PositionPolicy, key: str) -> None:
+        super().__init__(model, fns, positions=positions)
+        self.key = key
+
+    @staticmethod
+    def refuse_if_attached(model: nn.Module, key: str) -> None:
+        """One line when `model` carries the steering whose `SteeringVectors.key()` is `key`."""
+        if key in model.__dict__.get("_corrsteer_attached", set()):
+            raise ValueError(
+                "this steering is already attached to the model (by load_steered_model: model.corrsteer_hooks, or "
+                "an earlier attach()/apply()); attaching it again would add it twice: detach() those hooks first"
+            )
+
+    def attach(self) -> SteeringHooks:
+        self.refuse_if_attached(self.model, self.key)
+        super().attach()
+        self.model.__dict__.setdefault("_corrsteer_attached", set()).add(self.key)
+        return self
+
+    def detach(self) -> None:
+        if self._handles:
+            self.model.__dict__.get("_corrsteer_attached", set()).discard(self.key)
+        super().detach()
