@@ -43,8 +43,8 @@ def export_names() -> dict[str, tuple[str, ...] | None]:
     """{name: None (owned whole) or the names owned inside}: every name `SteeringVectors.save`, the fit callback's
     export and `python -m corrsteer_pl.export` write into an export folder."""
     from corrsteer_pl.calibration.stats import STATS_FILE
-    from corrsteer_pl.steering.export import SEARCH_CONTROLS_DIR
     from corrsteer_pl.selection.evidence import SELECTION_FILE
+    from corrsteer_pl.steering.export import SEARCH_CONTROLS_DIR
     from corrsteer_pl.steering.serving import CONTROL_VECTOR_FILE, MERGED_DIR
     from corrsteer_pl.steering.vectors import LM_EVAL_FILE, META_FILE, MODEL_DIR, VECTORS_FILE
 
