@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import corrsteer_pl.module
+from corrsteer_pl.calibration import calibration as calibration_module
 from corrsteer_pl.cli import DEFAULT_CONFIG, main
+from corrsteer_pl.evaluation import conditions as conditions_module
 from corrsteer_pl.module import CorrSteerModule
 from corrsteer_pl.steering.vectors import SteeringVectors
 
@@ -57,8 +58,8 @@ def _recorder(monkeypatch) -> dict[str, list]:
     """Records every calibration batch's new tokens, and every compared batch's tokens and judged answers."""
     seen: dict[str, list] = {"calibration": [], "tokens": [], "judged": []}
     calibrate, answer, score = (
-        corrsteer_pl.module.calibration_features,
-        corrsteer_pl.module.answered,
+        calibration_module.calibration_features,
+        conditions_module.answered,
         CorrSteerModule.score_conditions,
     )
 
@@ -77,8 +78,8 @@ def _recorder(monkeypatch) -> dict[str, list]:
         seen["judged"].append(judged)
         return judged
 
-    monkeypatch.setattr(corrsteer_pl.module, "calibration_features", calibration_features)
-    monkeypatch.setattr(corrsteer_pl.module, "answered", answered)
+    monkeypatch.setattr(calibration_module, "calibration_features", calibration_features)
+    monkeypatch.setattr(conditions_module, "answered", answered)
     monkeypatch.setattr(CorrSteerModule, "score_conditions", score_conditions)
     return seen
 
