@@ -30,6 +30,13 @@ TRAINER_DEFAULTS = {
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 OPTION_GROUPS = {CalibrationOptions: "calibration", SelectionOptions: "selection", ExportOptions: "export"}
 """Each option group's flag prefix: `--selection.top_k` is `SelectionOptions.top_k`."""
+FLAGS = {
+    **{f"{cls.__name__}.{{}}": f"--{group}.{{}}" for cls, group in OPTION_GROUPS.items()},
+    "load_model.name": "--model.model",
+    "SAESpec.source": "--model.saes",
+    "SAESpec.sae_id": "--model.saes",
+}
+"""The flag of each library argument an `OptionError` names (`{}`: any argument of that owner)."""
 MOVED = {
     **{f"calibration.{name}": f"selection.{name}" for name in (
         "variant", "ranking", "top_k", "candidates", "alpha", "require_significance", "active_only", "scale",
@@ -85,7 +92,7 @@ def main(args: list[str] | None = None) -> CorrSteerCLI | None:
         CorrSteerCLI,
         DEFAULT_CONFIG,
         args,
-        option_groups={cls.__name__: group for cls, group in OPTION_GROUPS.items()},
+        flags=FLAGS,
         moved=MOVED,
         model_class=CorrSteerModule,
         datamodule_class=TaskDataModule,

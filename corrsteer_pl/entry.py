@@ -22,16 +22,16 @@ def run_cli(
     cli: type[LightningCLI],
     default_config: Path,
     args: list[str] | None,
-    option_groups: dict[str, str] | None = None,
+    flags: dict[str, str] | None = None,
     moved: dict[str, str] | None = None,
     **kwargs: Any,
 ) -> LightningCLI | None:
     """`cli(**kwargs, args=args)`; a bare subcommand (`train.py fit`) runs on `default_config`; flags without
     --config run on the classes' own defaults, said in one line (the default job with one flag changed is
     `--config <default_config> <flag>`: its settings are for its own model). A ValueError, OSError (unreadable
-    input, full disk) or missing module ends with one line naming it (CORRSTEER_TRACEBACK=1 for the trace); an
-    `OptionError` of an option group names its flag (`option_groups`: class name -> flag group); a flag of
-    `moved` (old key -> new) names its new place."""
+    input, full disk) or missing module ends with one line naming it (CORRSTEER_TRACEBACK=1 for the trace); a
+    library's `OptionError` names the flag of its argument (`flags`: "Owner.argument" or "Owner.{}" -> the flag,
+    "{}" standing for the argument); a flag of `moved` (old key -> new) names its new place."""
     given = sys.argv if args is None else args  # LightningCLI reads sys.argv itself when args is None
     start = 1 if args is None else 0
     _refuse_moved(given[start:], moved or {})
@@ -57,12 +57,17 @@ def run_cli(
     except OptionError as err:
         if os.environ.get("CORRSTEER_TRACEBACK"):
             raise
-        group = (option_groups or {}).get(err.owner)
-        sys.exit(f"error: {err.as_flag(group) if group else err} (CORRSTEER_TRACEBACK=1 shows where)")
+        sys.exit(f"error: {_as_flag(err, flags or {})} (CORRSTEER_TRACEBACK=1 shows where)")
     except (ValueError, OSError, ModuleNotFoundError) as err:
         if os.environ.get("CORRSTEER_TRACEBACK"):
             raise
         sys.exit(f"error: {err} (CORRSTEER_TRACEBACK=1 shows where)")
+
+
+def _as_flag(err: OptionError, flags: dict[str, str]) -> str:
+    """The error as the command line says it: the flag that sets its argument, then the problem."""
+    flag = flags.get(f"{err.owner}.{err.argument}") or flags.get(f"{err.owner}.{{}}", "").format(err.argument)
+    return f"{flag}: {err.problem}" if flag else str(err)
 
 
 def _refuse_moved(args: list[str], moved: dict[str, str]) -> None:

@@ -201,7 +201,7 @@ def sae_folder(tmp_path):
 def test_an_sae_folder_whose_weights_are_a_pickle_is_one_line(sae_folder, marker):
     _craft(sae_folder / "sae_weights.safetensors", marker, wrap=False)
     line = _one_line(lambda: load_sae(str(sae_folder)))
-    assert line.startswith(f"--model.saes: cannot load the SAE folder {sae_folder}")
+    assert line.startswith(f"SAESpec.source: cannot load the SAE folder {sae_folder}")
 
 
 def test_an_sae_folder_with_a_pickled_checkpoint_instead_of_safetensors_is_one_line(sae_folder, marker):
@@ -224,7 +224,7 @@ def test_a_model_folder_with_a_pickled_pytorch_model_bin_is_one_line(tmp_path, m
     llama.config.save_pretrained(folder)
     _craft(folder / "pytorch_model.bin", marker)
     line = _one_line(lambda: load_pretrained(AutoModelForCausalLM.from_pretrained, str(folder)))
-    assert line.startswith("--model.model: cannot load")
+    assert line.startswith("load_model.name: cannot load")
 
 
 # -- the sources ------------------------------------------------------------------------------------------

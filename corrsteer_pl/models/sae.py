@@ -7,8 +7,9 @@ from pathlib import Path
 from sae_lens import SAE
 from torch import nn
 
+from corrsteer_pl.errors import OptionError
 from corrsteer_pl.models.layers import decoder_layers, hidden_size, layer_from_hook_name
-from corrsteer_pl.models.sources import uncached_hub_file
+from corrsteer_pl.models.sources import SAE_SPEC, uncached_hub_file
 
 
 def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype: str = "float32") -> SAE:
@@ -18,21 +19,21 @@ def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype:
         if not (path / "cfg.json").exists():
             raise FileNotFoundError(f"{path} is not an sae-lens folder: cfg.json is missing (save with sae.save_model)")
         if not (path / "sae_weights.safetensors").is_file():
-            raise ValueError(
-                f"--model.saes: {path} has no sae_weights.safetensors (only safetensors weights are read, never a "
-                "pickled .pt/.bin): save the SAE with sae.save_model"
+            raise OptionError(
+                SAE_SPEC,
+                "source",
+                f"{path} has no sae_weights.safetensors (only safetensors weights are read, never a pickled .pt/.bin): "
+                "save the SAE with sae.save_model",
             )
         try:
             sae = SAE.load_from_disk(path, device=device, dtype=dtype)
         except Exception as err:  # noqa: BLE001 - corrupt weights or cfg.json: one line naming the folder
             lines = str(err).strip().splitlines()
-            raise ValueError(
-                f"--model.saes: cannot load the SAE folder {path} ({type(err).__name__}: {lines[0] if lines else ''}); "
-                "save it again with sae.save_model"
-            ) from None
+            problem = f"cannot load the SAE folder {path} ({type(err).__name__}: {lines[0] if lines else ''})"
+            raise OptionError(SAE_SPEC, "source", f"{problem}; save it again with sae.save_model") from None
     elif sae_id is None:
-        raise ValueError(
-            f"--model.saes: SAE source '{source}' is not an existing folder, and a sae-lens release needs an sae_id"
+        raise OptionError(
+            SAE_SPEC, "sae_id", f"source '{source}' is not an existing folder, and a sae-lens release needs an sae_id"
         )
     else:
         try:
@@ -41,10 +42,10 @@ def load_sae(source: str, sae_id: str | None = None, device: str = "cpu", dtype:
             lines = str(err).strip().splitlines()
             missing = uncached_sae_file(source, sae_id)
             fix = f"it needs {missing}" if missing else "check the release and id, or give a local sae-lens folder"
-            raise ValueError(
-                f"--model.saes: cannot load SAE '{sae_id}' of release '{source}' ({type(err).__name__}: "
-                f"{lines[0] if lines else ''}); {fix}"
-            ) from None
+            problem = (
+                f"cannot load SAE '{sae_id}' of release '{source}' ({type(err).__name__}: {lines[0] if lines else ''})"
+            )
+            raise OptionError(SAE_SPEC, "source", f"{problem}; {fix}") from None
     sae.eval()
     for p in sae.parameters():
         p.requires_grad_(False)

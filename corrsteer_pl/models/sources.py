@@ -7,8 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from corrsteer_pl.errors import OptionError
 from corrsteer_pl.models.gguf import SMOLLM2, convert_smollm2
 
+MODEL, SAE_SPEC = "load_model", "SAESpec"
+"""What errors about a model or an SAE name: `load_model(name)`, `SAESpec(source, sae_id)` (the CLI's --model.model,
+--model.saes)."""
 TINY_RANDOM = "tiny-random"
 """A tiny random Llama with random JumpReLU SAEs on layers 0 and 1, built on first use (tests, smoke runs)."""
 T = TypeVar("T")
@@ -32,11 +36,13 @@ def resolve_model(name_or_path: str) -> str:
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise ValueError(f"--model.model: {path} is a file; give a model folder (config.json + weights) or a hub id")
+        raise OptionError(MODEL, "name", f"{path} is a file; give a model folder (config.json + weights) or a hub id")
     if name_or_path.startswith(("/", ".", "~")) or not _is_repo_id(name_or_path):
-        raise FileNotFoundError(
-            f"--model.model: '{name_or_path}' is neither an existing folder nor a Hugging Face model id "
-            "(namespace/name): check the path"
+        raise OptionError(
+            MODEL,
+            "name",
+            f"'{name_or_path}' is neither an existing folder nor a Hugging Face model id (namespace/name): check the "
+            "path",
         )
     return name_or_path
 
@@ -62,8 +68,9 @@ def portable_name(name_or_path: str) -> str:
     return name_or_path
 
 
-def load_pretrained(loader: Callable[..., T], source: str, flag: str = "--model.model", **kwargs: Any) -> T:
-    """`loader(source, **kwargs)` (e.g. AutoModelForCausalLM.from_pretrained) with a one-line error naming the flag.
+def load_pretrained(loader: Callable[..., T], source: str, what: str | None = None, **kwargs: Any) -> T:
+    """`loader(source, **kwargs)` (e.g. AutoModelForCausalLM.from_pretrained) with a one-line error naming what was
+    loaded: `what`, else the model's name (`load_model`'s, which the command line calls --model.model).
 
     A corrupt config.json, missing weights or an unreachable hub otherwise end deep inside transformers.
     """
@@ -73,9 +80,10 @@ def load_pretrained(loader: Callable[..., T], source: str, flag: str = "--model.
         lines = str(err).strip().splitlines()
         missing = uncached_hub_file(source, ["config.json"], kwargs.get("revision")) if _is_repo_id(source) else None
         hint = f"; it needs {missing}" if missing else ""
-        raise ValueError(
-            f"{flag}: cannot load '{source}' ({type(err).__name__}: {lines[0] if lines else ''}){hint}"
-        ) from None
+        problem = f"cannot load '{source}' ({type(err).__name__}: {lines[0] if lines else ''}){hint}"
+        if what is None:
+            raise OptionError(MODEL, "name", problem) from None
+        raise ValueError(f"{what}: {problem}") from None
 
 
 def uncached_hub_file(
@@ -113,9 +121,10 @@ def resolve_sae(source: str, sae_id: str | None) -> tuple[str, str | None]:
         saes = build_tiny_checkpoint(_tiny_folder()) / "saes"
         available = sorted(p.name for p in saes.iterdir() if p.is_dir())
         if sae_id not in available:
-            raise ValueError(
-                f"--model.saes: the tiny-random SAEs are {', '.join(available)}; set sae_id to one of them "
-                f"(got {sae_id!r})"
+            raise OptionError(
+                SAE_SPEC,
+                "sae_id",
+                f"the tiny-random SAEs are {', '.join(available)}; choose one of them (got {sae_id!r})",
             )
         return str(saes / sae_id), None
     return source, sae_id
