@@ -110,11 +110,21 @@ class CorrelationCallback(L.Callback):
         folder, data = pl_module.export_dir, trainer.datamodule
         try:
             _, format_warnings = export_selection(
-                folder, self.selection, self.calibration, pl_module.saes, pl_module.lm,
-                tokenizer=pl_module.tokenizer, options=self.export_options, examples=data.examples("calibration"),
-                task=data.task, chat_template=data.hparams.chat_template, answers=pl_module.answer_cache,
-                sae_sources=pl_module.sae_sources, info={"task": data.task.name}, note=rank_zero_info,
-            )  # fmt: skip
+                folder,
+                self.selection,
+                self.calibration,
+                pl_module.saes,
+                pl_module.lm,
+                tokenizer=pl_module.tokenizer,
+                options=self.export_options,
+                examples=data.examples("calibration"),
+                task=data.task,
+                chat_template=data.hparams.chat_template,
+                answers=pl_module.answer_cache,
+                sae_sources=pl_module.sae_sources,
+                info={"task": data.task.name},
+                note=rank_zero_info,
+            )
         except OSError as err:
             raise OSError(
                 f"could not write the export to {folder} ({err.strerror or err}); any previous export there is "

@@ -111,9 +111,16 @@ def export_selection(
         add_top_examples(record, calibration.tops, example_index(examples), reanswered, decode)
     controls = [SteeringVectors.from_selection(kept, saes, model) for kept, _ in selection.search_controls]
     warnings = write_export(
-        folder, steering, stats=calibration.stats, record=record, search_controls=controls, options=options,
-        model=model, tokenizer=tokenizer, note=note,
-    )  # fmt: skip
+        folder,
+        steering,
+        stats=calibration.stats,
+        record=record,
+        search_controls=controls,
+        options=options,
+        model=model,
+        tokenizer=tokenizer,
+        note=note,
+    )
     return steering, warnings
 
 

@@ -38,14 +38,27 @@ FLAGS = {
 }
 """The flag of each library argument an `OptionError` names (`{}`: any argument of that owner)."""
 MOVED = {
-    **{f"calibration.{name}": f"selection.{name}" for name in (
-        "variant", "ranking", "top_k", "candidates", "alpha", "require_significance", "active_only", "scale",
-        "scale_grid", "max_answer_share", "search_draws")},
+    **{
+        f"calibration.{name}": f"selection.{name}"
+        for name in (
+            "variant",
+            "ranking",
+            "top_k",
+            "candidates",
+            "alpha",
+            "require_significance",
+            "active_only",
+            "scale",
+            "scale_grid",
+            "max_answer_share",
+            "search_draws",
+        )
+    },
     "calibration.export_formats": "export.formats",
     "calibration.include_model": "export.include_model",
     "model.pooling": "calibration.pooling",
     "model.max_new_tokens": "data.task.max_new_tokens (a task's option: --data.task Custom ...max_new_tokens 8)",
-}  # fmt: skip
+}
 """Flags that moved to their option group's owner: the old name fails in one line that gives the new one."""
 RESUME_FIX = (
     "pass `last` or <default_root_dir>/checkpoints/last.ckpt written by `train.py fit`, or leave --ckpt_path out "

@@ -62,18 +62,22 @@ class TaskDataModule(L.LightningDataModule):
         build = partial(get_task, task) if isinstance(task, str) else task
         self.task: Task = build(seed=seed, source=source)  # fails here, before any model loads, on a bad name or option
         self.hparams.update(task=self.task.name, task_options=task_options(self.task))
+        self.limits = {"calibration": limit_calibration, "validation": limit_validation, "test": limit_test}
+        self._check_sizes()
+        self.splits: dict[Split, list[Example]] = {}
+        self._tokenizer = None
+
+    def _check_sizes(self) -> None:
+        """Refuses sizes that would silently run something else than asked, naming the flag."""
         if self.task.max_new_tokens < 1:
             raise ValueError(f"--data.task.max_new_tokens must be >= 1, got {self.task.max_new_tokens}")
-        self.limits = {"calibration": limit_calibration, "validation": limit_validation, "test": limit_test}
         for split, limit in self.limits.items():
             if limit is not None and limit < 1:
                 raise ValueError(f"--data.limit_{split} must be a positive number of examples, got {limit}")
-        if batch_size < 1:
-            raise ValueError(f"--data.batch_size must be positive, got {batch_size}")
-        if max_prompt_tokens < 1:
-            raise ValueError(f"--data.max_prompt_tokens must be positive, got {max_prompt_tokens}")
-        self.splits: dict[Split, list[Example]] = {}
-        self._tokenizer = None
+        if self.hparams.batch_size < 1:
+            raise ValueError(f"--data.batch_size must be positive, got {self.hparams.batch_size}")
+        if self.hparams.max_prompt_tokens < 1:
+            raise ValueError(f"--data.max_prompt_tokens must be positive, got {self.hparams.max_prompt_tokens}")
 
     @property
     def tokenizer(self) -> Any:

@@ -184,10 +184,14 @@ def choose_scale(
     """
     refused = {name: multiple_choice and r.top_answer_share > max_answer_share for name, r in results.items()}
     table = {
-        name: {"accuracy": r.accuracy, "valid_rate": r.valid_rate, "top_answer_share": r.top_answer_share,
-               "refused": refused[name]}
+        name: {
+            "accuracy": r.accuracy,
+            "valid_rate": r.valid_rate,
+            "top_answer_share": r.top_answer_share,
+            "refused": refused[name],
+        }
         for name, r in results.items()
-    }  # fmt: skip
+    }
     allowed = [name for name in results if not refused[name]]
     if not allowed:
         return default, table

@@ -220,9 +220,14 @@ def select_features(
     if variant == "P" and evaluate is None:
         raise ValueError("variant P needs a validation scorer (evaluate); use S or A without one")
     options = SelectionOptions(
-        variant=variant, ranking=ranking, top_k=top_k, candidates=min(candidates, top_k), alpha=alpha,
-        require_significance=require_significance, active_only=active_only,
-    )  # fmt: skip
+        variant=variant,
+        ranking=ranking,
+        top_k=top_k,
+        candidates=min(candidates, top_k),
+        alpha=alpha,
+        require_significance=require_significance,
+        active_only=active_only,
+    )
     chosen = plan(stats, options, significance)
     trials = chosen.trials
     results = evaluate({"unsteered": []} | trials) if variant == "P" and trials else None
