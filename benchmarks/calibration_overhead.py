@@ -2,7 +2,7 @@
 """Figure 1: a calibration step against its lower bound.
 
 Same model, prompts and batch, measured side by side in interleaved rounds:
-  (a) plain greedy `generate` (`generate_with_features` without SAEs);
+  (a) plain greedy `generate` (`generate_answers` without SAEs);
   (b) the SAE encodes of exactly the positions calibration captures, run standalone on residuals
       saved beforehand (one `sae.encode` per layer over all of them);
   (c) the library's calibration step, as `corrsteer_pl.calibrate`, `CorrSteerModule.training_step` and
@@ -74,7 +74,7 @@ def timed_cases(
     import torch
 
     from corrsteer_pl.calibration.calibration import Calibration, calibration_batch
-    from corrsteer_pl.calibration.capture import generate_with_features
+    from corrsteer_pl.calibration.capture import generate_answers
     from corrsteer_pl.models.hooks import eos_ids, pad_id
 
     ids, mask, new_tokens = batch["input_ids"], batch["attention_mask"], task.max_new_tokens
@@ -82,7 +82,7 @@ def timed_cases(
     calibration = Calibration.for_saes(saes, options, num_samples=len(batch["examples"]))
 
     def generate() -> None:
-        generate_with_features(model, ids, mask, new_tokens, None, eos_token_ids=eos, pad_token_id=pad)
+        generate_answers(model, ids, mask, new_tokens, None, eos_token_ids=eos, pad_token_id=pad)
 
     residuals, rows = captured_residuals(model, saes, generate, eos)
 

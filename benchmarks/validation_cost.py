@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 def _cases(model, tokenizer, batch, layers, trials: int, searched: int, grid: int) -> dict:
     """The three timed calls: one unsteered pass, and validation with and without the search draws."""
-    from corrsteer_pl.evaluation.conditions import PromptCaches, answer_conditions
+    from corrsteer_pl.evaluation.conditions import PromptCaches, answered
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id or tokenizer.eos_token_id
@@ -69,11 +69,11 @@ def _cases(model, tokenizer, batch, layers, trials: int, searched: int, grid: in
 
     def validation(conditions: dict) -> None:
         caches = PromptCaches()
-        answer_conditions(model, ids, mask, conditions, 1, eos, pad, caches)
-        answer_conditions(model, ids, mask, scales, 1, eos, pad, caches)  # the grid: its prompts come from the cache
+        answered(model, ids, mask, conditions, 1, eos, pad, caches)
+        answered(model, ids, mask, scales, 1, eos, pad, caches)  # the grid: its prompts come from the cache
 
     return {
-        "unsteered": lambda: answer_conditions(model, ids, mask, {"unsteered": None}, 1, eos, pad),
+        "unsteered": lambda: answered(model, ids, mask, {"unsteered": None}, 1, eos, pad),
         "validation": lambda: validation(check),
         "validation, no search draws": lambda: validation(plain_check),
     }

@@ -32,7 +32,7 @@ _PUBLIC = {
     "SelectedFeature": "corrsteer_pl.selection.variants",
     "Selection": "corrsteer_pl.selection.variants",
     "SteeringVectors": "corrsteer_pl.steering.vectors",
-    "generate_with_features": "corrsteer_pl.calibration.capture",
+    "generate_answers": "corrsteer_pl.calibration.capture",
     "load_sae": "corrsteer_pl.models.sae",
     "load_steered_model": "corrsteer_pl.steering.vectors",
     "pearson_corrcoef": "corrsteer_pl.calibration.stats",

@@ -5,7 +5,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
-from corrsteer_pl.calibration import capture
+from corrsteer_pl.calibration import calibration as capture  # where calibration answers
 from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE
 from corrsteer_pl.cli import main
 from corrsteer_pl.models.sources import cache_dir

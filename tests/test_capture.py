@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from corrsteer_pl.calibration.capture import FeatureCapture, generate_with_features
+from corrsteer_pl.calibration.capture import FeatureCapture, generate_answers
 from corrsteer_pl.models.tiny import random_sae
 
 LAYERS = (0, 1)  # not the last layer: its hidden_states entry has the final norm applied
@@ -32,9 +32,9 @@ def _oracle(model, batch, new, saes, eos, pooling):
 @pytest.mark.parametrize("pooling", ["max", "mean"])
 def test_capture_equals_hidden_states_at_exactly_the_generation_positions(model, batch, pooling):
     saes = {layer: random_sae(64, 128, layer, seed=layer) for layer in LAYERS}
-    free, _ = generate_with_features(model, batch["input_ids"], batch["attention_mask"], 6, pad_token_id=0)
+    free, _, _, _ = generate_answers(model, batch["input_ids"], batch["attention_mask"], 6, pad_token_id=0)
     eos = int(free[0, 1])  # row 0 emits it at step 2: an early EOS in the batch
-    new, pooled = generate_with_features(
+    new, pooled, _, _ = generate_answers(
         model, batch["input_ids"], batch["attention_mask"], 6, saes, pooling, eos_token_ids=[eos], pad_token_id=0
     )
     assert (new[0, 2:] == 0).all(), "row 0 must have stopped early"
@@ -49,7 +49,7 @@ def test_capture_never_encodes_the_prompt_body(llama, batch):
     encoded = []
     original = sae.encode
     sae.encode = lambda x: encoded.append(x.shape[0]) or original(x)
-    generate_with_features(llama, batch["input_ids"], batch["attention_mask"], 3, {0: sae}, pad_token_id=0)
+    generate_answers(llama, batch["input_ids"], batch["attention_mask"], 3, {0: sae}, pad_token_id=0)
     batch_size, prompt_length = batch["input_ids"].shape
     assert len(encoded) == 1, "one encode call per layer for the whole generation"
     # prefill: the last position of each row; then at most one fed-back token per row and step (3 new tokens)
@@ -62,11 +62,9 @@ def test_unknown_pooling_is_refused(llama):
 
 
 def test_peak_position_is_where_the_hidden_states_oracle_reaches_the_max(model, batch):
-    from corrsteer_pl.calibration.capture import generate_with_peaks
-
     saes = {0: random_sae(64, 128, 0, seed=0)}
-    new, pooled, peaks = generate_with_peaks(
-        model, batch["input_ids"], batch["attention_mask"], 5, saes, pad_token_id=0
+    new, pooled, _, peaks = generate_answers(
+        model, batch["input_ids"], batch["attention_mask"], 5, saes, pad_token_id=0, peaks=True
     )
     prompt_len = batch["input_ids"].shape[1]
     ids = torch.cat([batch["input_ids"], new], dim=1)

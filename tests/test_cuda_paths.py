@@ -12,9 +12,9 @@ import pytest
 import scipy.stats
 import torch
 
-from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.calibration.capture import generate_answers
 from corrsteer_pl.calibration.stats import CorrelationStats
-from corrsteer_pl.evaluation.conditions import answer_conditions
+from corrsteer_pl.evaluation.conditions import answered
 from corrsteer_pl.models.layers import decoder_layers
 from corrsteer_pl.models.tiny import random_sae
 from corrsteer_pl.selection.variants import SelectedFeature
@@ -74,7 +74,7 @@ def device_saes(device, d_sae=128):
 def test_captured_features_on_the_device_equal_a_float32_cpu_oracle(llama, prompts, device, dtype):
     ids, mask, positions = prompts
     model, saes = placed(llama, device, dtype), device_saes(device)
-    _, pooled = generate_with_features(model, ids.to(device), mask.to(device), 1, saes, "max", [1], 0)
+    _, pooled, _, _ = generate_answers(model, ids.to(device), mask.to(device), 1, saes, "max", [1], 0)
     with torch.no_grad():
         hidden = llama(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
     for layer, sae in saes.items():
@@ -99,7 +99,7 @@ def test_statistics_of_captured_features_on_the_device_equal_a_float64_cpu_refer
     stats = {layer: CorrelationStats(128, device=device) for layer in LAYERS}
     seen: dict[int, list[torch.Tensor]] = {layer: [] for layer in LAYERS}
     for rows in (slice(0, 3), slice(3, 8)):  # two batches: the second is shifted by the first one's means
-        _, pooled = generate_with_features(model, ids[rows].to(device), mask[rows].to(device), 4, saes, "max", [1], 0)
+        _, pooled, _, _ = generate_answers(model, ids[rows].to(device), mask[rows].to(device), 4, saes, "max", [1], 0)
         for layer, z in pooled.items():
             stats[layer].update(z, labels[rows].to(device))
             seen[layer].append(z.cpu())
@@ -178,12 +178,12 @@ def test_one_token_answers_on_the_device_equal_generate(llama, prompts, device, 
     ids, mask, position_ids = (t.to(device) for t in prompts)
     model = placed(llama, device, dtype)
     conditions = _conditions(model, device_saes(device, d_sae=32))
-    fast = answer_conditions(model, ids, mask, conditions, 1, [1], 0)
+    fast = {name: a.tokens for name, a in answered(model, ids, mask, conditions, 1, [1], 0).items()}
     compared = 0
     for name, steering in conditions.items():
         assert fast[name].device.type == device and fast[name].shape == (len(PROMPTS), 1)
         with steering.apply(model) if steering is not None else nullcontext():
-            expected, _ = generate_with_features(model, ids, mask, 1, pad_token_id=0)
+            expected, _, _, _ = generate_answers(model, ids, mask, 1, pad_token_id=0)
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits[:, -1].float()
         top = logits.topk(2).values

@@ -3,9 +3,9 @@ from dataclasses import replace
 import pytest
 import torch
 
-from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.calibration.capture import generate_answers
 from corrsteer_pl.evaluation import conditions as evaluation
-from corrsteer_pl.evaluation.conditions import answer_conditions
+from corrsteer_pl.evaluation.conditions import answered
 from corrsteer_pl.models.tiny import random_sae, tiny_model
 from corrsteer_pl.selection.variants import SelectedFeature
 from corrsteer_pl.steering.vectors import SteeringVectors
@@ -22,13 +22,19 @@ def _conditions(model):
     return conditions
 
 
+def _tokens(model, batch, conditions, max_new_tokens, caches=None):
+    """Each condition's new tokens from `answered` (EOS id 1, pad id 0)."""
+    answers = answered(model, batch["input_ids"], batch["attention_mask"], conditions, max_new_tokens, [1], 0, caches)
+    return {name: a.tokens for name, a in answers.items()}
+
+
 @pytest.mark.parametrize("score_bytes", [2**30, 1], ids=["conditions-in-one-pass", "one-pass-each"])
 def test_one_token_answers_with_a_shared_prompt_cache_equal_generate_per_condition(
     model, batch, score_bytes, monkeypatch
 ):
     monkeypatch.setattr(evaluation, "SCORE_BYTES_PER_PASS", score_bytes)
     conditions = _conditions(model)
-    fast = answer_conditions(model, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
+    fast = _tokens(model, batch, conditions, 1)
     _assert_equal_generate_per_condition(model, batch, conditions, fast)
 
 
@@ -39,7 +45,7 @@ def test_prompts_longer_than_a_sliding_window_take_one_pass_per_condition_and_st
     assert batch["input_ids"].shape[1] > gemma2.config.sliding_window
     assert evaluation._conditions_per_pass(gemma2, batch["input_ids"].shape, 4) == 1
     conditions = _conditions(gemma2)
-    fast = answer_conditions(gemma2, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
+    fast = _tokens(gemma2, batch, conditions, 1)
     _assert_equal_generate_per_condition(gemma2, batch, conditions, fast)
 
 
@@ -48,7 +54,7 @@ def _assert_equal_generate_per_condition(model, batch, conditions, fast):
         hooks = steering.apply(model) if steering is not None else None
         if hooks:
             hooks.attach()
-        expected, _ = generate_with_features(model, batch["input_ids"], batch["attention_mask"], 1, pad_token_id=0)
+        expected = generate_answers(model, batch["input_ids"], batch["attention_mask"], 1, pad_token_id=0).tokens
         if hooks:
             hooks.detach()
         assert torch.equal(fast[name], expected), name
@@ -57,9 +63,9 @@ def _assert_equal_generate_per_condition(model, batch, conditions, fast):
 
 def test_multi_token_conditions_fall_back_to_generate(llama, batch):
     conditions = _conditions(llama)
-    out = answer_conditions(llama, batch["input_ids"], batch["attention_mask"], conditions, 3, [1], 0)
+    out = _tokens(llama, batch, conditions, 3)
     with conditions["x60"].apply(llama):
-        expected, _ = generate_with_features(llama, batch["input_ids"], batch["attention_mask"], 3, pad_token_id=0)
+        expected = generate_answers(llama, batch["input_ids"], batch["attention_mask"], 3, pad_token_id=0).tokens
     assert torch.equal(out["x60"], expected)
 
 
@@ -71,9 +77,9 @@ def test_a_second_pass_over_the_same_prompts_reuses_their_cache_and_gives_the_sa
     )
     try:
         caches = evaluation.PromptCaches()
-        first = answer_conditions(llama, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0, caches)
+        first = _tokens(llama, batch, conditions, 1, caches)
         assert len(calls) == 2 and len(caches) == 1  # the prompt body, then the conditions' last positions
-        second = answer_conditions(llama, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0, caches)
+        second = _tokens(llama, batch, conditions, 1, caches)
         assert len(calls) == 3, "the prompt body must not run again"
     finally:
         handle.remove()
@@ -82,14 +88,14 @@ def test_a_second_pass_over_the_same_prompts_reuses_their_cache_and_gives_the_sa
 
 def test_prompt_caches_over_their_byte_budget_are_not_kept(llama, batch):
     caches = evaluation.PromptCaches(max_bytes=0)
-    answer_conditions(llama, batch["input_ids"], batch["attention_mask"], {"unsteered": None}, 1, [1], 0, caches)
+    _tokens(llama, batch, {"unsteered": None}, 1, caches)
     assert len(caches) == 0 and caches.bytes == 0
 
 
 def test_a_kept_prompt_cache_owns_just_its_prompt_after_a_query_pass(llama, batch):
     """The C query positions are cropped off and their storage freed: a kept cache does not grow pass by pass."""
     caches = evaluation.PromptCaches()
-    answer_conditions(llama, batch["input_ids"], batch["attention_mask"], _conditions(llama), 1, [1], 0, caches)
+    _tokens(llama, batch, _conditions(llama), 1, caches)
     (cache,) = caches._caches.values()
     body = batch["input_ids"].shape[1] - 1
     for layer in cache.layers:
@@ -101,7 +107,7 @@ def test_a_kept_prompt_cache_owns_just_its_prompt_after_a_query_pass(llama, batc
 def test_prompt_caches_budget_by_default_a_quarter_of_the_free_memory(llama, batch, monkeypatch):
     monkeypatch.setattr(evaluation, "free_memory", lambda device: 4 * 1000)
     caches = evaluation.PromptCaches()
-    answer_conditions(llama, batch["input_ids"], batch["attention_mask"], {"unsteered": None}, 1, [1], 0, caches)
+    _tokens(llama, batch, {"unsteered": None}, 1, caches)
     assert caches.max_bytes == 1000 and len(caches) == 0, "a cache larger than the budget is not kept"
 
 
@@ -113,7 +119,7 @@ def test_an_every_position_steering_among_one_token_conditions_gets_its_own_pref
         lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True
     )
     try:
-        fast = answer_conditions(model, batch["input_ids"], batch["attention_mask"], conditions, 1, [1], 0)
+        fast = _tokens(model, batch, conditions, 1)
     finally:
         handle.remove()
     assert list(fast) == list(conditions)

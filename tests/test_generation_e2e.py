@@ -58,12 +58,12 @@ def _recorder(monkeypatch) -> dict[str, list]:
     """Records every calibration batch's new tokens, and every compared batch's tokens and judged answers."""
     seen: dict[str, list] = {"calibration": [], "tokens": [], "judged": []}
     calibrate, answer, score = (
-        calibration_module.calibration_features,
+        calibration_module.generate_answers,
         conditions_module.answered,
         CorrSteerModule.score_conditions,
     )
 
-    def calibration_features(*args, **kwargs):
+    def generate_answers(*args, **kwargs):
         out = calibrate(*args, **kwargs)  # (new tokens, pooled, choice logits, peaks)
         seen["calibration"].append(out[0])
         return out
@@ -78,7 +78,7 @@ def _recorder(monkeypatch) -> dict[str, list]:
         seen["judged"].append(judged)
         return judged
 
-    monkeypatch.setattr(calibration_module, "calibration_features", calibration_features)
+    monkeypatch.setattr(calibration_module, "generate_answers", generate_answers)
     monkeypatch.setattr(conditions_module, "answered", answered)
     monkeypatch.setattr(CorrSteerModule, "score_conditions", score_conditions)
     return seen

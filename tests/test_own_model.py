@@ -57,13 +57,13 @@ def test_flags_alone_run_the_users_model_on_the_classes_defaults_not_the_default
 
 def _recorded_budgets(monkeypatch) -> list[int]:
     budgets = []
-    features = calibration_module.calibration_features
+    features = calibration_module.generate_answers
 
-    def recording(model, batch, max_new_tokens, *args):
+    def recording(model, ids, mask, max_new_tokens, *args, **kwargs):
         budgets.append(max_new_tokens)
-        return features(model, batch, max_new_tokens, *args)
+        return features(model, ids, mask, max_new_tokens, *args, **kwargs)
 
-    monkeypatch.setattr(calibration_module, "calibration_features", recording)
+    monkeypatch.setattr(calibration_module, "generate_answers", recording)
     return budgets
 
 

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
-from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.calibration.capture import generate_answers
 from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.models.tiny import random_sae, tiny_model
 from corrsteer_pl.selection.variants import select_features
@@ -47,7 +47,7 @@ def _planted_world(beta: float = 3.0, gamma: float = 0.3):
 
 
 def _answers(model, ids, saes=None):
-    new, pooled = generate_with_features(model, ids, torch.ones_like(ids), 1, saes, pad_token_id=0)
+    new, pooled, _, _ = generate_answers(model, ids, torch.ones_like(ids), 1, saes, pad_token_id=0)
     return (new[:, 0] == TARGET).double(), pooled
 
 

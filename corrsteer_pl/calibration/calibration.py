@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from corrsteer_pl.calibration.answer_cache import AnswerCache
 from corrsteer_pl.calibration.bootstrap import BootstrapStats
-from corrsteer_pl.calibration.capture import calibration_features
+from corrsteer_pl.calibration.capture import Generation, generate_answers, recorded_features
 from corrsteer_pl.calibration.options import CalibrationOptions
 from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.calibration.top_examples import TopExamples, example_keys
@@ -70,12 +70,23 @@ def calibration_batch(
     eos, pad = eos_ids(model, tokenizer), pad_id(model, tokenizer)
     steps = task.max_new_tokens
     choice = target_choices(options.target, tokenizer, examples)  # None: the generated answer decides
-    new, pooled, logits, peaks = calibration_features(
-        model, batch, steps, saes, options.pooling, answers, eos, pad, choice
-    )
+    generated = _recorded(answers, batch, saes, choice) if steps == 1 and answers is not None else None
+    if generated is None:  # peaks: with one generation position every feature peaks at position 0
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        generated = generate_answers(model, ids, mask, steps, saes, options.pooling, eos, pad, choice, steps > 1)
+    new, pooled, logits, peaks = generated
     labels = judge(task, tokenizer, examples, new, logits).target(options.target).scores
     cut = 0 if examples[0].choices else answers_cut(new, eos, steps)  # a one-letter answer is meant to be cut
     return CalibrationBatch([e.id for e in examples], labels, pooled, peaks, cut, steps)
+
+
+def _recorded(
+    answers: AnswerCache, batch: dict[str, Any], saes: Mapping[int, nn.Module], choice: Any
+) -> Generation | None:
+    """The batch's one-token answers as recorded while training the SAEs (their features encoded from the recorded
+    residuals), or None when any prompt, layer or letter logit is missing: then the model answers."""
+    recorded = recorded_features(answers, batch["texts"], saes, choice)
+    return Generation(*recorded, None) if recorded is not None else None
 
 
 def answers_cut(new_tokens: Tensor, eos_token_ids: Iterable[int], max_new_tokens: int) -> int:

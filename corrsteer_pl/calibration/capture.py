@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from typing import Any, Literal
+from typing import Literal, NamedTuple
 
 import torch
 from sae_lens import SAE
@@ -15,6 +15,19 @@ from corrsteer_pl.models.hooks import LayerFn, LayerHooks
 from corrsteer_pl.tasks.choice import ChoiceTokens
 
 Pooling = Literal["max", "mean"]
+
+
+class Generation(NamedTuple):
+    """What `generate_answers` returns (unpacks as a 4-tuple)."""
+
+    tokens: Tensor
+    """(B, N) new tokens, greedy."""
+    pooled: dict[int, Tensor]
+    """Per layer (B, d_sae) pooled SAE features of the generation positions (empty without SAEs)."""
+    choice_logits: Tensor | None
+    """(B, K) the first answer position's logits restricted to the letters asked for (None when none were)."""
+    peaks: dict[int, Tensor] | None
+    """Per layer (B, d_sae) int32: where each feature peaked (None unless asked for)."""
 
 
 class FeatureCapture:
@@ -138,41 +151,6 @@ def recorded_features(
 
 
 @torch.inference_mode()
-def generate_with_peaks(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    max_new_tokens: int,
-    saes: Mapping[int, SAE],
-    pooling: Pooling = "max",
-    eos_token_ids: Iterable[int] | None = None,
-    pad_token_id: int | None = None,
-) -> tuple[Tensor, dict[int, Tensor], dict[int, Tensor]]:
-    """As `generate_with_features`, plus per layer the (B, d_sae) generation position where each feature peaked."""
-    args = (max_new_tokens, saes, pooling, eos_token_ids, pad_token_id)
-    new, pooled, _, peaks = generate_answers(model, input_ids, attention_mask, *args, peaks=True)
-    return new, pooled, peaks
-
-
-@torch.inference_mode()
-def generate_with_features(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    max_new_tokens: int,
-    saes: Mapping[int, SAE] | None = None,
-    pooling: Pooling = "max",
-    eos_token_ids: Iterable[int] | None = None,
-    pad_token_id: int | None = None,
-) -> tuple[Tensor, dict[int, Tensor]]:
-    """Greedy-decode left-padded prompts; return the new tokens (B, N) and pooled SAE features."""
-    new, pooled, _, _ = generate_answers(
-        model, input_ids, attention_mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id
-    )
-    return new, pooled
-
-
-@torch.inference_mode()
 def generate_answers(
     model: nn.Module,
     input_ids: Tensor,
@@ -184,10 +162,13 @@ def generate_answers(
     pad_token_id: int | None = None,
     choice: ChoiceTokens | None = None,
     peaks: bool = False,
-) -> tuple[Tensor, dict[int, Tensor], Tensor | None, dict[int, Tensor] | None]:
-    """`generate_with_features`, plus (with `choice`) the first position's logits restricted to its letters (B, K):
-    the logits the first new token is the argmax of, read from the same pass (`output_logits`, unprocessed); and
-    (with `peaks`) per layer the generation position where each feature peaked."""
+) -> Generation:
+    """The one greedy generation: left-padded prompts in, their new tokens (B, N) out; with `saes`, each SAE's
+    features at the generation positions pooled per answer; with `choice`, the first position's logits restricted
+    to its letters (B, K), the logits the first new token is the argmax of, read from the same pass
+    (`output_logits`, unprocessed); with `peaks`, per layer the generation position where each feature peaked.
+    Steering applies through hooks attached around the call (`SteeringVectors.apply`); answering many conditions
+    at once is `evaluation.conditions.answered`, built on this."""
     kwargs = dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -205,28 +186,4 @@ def generate_answers(
     restricted = choice.restrict(out.logits[0]) if choice is not None else None  # (B, V) -> (B, K)
     pooled = capture.pooled() if capture is not None else {}
     where = capture.peaks if capture is not None and peaks else None
-    return out.sequences[:, input_ids.shape[1] :], pooled, restricted, where
-
-
-@torch.inference_mode()
-def calibration_features(
-    model: nn.Module,
-    batch: dict[str, Any],
-    max_new_tokens: int,
-    saes: Mapping[int, SAE],
-    pooling: Pooling,
-    answers: AnswerCache | None,
-    eos_token_ids: Iterable[int],
-    pad_token_id: int,
-    choice: ChoiceTokens | None = None,
-) -> tuple[Tensor, dict[int, Tensor], Tensor | None, dict[int, Tensor] | None]:
-    """New tokens (B, N), pooled features, (with `choice`) the restricted first-position logits (B, K) and the
-    features' peak positions (None: all 0) of one calibration batch: from the recorded one-token answers when every
-    prompt of the batch has one (and its letter logits), else by generating with the capture hooks on."""
-    if answers is not None and max_new_tokens == 1:
-        cached = recorded_features(answers, batch["texts"], saes, choice)
-        if cached is not None:
-            return *cached, None
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    peaks = max_new_tokens > 1  # one generation position: every feature peaks at position 0
-    return generate_answers(model, ids, mask, max_new_tokens, saes, pooling, eos_token_ids, pad_token_id, choice, peaks)
+    return Generation(out.sequences[:, input_ids.shape[1] :], pooled, restricted, where)

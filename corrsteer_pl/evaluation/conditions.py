@@ -64,23 +64,6 @@ def judge_conditions(
 
 
 @torch.inference_mode()
-def answer_conditions(
-    model: nn.Module,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    conditions: Conditions,
-    max_new_tokens: int,
-    eos_token_ids: Iterable[int],
-    pad_token_id: int,
-    prompt_caches: PromptCaches | None = None,
-) -> dict[str, Tensor]:
-    """New tokens (B, N) per condition, greedy; identical to `generate` under each steering (see `answered`)."""
-    answers = answered(model, input_ids, attention_mask, conditions, max_new_tokens, eos_token_ids, pad_token_id,
-                       prompt_caches)  # fmt: skip
-    return {name: a.tokens for name, a in answers.items()}
-
-
-@torch.inference_mode()
 def answered(
     model: nn.Module,
     input_ids: Tensor,
@@ -92,8 +75,9 @@ def answered(
     prompt_caches: PromptCaches | None = None,
     choice: ChoiceTokens | None = None,
 ) -> dict[str, Answered]:
-    """New tokens per condition, and with `choice` the first position's logits restricted to its letters, read
-    from the pass that produced the first token (no extra forward).
+    """Greedy answers under each condition (a steering, or None for the unsteered model): new tokens, and with
+    `choice` the first position's logits restricted to its letters, read from the pass that produced the first
+    token (no extra forward). Each condition's answers equal `generate_answers` under that steering.
 
     One-token answers of generation-position steerings share one prompt pass; a steering of every position
     (positions="all") changes the prompt's cache, so it runs its own. With `prompt_caches`, a one-token pass

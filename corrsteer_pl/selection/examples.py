@@ -3,7 +3,7 @@
 Streaming keeps only (sample key, activation, peak position) per slot (`calibration/top_examples.py`). At the
 end of fit the prompts of all candidates' top examples (a few dozen) are answered again, one prompt at a time
 (no padding), with the unsteered model, greedily, by the same code as calibration
-(`calibration.capture.generate_with_features`, then `CorrSteerModule.score` = `evaluation.judge`): that gives
+(`calibration.capture.generate_answers`, then `CorrSteerModule.score` = `evaluation.judge`): that gives
 the answer, whether it was correct, and the token at which the feature peaked (the answer token produced from
 the peak's generation position; position 0 produces the first answer token). A calibration batch is left-padded
 with others, so on a model whose greedy answer depends on padding the re-answer could differ from the one
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from corrsteer_pl.calibration.answer_cache import AnswerCache
-from corrsteer_pl.calibration.capture import generate_with_features
+from corrsteer_pl.calibration.capture import generate_answers
 from corrsteer_pl.calibration.top_examples import TopExamples, example_keys
 from corrsteer_pl.evaluation.judge import judge
 from corrsteer_pl.models.hooks import eos_ids, pad_id
@@ -57,15 +57,8 @@ def reanswer(
             new = recorded.tokens[rows].unsqueeze(1)
         else:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            new, _ = generate_with_features(
-                model,
-                ids,
-                mask,
-                steps,
-                None,
-                eos_token_ids=eos_ids(model, tokenizer),
-                pad_token_id=pad_id(model, tokenizer),
-            )
+            eos, pad = eos_ids(model, tokenizer), pad_id(model, tokenizer)
+            new = generate_answers(model, ids, mask, steps, eos_token_ids=eos, pad_token_id=pad).tokens
         score = float(judge(task, tokenizer, batch["examples"], new).scores[0])
         out[example.id] = (new[0].tolist(), score, tokenizer.decode(new[0], skip_special_tokens=True))
     return out
