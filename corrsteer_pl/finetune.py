@@ -48,7 +48,8 @@ from corrsteer_pl.data import ShardedBatches, TaskDataModule
 from corrsteer_pl.entry import run_cli
 from corrsteer_pl.evaluation.conditions import Answered, answered
 from corrsteer_pl.evaluation.judge import Judged, judge
-from corrsteer_pl.evaluation.report import RESAMPLES, EvaluationReport
+from corrsteer_pl.evaluation.markdown import difference_lines
+from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.evaluation.scores import ConditionScores
 from corrsteer_pl.models.hooks import eos_ids, pad_id
 from corrsteer_pl.models.loading import DTYPES
@@ -343,45 +344,37 @@ class ItemScores:
 # -- the report ------------------------------------------------------------------------------
 
 
-@dataclass
-class FineTuneReport(EvaluationReport):
-    """EvaluationReport with unsteered = the base model, steered = the fine-tuned one; `steering` holds the run's
-    settings (method, checkpoint, its step and validation accuracy, LoRA and optimizer options)."""
-
-    def to_markdown(self) -> str:
-        """The report as Markdown: base vs fine-tuned, their paired difference, the answers that changed, SER."""
-        info = self.steering
-        base, tuned = self.conditions
-        lines = [
-            f"# Fine-tuning baseline: {self.task} ({self.split} split, {self.samples} items)",
-            "",
-            f"LoRA adapters (r {info['lora']['r']}, alpha {info['lora']['alpha']}, on "
-            f"{', '.join(info['lora']['target_modules'])}) trained on the calibration split's gold answers; "
-            f"checkpoint {info['checkpoint']} (step {info['step']}, validation accuracy {info['val_accuracy']:.4f}), "
-            "picked by validation accuracy.",
-            "",
-            f"Judge: {self.judge}",
-            "",
-            *([f"Data: {self.data}", ""] if self.data else []),
-            "| model | accuracy | valid-answer rate | accuracy among valid |",
-            "|---|---|---|---|",
-            f"| base (unsteered) | {base.accuracy:.4f} | {base.valid_rate:.4f} | {base.accuracy_valid:.4f} |",
-            f"| fine-tuned (steered) | {tuned.accuracy:.4f} | {tuned.valid_rate:.4f} | {tuned.accuracy_valid:.4f} |",
-            "",
-            f"Fine-tuned - base: {self.difference:+.4f}, paired bootstrap 95% CI "
-            f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}] ({RESAMPLES:,} resamples of items).",
-            "",
-            f"Answers changed: {self.better} wrong -> right, {self.worse} right -> wrong; "
-            f"side-effect ratio (SER) {self.ser:.3f}.",
-        ]
-        return "\n".join(lines) + "\n"
+def finetune_markdown(report: EvaluationReport) -> str:
+    """The fine-tuning report as Markdown (unsteered = the base model, steered = the fine-tuned one; `steering`
+    holds the run's settings): base vs fine-tuned, their paired difference, the answers that changed, SER."""
+    info = report.steering
+    base, tuned = report.conditions
+    lines = [
+        f"# Fine-tuning baseline: {report.task} ({report.split} split, {report.samples} items)",
+        "",
+        f"LoRA adapters (r {info['lora']['r']}, alpha {info['lora']['alpha']}, on "
+        f"{', '.join(info['lora']['target_modules'])}) trained on the calibration split's gold answers; "
+        f"checkpoint {info['checkpoint']} (step {info['step']}, validation accuracy {info['val_accuracy']:.4f}), "
+        "picked by validation accuracy.",
+        "",
+        f"Judge: {report.judge}",
+        "",
+        *([f"Data: {report.data}", ""] if report.data else []),
+        "| model | accuracy | valid-answer rate | accuracy among valid |",
+        "|---|---|---|---|",
+        f"| base (unsteered) | {base.accuracy:.4f} | {base.valid_rate:.4f} | {base.accuracy_valid:.4f} |",
+        f"| fine-tuned (steered) | {tuned.accuracy:.4f} | {tuned.valid_rate:.4f} | {tuned.accuracy_valid:.4f} |",
+        *difference_lines(report.paired, "Fine-tuned - base"),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def finetune_report(
     base: tuple[Tensor, Tensor], tuned: tuple[Tensor, Tensor], task: Task, split: str, data: str, info: dict[str, Any]
-) -> FineTuneReport:
-    """The report from paired per-item (scores, valid) of the base and the fine-tuned model on the same items."""
-    return FineTuneReport.from_scores(
+) -> EvaluationReport:
+    """The report from paired per-item (scores, valid) of the base and the fine-tuned model on the same items
+    (`finetune_markdown` renders it)."""
+    return EvaluationReport.from_scores(
         base[0],
         tuned[0],
         task=task.name,
@@ -608,14 +601,14 @@ class FineTuneModule(L.LightningModule):
         report = finetune_report(
             (scores[:, 0], valid[:, 0]), (scores[:, 1], valid[:, 1]), data.task, "test", data.describe(), self.info()
         )
-        names = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
-        self.log_dict({f"test/{name}": float(getattr(report, name)) for name in names})
+        self.log_dict({f"test/{name}": float(value) for name, value in report.paired.as_report().items()})
         self.log_dict({f"test/{c.name}/valid_rate": c.valid_rate for c in report.conditions})
         if self.trainer.is_global_zero:
-            report.save(Path(self.trainer.default_root_dir) / FOLDER, "report")
+            markdown = finetune_markdown(report)
+            report.save(Path(self.trainer.default_root_dir) / FOLDER, markdown, stem="report")
             for logger in self.loggers:
                 if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("test/finetune_report", report.to_markdown(), self.global_step)
+                    logger.experiment.add_text("test/finetune_report", markdown, self.global_step)
 
     def info(self) -> dict[str, Any]:
         """What the report says about the fine-tuned model."""
@@ -842,12 +835,12 @@ __all__ = [
     "FineTuneCLI",
     "FineTuneData",
     "FineTuneModule",
-    "FineTuneReport",
     "ItemScores",
     "LoRAOptions",
     "OptimizerOptions",
     "checkpoint_callbacks",
     "export_adapters",
+    "finetune_markdown",
     "finetune_report",
     "finetuned_scores",
     "load_adapters",

@@ -10,9 +10,10 @@ from corrsteer_pl.calibration.answer_cache import AnswerCache, letter_ids
 from corrsteer_pl.calibration.capture import generate_answers, recorded_features
 from corrsteer_pl.calibration.sae_training import collect_activations
 from corrsteer_pl.cli import main
-from corrsteer_pl.evaluation.choice_report import choice_report
+from corrsteer_pl.evaluation.choice_report import ChoiceReport
 from corrsteer_pl.evaluation.conditions import answered, evaluate_batches
 from corrsteer_pl.evaluation.judge import judge
+from corrsteer_pl.evaluation.markdown import report_markdown
 from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
 from corrsteer_pl.tasks.base import Example
@@ -85,7 +86,9 @@ def _report(reference, steered) -> EvaluationReport:
         reference.scores, steered.scores, "choice-test", "test", "letter-match",
         valid={"unsteered": reference.valid, "steered": steered.valid},
     )  # fmt: skip
-    report.choice = choice_report(report, reference.choice_scores, steered.choice_scores, {})
+    report.choice = ChoiceReport.from_scores(
+        reference.choice_scores, steered.choice_scores, {}, report.paired, report.conditions
+    )
     return report
 
 
@@ -96,7 +99,7 @@ def test_a_steering_that_changes_the_letter_among_valid_answers_moves_the_choice
     assert judged["A"].answers == ["A"] * 8 and judged["B"].answers == ["B"] * 8, "both answer with a valid letter"
     report = _report(judged["A"], judged["B"])
     assert [c.valid_rate for c in report.conditions] == [1.0, 1.0], "the valid rate does not change"
-    assert report.difference == 1.0 and report.choice.steered.difference == 1.0, "both accuracies move"
+    assert report.paired.difference == 1.0 and report.choice.steered.difference == 1.0, "both accuracies move"
     assert report.choice.reading.startswith("both moved")
 
 
@@ -110,10 +113,11 @@ def test_a_steering_that_only_makes_the_model_answer_leaves_the_choice_restricte
     assert judged["word"].answers == [None] * 8 and judged["letter"].answers == ["B"] * 8
     report = _report(judged["word"], judged["letter"])
     assert [c.valid_rate for c in report.conditions] == [0.0, 1.0], "only the valid rate changes"
-    assert report.difference == 1.0, "the generated-answer accuracy moves with it"
+    assert report.paired.difference == 1.0, "the generated-answer accuracy moves with it"
     assert report.choice.steered.difference == 0.0 and report.choice.steered.unsteered == 1.0
     assert report.choice.reading.startswith("a format effect, not knowledge")
-    assert "Format or knowledge" in report.to_markdown() and "**Reading:** a format effect" in report.to_markdown()
+    markdown = report_markdown(report)
+    assert "Format or knowledge" in markdown and "**Reading:** a format effect" in markdown
 
 
 def test_target_choice_scores_validation_by_the_choice_restricted_answer(llama, tokenizer):

@@ -5,7 +5,10 @@ import pytest
 import scipy.stats
 import torch
 
-from corrsteer_pl.evaluation.report import CHOSEN_SECTION, RESPONDS_SECTION, EvaluationReport, paired_bootstrap_ci
+from corrsteer_pl.evaluation.control_summary import ControlSummary, control_bootstrap_ci
+from corrsteer_pl.evaluation.markdown import CHOSEN_SECTION, RESPONDS_SECTION, report_markdown
+from corrsteer_pl.evaluation.paired import ConditionResult, PairedAccuracy, paired_bootstrap_ci
+from corrsteer_pl.evaluation.report import EvaluationReport, MethodRow
 
 
 def test_bootstrap_ci_of_identical_differences_is_that_difference():
@@ -34,23 +37,44 @@ def test_report_counts_changed_answers_and_side_effect_ratio(tmp_path):
     unsteered = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
     steered = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
     report = EvaluationReport.from_scores(unsteered, steered, task="mmlu", split="test", judge="letter-match")
-    assert (report.better, report.worse, report.samples) == (2, 1, 5)
-    assert report.ser == pytest.approx(1 / 3)
-    assert report.accuracy_unsteered == pytest.approx(0.4) and report.accuracy_steered == pytest.approx(0.6)
-    assert report.difference == pytest.approx(0.2) and report.ci_low <= 0.2 <= report.ci_high
-    report.save(tmp_path)
+    paired = report.paired
+    assert (paired.better, paired.worse, report.samples) == (2, 1, 5)
+    assert paired.ser == pytest.approx(1 / 3)
+    assert paired.unsteered == pytest.approx(0.4) and paired.accuracy == pytest.approx(0.6)
+    assert paired.difference == pytest.approx(0.2) and paired.ci_low <= 0.2 <= paired.ci_high
+    report.save(tmp_path, report_markdown(report))
     assert json.loads((tmp_path / "report.json").read_text())["judge"] == "letter-match"
     assert "2 wrong -> right, 1 right -> wrong" in (tmp_path / "report.md").read_text()
 
 
+def test_report_and_method_rows_hold_one_paired_accuracy_and_report_json_keeps_its_flat_keys(tmp_path):
+    unsteered = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0])
+    steered = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])
+    row = MethodRow.from_scores("steered", "CorrSteer-S (export)", unsteered, steered, torch.ones(5, dtype=torch.bool))
+    report = EvaluationReport.from_scores(unsteered, steered, "t", "test", "j", methods=[row])
+    paired = PairedAccuracy.from_scores(unsteered, steered)
+    assert report.paired == paired and row.paired == paired, "one computation of the paired figures"
+    report.save(tmp_path, report_markdown(report))
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert list(saved)[:12] == [
+        "task", "split", "judge", "samples", "accuracy_unsteered", "accuracy_steered", "difference", "ci_low",
+        "ci_high", "better", "worse", "ser",
+    ]  # fmt: skip
+    assert "paired" not in saved and (saved["accuracy_unsteered"], saved["ser"]) == (paired.unsteered, paired.ser)
+    (saved_row,) = saved["methods"]
+    assert list(saved_row) == [
+        "name", "label", "accuracy", "valid_rate", "accuracy_valid", "difference", "ci_low", "ci_high", "better",
+        "worse", "ser", "p_values", "features", "scale", "choice",
+    ]  # fmt: skip
+    assert (saved_row["accuracy"], saved_row["better"], saved_row["worse"]) == (paired.accuracy, 2, 1)
+
+
 def test_nothing_changed_means_ser_zero():
     same = torch.tensor([1.0, 0.0])
-    assert EvaluationReport.from_scores(same, same, task="t", split="test", judge="j").ser == 0.0
+    assert EvaluationReport.from_scores(same, same, task="t", split="test", judge="j").paired.ser == 0.0
 
 
 def test_control_summary_ranks_the_selected_steering_among_the_draws():
-    from corrsteer_pl.evaluation.report import ControlSummary
-
     steered = torch.tensor([1.0, 1.0, 0.0, 1.0])  # accuracy 0.75
     controls = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])  # 0.25, 1.0, 0.25
     summary = ControlSummary.from_scores("random_feature", steered, controls, torch.ones(3, 4, dtype=torch.bool))
@@ -60,8 +84,6 @@ def test_control_summary_ranks_the_selected_steering_among_the_draws():
 
 
 def test_control_ci_is_wider_than_holding_the_draws_fixed():
-    from corrsteer_pl.evaluation.report import control_bootstrap_ci
-
     g = torch.Generator().manual_seed(0)
     steered = (torch.rand(400, generator=g) < 0.5).double()
     # draws that differ a lot from each other: the uncertainty over draws must show in the CI
@@ -72,8 +94,6 @@ def test_control_ci_is_wider_than_holding_the_draws_fixed():
 
 
 def test_condition_result_separates_validity_from_accuracy():
-    from corrsteer_pl.evaluation.report import ConditionResult
-
     result = ConditionResult.from_scores(
         "steered", torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.tensor([True, True, False, True])
     )
@@ -89,7 +109,7 @@ def _verdict(draws: int, control_rate: float) -> str:
         for kind, n, rate in (("random_feature", 20, 0.1), ("search_matched", draws, control_rate))
     }
     report = EvaluationReport.from_scores(unsteered, steered, "t", "test", "j", controls=controls)
-    (line,) = [line for line in report.to_markdown().splitlines() if line.startswith("Search-matched verdict")]
+    (line,) = [line for line in report_markdown(report).splitlines() if line.startswith("Search-matched verdict")]
     return line
 
 
@@ -118,7 +138,7 @@ def _headline(control_rate: float, q_value: float) -> str:
     report = EvaluationReport.from_scores(
         unsteered, steered, "t", "test", "j", controls=controls, features=[feature], selection=selection
     )
-    lines = report.to_markdown().splitlines()
+    lines = report_markdown(report).splitlines()
     (line,) = [line for line in lines if line.startswith("**Verdict")]
     return line
 
@@ -135,7 +155,7 @@ def test_the_headline_is_positive_only_when_every_check_below_it_agrees():
 def test_a_report_without_a_selection_record_says_so_under_both_sections_built_from_it():
     scores = torch.tensor([1.0, 0.0])
     report = EvaluationReport.from_scores(scores, scores, "t", "test", "j", steering={"path": "runs/x/steered"})
-    text = report.to_markdown()
+    text = report_markdown(report)
     missing = "Not shown: the export folder runs/x/steered has no selection.json"
     for heading in (CHOSEN_SECTION, RESPONDS_SECTION):
         assert f"{heading}\n\n{missing}" in text

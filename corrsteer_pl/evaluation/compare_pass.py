@@ -13,17 +13,16 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, load_layer_stats
-from corrsteer_pl.evaluation.choice_report import choice_report, choice_scalars
+from corrsteer_pl.evaluation.choice_report import ChoiceReport, choice_scalars
 from corrsteer_pl.evaluation.comparison import method_rows
 from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
 from corrsteer_pl.evaluation.judge import Judged
+from corrsteer_pl.evaluation.markdown import report_markdown
 from corrsteer_pl.evaluation.plots import report_figures, save_figure
 from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.selection.diagnosis import nothing_steered
 from corrsteer_pl.selection.evidence import SELECTION_FILE, read_selection
 from corrsteer_pl.steering.vectors import SteeringVectors
-
-REPORT_SCALARS = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
 
 
 def load_export(folder: Path, model: nn.Module) -> SteeringVectors:
@@ -103,7 +102,9 @@ def build_report(
         **context,
     )
     if choice is not None:
-        report.choice = choice_report(report, choice_column["unsteered"], choice_column["steered"], choice_controls)
+        report.choice = ChoiceReport.from_scores(
+            choice_column["unsteered"], choice_column["steered"], choice_controls, report.paired, report.conditions
+        )
     return report
 
 
@@ -118,15 +119,15 @@ def selection_record_of(folder: Path) -> dict[str, Any]:
 
 
 def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:
-    """The report's figures as `stage/name` scalars for the loggers."""
-    out = {f"{stage}/{name}": float(getattr(report, name)) for name in REPORT_SCALARS}
+    """The report's figures as `stage/name` scalars for the loggers (the paired ones under report.json's names)."""
+    out = {f"{stage}/{name}": float(value) for name, value in report.paired.as_report().items()}
     out[f"{stage}/samples"] = float(report.samples)
     for c in report.conditions:
         out |= {f"{stage}/{c.name}/valid_rate": c.valid_rate, f"{stage}/{c.name}/accuracy_valid": c.accuracy_valid}
     for c in report.controls:
         out |= {f"{stage}/{c.kind}/accuracy_mean": c.accuracy_mean, f"{stage}/{c.kind}/p_value": c.p_value}
     for m in report.methods:
-        out |= {f"{stage}/method/{m.name}/{k}": float(getattr(m, k)) for k in ("accuracy", "difference", "ser")}
+        out |= {f"{stage}/method/{m.name}/{k}": float(getattr(m.paired, k)) for k in ("accuracy", "difference", "ser")}
         if m.choice is not None:
             out |= {f"{stage}/method/{m.name}/choice_{k}": getattr(m.choice, k) for k in ("accuracy", "difference")}
     return out | (choice_scalars(report.choice, stage) if report.choice is not None else {})
@@ -143,6 +144,7 @@ def save_report(report: EvaluationReport, folder: Path, split: str, stage: str, 
         for board in boards:
             board.add_figure(f"{stage}/{name}", fig, step, close=False)
         report.figures.append(save_figure(fig, folder / f"{stem}_{name}.png").name)
-    report.save(folder, stem)
+    markdown = report_markdown(report)
+    report.save(folder, markdown, stem=stem)
     for board in boards:
-        board.add_text(f"{stage}/report", report.to_markdown(), step)
+        board.add_text(f"{stage}/report", markdown, step)

@@ -36,8 +36,8 @@ def controls_figure(report: Any) -> Figure:
     fig, ax = plt.subplots(figsize=(6.4, 1.2 + 0.6 * max(len(report.controls), 1)), dpi=100)
     for row, control in enumerate(report.controls):
         ax.scatter(control.accuracies, [row] * len(control.accuracies), s=18, alpha=0.6, color="gray")
-    ax.axvline(report.accuracy_unsteered, color="black", linestyle="--", label="unsteered")
-    ax.axvline(report.accuracy_steered, color="tab:blue", label="steered")
+    ax.axvline(report.paired.unsteered, color="black", linestyle="--", label="unsteered")
+    ax.axvline(report.paired.accuracy, color="tab:blue", label="steered")
     ax.set_yticks(range(len(report.controls)), [KIND_LABELS.get(c.kind, c.kind) for c in report.controls])
     ax.set_ylim(-0.7, max(len(report.controls), 1) - 0.3)
     ax.set_xlabel(f"accuracy ({report.split} split, {report.samples} items)")
