@@ -23,9 +23,9 @@ from sae_lens import SAE
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
-from corrsteer_pl.data import TaskDataModule
 from corrsteer_pl.evaluation.conditions import PromptCaches, SplitResult, answered
 from corrsteer_pl.evaluation.controls import random_feature_controls
+from corrsteer_pl.lightning.data import TaskDataModule
 from corrsteer_pl.models.hooks import eos_ids
 from corrsteer_pl.selection.variants import SelectedFeature, select_features
 from corrsteer_pl.steering.vectors import META_FILE, SteeringVectors, model_source

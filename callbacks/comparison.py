@@ -13,10 +13,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from corrsteer_pl.calibration.rankings import Ranking
-from corrsteer_pl.evaluation.compare_pass import export_stats
-from corrsteer_pl.evaluation.comparison import check_methods, method_key, method_label, method_selections
 from corrsteer_pl.evaluation.controls import Scorer
+from corrsteer_pl.evaluation.export_pass import export_stats
 from corrsteer_pl.evaluation.judge import Judged
+from corrsteer_pl.evaluation.methods import check_methods, method_key, method_label, method_selections
 from corrsteer_pl.evaluation.prompting import PromptRows, check_instructed_lengths, check_prompts, resolve_prompts
 from corrsteer_pl.selection.options import SelectionOptions, Variant
 from corrsteer_pl.steering.vectors import SteeringVectors

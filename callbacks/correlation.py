@@ -15,10 +15,10 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from corrsteer_pl.api import export_selection
-from corrsteer_pl.atomic import check_writable
 from corrsteer_pl.calibration.calibration import Calibration, CalibrationBatch
 from corrsteer_pl.calibration.options import CalibrationOptions, check_target
 from corrsteer_pl.evaluation.tensorboard import log_selection
+from corrsteer_pl.files.atomic import check_writable
 from corrsteer_pl.selection.evidence import read_selection
 from corrsteer_pl.selection.options import SelectionOptions
 from corrsteer_pl.selection.select import select

@@ -23,7 +23,7 @@ _PUBLIC = {
     "CalibrationOptions": "corrsteer_pl.calibration.options",
     "SelectionOptions": "corrsteer_pl.selection.options",
     "ExportOptions": "corrsteer_pl.steering.export",
-    "Validator": "corrsteer_pl.evaluation.validation",
+    "Validator": "corrsteer_pl.selection.validation",
     "OptionError": "corrsteer_pl.errors",
     # the pieces underneath
     "CorrelationStats": "corrsteer_pl.calibration.stats",

@@ -43,18 +43,18 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from corrsteer_pl.atomic import atomic_folder
-from corrsteer_pl.data import ShardedBatches, TaskDataModule
-from corrsteer_pl.entry import run_cli
+from corrsteer_pl.evaluation.columns import ConditionScores
 from corrsteer_pl.evaluation.conditions import Answered, answered
 from corrsteer_pl.evaluation.judge import Judged, judge
 from corrsteer_pl.evaluation.markdown import difference_lines
 from corrsteer_pl.evaluation.report import EvaluationReport
-from corrsteer_pl.evaluation.scores import ConditionScores
+from corrsteer_pl.files.atomic import atomic_folder
+from corrsteer_pl.files.safe_load import CKPT_FLAG, check_ckpt_path, load_checkpoint, with_safe_checkpoint_io
+from corrsteer_pl.lightning.data import ShardedBatches, TaskDataModule
+from corrsteer_pl.lightning.entry import run_cli
 from corrsteer_pl.models.hooks import eos_ids, pad_id
 from corrsteer_pl.models.loading import DTYPES
 from corrsteer_pl.models.sources import TINY_RANDOM, load_pretrained, resolve_model
-from corrsteer_pl.safe_load import CKPT_FLAG, check_ckpt_path, load_checkpoint, with_safe_checkpoint_io
 from corrsteer_pl.tasks import Example, Split, Task
 from corrsteer_pl.tasks.choice import ChoiceTokens
 

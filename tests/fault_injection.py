@@ -60,16 +60,16 @@ class KillDuringSelection(L.Callback):
 
             corrsteer_pl.steering.export.save_layer_stats = killed_before_statistics
         else:
-            import corrsteer_pl.atomic
+            import corrsteer_pl.files.atomic
 
-            sync = corrsteer_pl.atomic._fsync_tree
+            sync = corrsteer_pl.files.atomic._fsync_tree
 
             def synced_then_killed(folder):
                 sync(folder)
                 if (Path(folder) / "steering.json").exists():  # the export's folder, not another atomic folder
                     _kill()
 
-            corrsteer_pl.atomic._fsync_tree = synced_then_killed
+            corrsteer_pl.files.atomic._fsync_tree = synced_then_killed
 
 
 def _kill() -> None:

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from corrsteer_pl.calibration import calibration as capture  # where calibration answers
 from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE
-from corrsteer_pl.cli import main
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.sources import cache_dir
 from corrsteer_pl.steering.vectors import SteeringVectors
 

@@ -21,7 +21,7 @@ from corrsteer_pl import (
 )
 from corrsteer_pl.calibration.calibration import calibration_batch
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
-from corrsteer_pl.cli import main
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.steering.vectors import SteeringVectors
 from corrsteer_pl.tasks.batching import ShardedBatches
 

@@ -7,10 +7,10 @@ import re
 import pytest
 from safetensors.torch import load_file, save_file
 
-from corrsteer_pl.cli import main
-from corrsteer_pl.data import TaskDataModule, check_prompt_lengths
+from corrsteer_pl.lightning.cli import main
+from corrsteer_pl.lightning.data import TaskDataModule, check_prompt_lengths
+from corrsteer_pl.lightning.module import CorrSteerModule
 from corrsteer_pl.models.tiny import tiny_tokenizer
-from corrsteer_pl.module import CorrSteerModule
 from corrsteer_pl.steering.vectors import META_FILE, VECTORS_FILE, SteeringVectors, load_steered_model
 from corrsteer_pl.tasks import SPLITS, Example, get_task
 

@@ -7,8 +7,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from corrsteer_pl import finetune
 from corrsteer_pl.calibration.stats import load_layer_stats
-from corrsteer_pl.cli import main
-from corrsteer_pl.evaluation.comparison import method_label
+from corrsteer_pl.evaluation.methods import method_label
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.selection.variants import rank_layer, select_features
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]

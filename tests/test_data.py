@@ -5,8 +5,8 @@ import docstring_parser
 import pytest
 from jsonargparse import ArgumentError, ArgumentParser, set_parsing_settings
 
-from corrsteer_pl.cli import main
-from corrsteer_pl.data import ShardedBatches, TaskDataModule
+from corrsteer_pl.lightning.cli import main
+from corrsteer_pl.lightning.data import ShardedBatches, TaskDataModule
 from corrsteer_pl.models.tiny import tiny_tokenizer
 from corrsteer_pl.tasks import DATA_OPTIONS, TASKS, Example
 from corrsteer_pl.tasks.custom import Custom

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
-from corrsteer_pl.cli import main
+from corrsteer_pl.lightning.cli import main
 
 pytestmark = pytest.mark.slow  # subprocess runs of train.py: scheduled first (conftest.py)
 

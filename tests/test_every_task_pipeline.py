@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from corrsteer_pl.cli import main
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.tasks import TASKS
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]

@@ -8,7 +8,7 @@ from test_planted_feature import D_SAE, PLANTED, _answers, _planted_world
 
 from corrsteer_pl.calibration.bootstrap import BootstrapStats
 from corrsteer_pl.calibration.stats import CorrelationStats
-from corrsteer_pl.cli import main
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.selection.diagnosis import selection_warnings
 from corrsteer_pl.selection.evidence import (
     SELECTION_FILE,

@@ -6,8 +6,8 @@ import shutil
 import pytest
 
 from corrsteer_pl.calibration.stats import STATS_FILE
-from corrsteer_pl.cli import main
 from corrsteer_pl.evaluation.markdown import CHOSEN_SECTION, RESPONDS_SECTION
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.selection.evidence import SELECTION_FILE
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
-import corrsteer_pl.atomic
-from corrsteer_pl.atomic import atomic_file, atomic_folder
+import corrsteer_pl.files.atomic
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.evaluation.controls import SEARCH_CONTROLS_DIR
-from corrsteer_pl.export import export_folder
+from corrsteer_pl.files.atomic import atomic_file, atomic_folder
 from corrsteer_pl.models.tiny import tiny_model, tiny_tokenizer
+from corrsteer_pl.steering.export import export_folder
 from corrsteer_pl.steering.serving import CONTROL_VECTOR_FILE, MERGED_DIR, write_control_vector, write_merged
 from corrsteer_pl.steering.vectors import VECTORS_FILE, LayerSteering, SteeringVectors
 
@@ -132,7 +132,7 @@ def test_a_failure_while_carrying_user_files_over_leaves_the_old_folder_file_for
         os.link(src, dest)
         links.append(dest)
 
-    monkeypatch.setattr(corrsteer_pl.atomic, "_link", second_link_fails)
+    monkeypatch.setattr(corrsteer_pl.files.atomic, "_link", second_link_fails)
     with pytest.raises(OSError, match="No space left"):
         _export(folder, _steering(scale=2.0))
     assert _files(folder) == before and links
@@ -160,7 +160,7 @@ def test_a_failure_between_the_two_renames_puts_the_old_folder_back(tmp_path, mo
 KILLED_BETWEEN_RENAMES = """
 import os, signal, sys
 from pathlib import Path
-from corrsteer_pl.atomic import atomic_folder
+from corrsteer_pl.files.atomic import atomic_folder
 rename = os.rename
 def killed(src, dest):
     if Path(src).name.startswith(".steered.tmp-"):
@@ -227,7 +227,7 @@ def test_steering_save_and_atomic_files_outside_an_export_folder_get_the_usual_m
 
 
 def test_fit_into_a_steering_path_holding_an_earlier_report_and_notes_keeps_both(tmp_path, lightning_log):
-    from corrsteer_pl.cli import main
+    from corrsteer_pl.lightning.cli import main
 
     folder = tmp_path / "mine"
     _export(folder, _steering())  # an earlier run's export, then its `test` report and the user's notes

@@ -8,13 +8,13 @@ import torch
 
 from corrsteer_pl.calibration.answer_cache import AnswerCache, letter_ids
 from corrsteer_pl.calibration.capture import generate_answers, recorded_features
-from corrsteer_pl.calibration.sae_training import collect_activations
-from corrsteer_pl.cli import main
 from corrsteer_pl.evaluation.choice_report import ChoiceReport
 from corrsteer_pl.evaluation.conditions import answered, evaluate_batches
 from corrsteer_pl.evaluation.judge import judge
 from corrsteer_pl.evaluation.markdown import report_markdown
 from corrsteer_pl.evaluation.report import EvaluationReport
+from corrsteer_pl.lightning.cli import main
+from corrsteer_pl.models.sae_training import collect_activations
 from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
 from corrsteer_pl.tasks.base import Example
 from corrsteer_pl.tasks.choice import ChoiceTask, ChoiceTokens, build_prompt, letter_token_ids

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from corrsteer_pl.calibration import calibration as calibration_module
-from corrsteer_pl.cli import DEFAULT_CONFIG, main
 from corrsteer_pl.evaluation import conditions as conditions_module
-from corrsteer_pl.module import CorrSteerModule
+from corrsteer_pl.lightning.cli import DEFAULT_CONFIG, main
+from corrsteer_pl.lightning.module import CorrSteerModule
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 pytestmark = pytest.mark.e2e

@@ -59,7 +59,7 @@ def test_every_task_loads_every_split_from_its_hub_id_offline(datasets_home):
 
 WRONG_NAMES = """
 import datasets, json
-from corrsteer_pl.tasks.tables import read_hub, read_hub_parquet
+from corrsteer_pl.tasks.rows import read_hub, read_hub_parquet
 out = []
 for call in (lambda: read_hub("cais/mmlu", "alll", split="test"),
              lambda: read_hub("cais/mmlu", "all", split="dev2"),
@@ -205,7 +205,8 @@ def preset_run(home: Path, root: Path, preset: str, saes: list[dict], task_args:
               "--data.batch_size", "8", "--model.controls", "2",
               # 16 items make no feature significant: export anyway (this rehearses loading, not evidence)
               "--selection.require_significance", "false", *task_args]  # fmt: skip
-    code = "import sys; from corrsteer_pl.cli import main; main(['fit', *sys.argv[1:]]); main(['test', *sys.argv[1:]])"
+    code = "import sys; from corrsteer_pl.lightning.cli import main; "
+    code += "main(['fit', *sys.argv[1:]]); main(['test', *sys.argv[1:]])"
     hub_rehearsal.run_python(code, home, *common)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from corrsteer_pl.calibration.stats import STATS_FILE, load_layer_stats
-from corrsteer_pl.cli import main
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.selection.evidence import read_selection
 from corrsteer_pl.steering.vectors import META_FILE, VECTORS_FILE, SteeringVectors
 

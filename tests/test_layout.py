@@ -4,7 +4,6 @@ without a cycle."""
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "corrsteer_pl"
@@ -36,26 +35,16 @@ def _imported(node: ast.AST, name: str, is_package: bool, modules: set[str]) -> 
     return found
 
 
-def _module_level(node: ast.AST) -> Iterator[ast.AST]:
-    """The statements that run when the module is imported: its body, class bodies and `if` / `try` blocks
-    (`if TYPE_CHECKING:` included), not function bodies."""
-    for child in ast.iter_child_nodes(node):
-        if not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-            yield child
-            yield from _module_level(child)
-
-
 def import_graph(package: Path) -> dict[str, set[str]]:
-    """Module -> the package's modules it imports at module level, under `if TYPE_CHECKING:` too (a cycle through
-    a type-only import is still a cycle of the code's layers). An import inside a function is a deferred
-    dependency and is left out."""
+    """Module -> the package's modules it imports anywhere: at module level, under `if TYPE_CHECKING:` and inside
+    functions (a deferred import is still a dependency between layers)."""
     files = {_module_name(path, package): path for path in sorted(package.rglob("*.py"))}
     modules = set(files)
     graph = {}
     for name, path in files.items():
         tree = ast.parse(path.read_text(), filename=str(path))
         is_package = path.name == "__init__.py"
-        graph[name] = set().union(*(_imported(node, name, is_package, modules) for node in _module_level(tree)))
+        graph[name] = set().union(*(_imported(node, name, is_package, modules) for node in ast.walk(tree)))
     return graph
 
 
@@ -89,14 +78,29 @@ def test_the_import_graph_of_corrsteer_pl_is_acyclic():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
-def test_the_graph_holds_type_only_imports_and_not_function_bodies_and_the_finder_finds_a_cycle(tmp_path):
+def test_the_graph_holds_type_only_and_deferred_imports_and_the_finder_finds_a_cycle(tmp_path):
     package = tmp_path / "pkg"
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "a.py").write_text("from pkg.b import B\n")
     (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
     (package / "c.py").write_text("from . import a\n\n\ndef later():\n    from pkg import d\n")
-    (package / "d.py").write_text("class D:\n    from pkg.c import later\n")
+    (package / "d.py").write_text("class D:\n    x = 1\n")
     graph = import_graph(package)
-    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "pkg.c": {"pkg.a"}, "pkg.d": {"pkg.c"}}
+    assert graph == {"pkg": set(), "pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}, "pkg.c": {"pkg.a", "pkg.d"}, "pkg.d": set()}
     assert find_cycle(graph) == ["pkg.a", "pkg.b", "pkg.a"]
+
+
+def test_the_top_level_of_corrsteer_pl_holds_at_most_three_modules():
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(modules) <= 3, f"corrsteer_pl/ top level: {modules}; the pipeline's stages live in its packages"
+
+
+def test_no_function_of_corrsteer_pl_or_callbacks_is_over_50_lines():
+    long = []
+    for root in (PACKAGE, PACKAGE.parent / "callbacks"):
+        for path in sorted(root.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 50:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno} {node.name}")
+    assert long == [], "functions over 50 lines: " + ", ".join(long)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from corrsteer_pl.export import main
 from corrsteer_pl.models.gguf import SMOLLM2
 from corrsteer_pl.models.sources import TINY_RANDOM, cache_dir, portable_name, resolve_model
 from corrsteer_pl.models.tiny import random_sae, tiny_model, tiny_tokenizer
 from corrsteer_pl.selection.variants import SelectedFeature
+from corrsteer_pl.steering.formats import main
 from corrsteer_pl.steering.identity import fingerprint
 from corrsteer_pl.steering.serving import MERGED_DIR
 from corrsteer_pl.steering.vectors import META_FILE, SteeringVectors, load_steered_model
@@ -145,7 +145,7 @@ def test_the_export_cli_takes_the_base_model_by_flag_and_refuses_other_weights(b
     capsys.readouterr()
     assert main([str(export), "--to", "merged", "--model", str(other)]) == 2
     err = capsys.readouterr().err
-    error = err[err.index("corrsteer_pl.export: error:") :]  # after the loader's progress bars
+    error = err[err.index("corrsteer_pl.steering.formats: error:") :]  # after the loader's progress bars
     assert error.count("\n") == 1 and "other weights" in error and "--model" in error and "Traceback" not in err
     assert main([str(export), "--to", "merged", "--model", str(folder)]) == 0
     assert (export / MERGED_DIR / "model.safetensors").is_file()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from corrsteer_pl.cli import DEFAULT_CONFIG, main
+from corrsteer_pl.lightning.cli import DEFAULT_CONFIG, main
 from corrsteer_pl.steering.vectors import SteeringVectors, load_steered_model
 
 pytestmark = pytest.mark.e2e

@@ -9,8 +9,8 @@ import yaml
 
 from corrsteer_pl.calibration import calibration as calibration_module
 from corrsteer_pl.calibration.options import CalibrationOptions
-from corrsteer_pl.cli import main
 from corrsteer_pl.errors import OptionError
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.tiny import build_tiny_checkpoint
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

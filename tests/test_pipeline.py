@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from corrsteer_pl.cli import main
 from corrsteer_pl.evaluation import conditions as evaluation
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.tiny import random_sae
 from corrsteer_pl.selection import variants
 from corrsteer_pl.steering.vectors import SteeringVectors

@@ -5,8 +5,8 @@ import hashlib
 import torch
 
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
-from corrsteer_pl.evaluation.compare_pass import save_report
-from corrsteer_pl.evaluation.plots import controls_figure, r_figure, scale_grid_figure
+from corrsteer_pl.evaluation.export_pass import save_report
+from corrsteer_pl.evaluation.plots import controls_figure, r_by_layer_figure, scale_grid_figure
 from corrsteer_pl.evaluation.report import EvaluationReport
 
 GRID = {
@@ -78,7 +78,7 @@ def test_an_empty_steering_still_renders_and_says_so_on_every_plot(tmp_path):
     assert (tmp_path / "report_controls.png").exists() and "nothing was steered" in (tmp_path / "report.md").read_text()
     for fig in (
         controls_figure(report),
-        r_figure({1: CorrelationStats(4)}, report.selection),
+        r_by_layer_figure({1: CorrelationStats(4)}, report.selection),
         scale_grid_figure({}, None),
     ):
         assert any("nothing was steered" in t.get_text() for t in fig.axes[0].texts)

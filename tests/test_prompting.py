@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from corrsteer_pl.calibration.capture import generate_answers
-from corrsteer_pl.cli import main
-from corrsteer_pl.data import collate
 from corrsteer_pl.evaluation.conditions import answered
 from corrsteer_pl.evaluation.judge import judge
 from corrsteer_pl.evaluation.prompting import PromptRows, check_prompts, resolve_prompts
+from corrsteer_pl.lightning.cli import main
+from corrsteer_pl.lightning.data import collate
 from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
 from corrsteer_pl.tasks import get_task
 from corrsteer_pl.tasks.base import CHOICE_INSTRUCTIONS, GENERATION_INSTRUCTIONS, Example, instructed

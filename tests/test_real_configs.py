@@ -22,7 +22,7 @@ from sae_lens import SAE
 from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2ForCausalLM, LlamaForCausalLM
 
-from corrsteer_pl.cli import main
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.tiny import random_sae, tiny_model, tiny_tokenizer
 from corrsteer_pl.steering.vectors import SteeringVectors
 from corrsteer_pl.tasks import get_task

@@ -7,8 +7,8 @@ import warnings
 import pytest
 
 import corrsteer_pl.steering.export
-from corrsteer_pl.cli import main
-from corrsteer_pl.module import CorrSteerModule
+from corrsteer_pl.lightning.cli import main
+from corrsteer_pl.lightning.module import CorrSteerModule
 
 TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
 

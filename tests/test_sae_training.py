@@ -6,7 +6,7 @@ from sae_lens import SAE, TopKSAE
 
 from corrsteer_pl.calibration import sae_training
 from corrsteer_pl.calibration.answer_cache import AnswerCache, letter_ids
-from corrsteer_pl.calibration.sae_training import (
+from corrsteer_pl.models.sae_training import (
     METRICS_FILE,
     SAETrainingConfig,
     collect_activations,

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from corrsteer_pl.evaluation.conditions import SplitResult
-from corrsteer_pl.evaluation.validation import Validator, scale_features
+from corrsteer_pl.selection.validation import Validator, scale_features
 from corrsteer_pl.selection.variants import SelectedFeature
 
 FEATURES = [SelectedFeature(0, 3, 0.5, 1.0, 0.2)]

@@ -6,12 +6,12 @@ from dataclasses import replace
 import torch
 
 from corrsteer_pl.calibration.stats import CorrelationStats
-from corrsteer_pl.cli import main
 from corrsteer_pl.evaluation.conditions import SplitResult
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.tiny import random_sae
 from corrsteer_pl.selection import variants
 from corrsteer_pl.selection.options import SelectionOptions
-from corrsteer_pl.selection.search import search_draws
+from corrsteer_pl.selection.search import random_families
 from corrsteer_pl.selection.select import TrialKey, select
 from corrsteer_pl.selection.variants import select_features, validated_layers, validation_trials
 from corrsteer_pl.steering.vectors import decoder_vector
@@ -109,7 +109,7 @@ def test_test_stage_compares_a_p_steering_with_its_search_matched_draws(tmp_path
 
 
 def test_p_and_its_search_matched_draws_are_answered_in_one_validation_pass(tmp_path, monkeypatch):
-    from corrsteer_pl.module import CorrSteerModule
+    from corrsteer_pl.lightning.module import CorrSteerModule
 
     passes = []
     evaluate_split = CorrSteerModule.evaluate_split
@@ -134,7 +134,7 @@ def test_a_draw_has_as_many_trials_per_layer_as_ps_family_and_the_same_holm_corr
     family = {0: ranked[0][:2], 1: []}  # as if layer 0 had two eligible candidates and layer 1 none
     unsteered = [0.0] * 20 + [1.0] * 20
     lucky = [1.0] * 5 + [0.0] * 15 + [1.0] * 20  # 5 better, 0 worse: p = 1/32 alone, 2/32 after Holm over 2
-    for draw in search_draws(family, stats, saes, draws=3):
+    for draw in random_families(family, stats, saes, draws=3):
         assert len(draw[0]) == 2 and draw[1] == []
         results = {"unsteered": _result(unsteered)} | {name: _result(lucky) for name in validation_trials(draw)}
         kept, figures = validated_layers(draw, results, 0.05)

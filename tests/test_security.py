@@ -19,8 +19,8 @@ import torch
 from corrsteer_pl import finetune
 from corrsteer_pl.calibration.answer_cache import AnswerCache
 from corrsteer_pl.calibration.stats import load_layer_stats
-from corrsteer_pl.cli import main
 from corrsteer_pl.finetune import SETTINGS_FORMAT, load_finetuned
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.sae import load_sae
 from corrsteer_pl.models.sources import load_pretrained
 from corrsteer_pl.models.tiny import random_sae
@@ -244,4 +244,4 @@ def test_no_source_file_unpickles():
     ]  # fmt: skip (saving full state is fine)
     assert not found, f"unpickling calls: {found}"
     loads = [p for p in sources if re.search(r"torch\.load\(", p.read_text())]
-    assert {p.relative_to(ROOT).as_posix() for p in loads} <= {"corrsteer_pl/safe_load.py"}
+    assert {p.relative_to(ROOT).as_posix() for p in loads} <= {"corrsteer_pl/files/safe_load.py"}

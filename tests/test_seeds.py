@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from corrsteer_pl import seeds
+from corrsteer_pl.lightning import seeds
 
 pytestmark = pytest.mark.slow  # two seeds of fit + test: scheduled first (conftest.py)
 

@@ -4,7 +4,7 @@ import torch
 
 from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.evaluation.conditions import SplitResult
-from corrsteer_pl.evaluation.validation import scale_features
+from corrsteer_pl.selection.validation import scale_features
 from corrsteer_pl.selection.variants import select_features
 
 

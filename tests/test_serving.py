@@ -11,8 +11,8 @@ import transformers.modeling_utils
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM
 
-from corrsteer_pl.export import main, write_formats
 from corrsteer_pl.models.tiny import tiny_model, tiny_tokenizer
+from corrsteer_pl.steering.formats import main, write_formats
 from corrsteer_pl.steering.serving import CONTROL_VECTOR_FILE, MERGED_DIR, write_control_vector, write_merged
 from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
 
@@ -178,7 +178,7 @@ def _cli_error(argv: list[str]) -> str:
     with contextlib.redirect_stderr(err):
         assert main(argv) == 2
     text = err.getvalue()
-    line = text[text.index("corrsteer_pl.export: error:") :]
+    line = text[text.index("corrsteer_pl.steering.formats: error:") :]
     assert line.count("\n") == 1 and "Traceback" not in text
     return line
 
@@ -238,7 +238,7 @@ def test_failed_merged_write_leaves_the_old_folder_intact(saved_llama, tmp_path)
 
 def test_fit_writes_the_requested_serving_formats_and_warns_for_one_it_cannot(tmp_path):
     """--export.formats: merged/ lands in the export; gguf cannot hold layer 0, so fit warns and goes on."""
-    from corrsteer_pl.cli import main as cli
+    from corrsteer_pl.lightning.cli import main as cli
 
     args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false"]
     args += ["--trainer.default_root_dir", str(tmp_path), "--export.formats", "[gguf, merged]"]

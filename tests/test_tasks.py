@@ -6,7 +6,7 @@ import json
 import datasets
 import pytest
 
-from corrsteer_pl.data import TaskDataModule
+from corrsteer_pl.lightning.data import TaskDataModule
 from corrsteer_pl.tasks import SPLITS, TASKS, Example, get_task
 from corrsteer_pl.tasks.choice import build_prompt, extract_choice
 from corrsteer_pl.tasks.mmlu import MMLU

@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 
-from corrsteer_pl.data import TaskDataModule
+from corrsteer_pl.lightning.data import TaskDataModule
 from corrsteer_pl.tasks import SPLITS, Example, get_task
 from corrsteer_pl.tasks.gsm8k import GSM8K
+from corrsteer_pl.tasks.rows import Row
 from corrsteer_pl.tasks.splitting import drop_duplicate_prompts
-from corrsteer_pl.tasks.tables import Row
 
 
 def write_jsonl(path, rows):

@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from corrsteer_pl.tasks import Example, get_task
-from corrsteer_pl.tasks.judges import AnswerJudge, RefusalJudge, phrase_refusal
+from corrsteer_pl.tasks.classifiers import AnswerJudge, RefusalJudge, phrase_refusal
 from corrsteer_pl.tasks.scoring import contains_answer, exact_match, extract_number, normalize_answer
 
 # --- numbers (GSM8K) -----------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_refusal_phrases_let_answers_through(text):
 
 def test_unloadable_refusal_model_falls_back_to_phrases_and_says_so_once(tmp_path, caplog):
     judge = RefusalJudge(str(tmp_path / "no-such-model"))
-    with caplog.at_level(logging.WARNING, logger="corrsteer_pl.tasks.judges"):
+    with caplog.at_level(logging.WARNING, logger="corrsteer_pl.tasks.classifiers"):
         assert judge.name == "refusal-phrases"
         assert judge.refused("I'm sorry, I cannot help with that.")
         assert not judge.refused("Here you go.")

@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from corrsteer_pl.atomic import atomic_file  # noqa: E402
+from corrsteer_pl.files.atomic import atomic_file  # noqa: E402
 from corrsteer_pl.models.gguf import convert_smollm2, smollm2_gguf  # noqa: E402
 from corrsteer_pl.models.hooks import LayerHooks  # noqa: E402
 from corrsteer_pl.models.sources import cache_dir  # noqa: E402

@@ -15,8 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from corrsteer_pl.atomic import atomic_file  # noqa: E402
 from corrsteer_pl.calibration.stats import CorrelationStats  # noqa: E402
+from corrsteer_pl.files.atomic import atomic_file  # noqa: E402
 
 PNG_METADATA = {"Software": None}  # no matplotlib version or date: deterministic files
 KIND_LABELS = {
@@ -71,7 +71,7 @@ def scale_grid_figure(grid: dict[str, dict[str, float]], chosen: float | None) -
     return fig
 
 
-def r_figure(stats: dict[int, CorrelationStats], selection: dict[str, Any]) -> Figure:
+def r_by_layer_figure(stats: dict[int, CorrelationStats], selection: dict[str, Any]) -> Figure:
     """(c) Per layer, the distribution of r over features that fired, the candidates and the chosen feature marked."""
     layers = sorted(stats)
     fig, axes = plt.subplots(len(layers) or 1, 1, figsize=(6.4, 1.0 + 1.4 * max(len(layers), 1)), dpi=100,
@@ -109,5 +109,5 @@ def report_figures(report: Any, stats: dict[int, CorrelationStats]) -> dict[str,
     if grid:
         figures["scale_grid"] = scale_grid_figure(grid, report.steering.get("scale"))
     if stats:
-        figures["r_by_layer"] = r_figure(stats, report.selection)
+        figures["r_by_layer"] = r_by_layer_figure(stats, report.selection)
     return figures

@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from corrsteer_pl.data import check_prompt_lengths
 from corrsteer_pl.evaluation.conditions import Conditions
 from corrsteer_pl.evaluation.controls import Scorer
 from corrsteer_pl.evaluation.judge import Judged
+from corrsteer_pl.lightning.data import check_prompt_lengths
 from corrsteer_pl.steering.vectors import SteeringVectors
 from corrsteer_pl.tasks.base import Example, Task, default_instructions, instructed
 

@@ -11,10 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from corrsteer_pl.atomic import atomic_file
 from corrsteer_pl.evaluation.choice_report import ChoiceReport
 from corrsteer_pl.evaluation.control_summary import ControlSummary, control_rank
 from corrsteer_pl.evaluation.paired import ConditionResult, PairedAccuracy
+from corrsteer_pl.files.atomic import atomic_file
 
 
 @dataclass

@@ -24,7 +24,7 @@ def selection_table(selection: Selection) -> str:
     return "\n".join(rows)
 
 
-def r_figure(layer: int, stats: CorrelationStats, selection: Selection):
+def r_distribution_figure(layer: int, stats: CorrelationStats, selection: Selection):
     """Sorted r of every feature of one layer, selected features marked."""
     import matplotlib
 
@@ -56,7 +56,7 @@ def log_selection(
     writer, step = logger.experiment, trainer.global_step
     for layer, layer_stats in stats.items():
         writer.add_histogram(f"r/layer_{layer}", layer_stats.pearson().float().cpu(), step)
-        writer.add_figure(f"r_distribution/layer_{layer}", r_figure(layer, layer_stats, selection), step)
+        writer.add_figure(f"r_distribution/layer_{layer}", r_distribution_figure(layer, layer_stats, selection), step)
     writer.add_text("selection", selection_table(selection), step)
     if record is not None:
         writer.add_text("selection_candidates", candidates_table(record), step)

@@ -30,7 +30,7 @@ def firing_features(stats: CorrelationStats, excluded: list[SelectedFeature]) ->
     return pool
 
 
-def search_draws(
+def random_families(
     family: Mapping[int, list[SelectedFeature]],
     stats: Mapping[int, CorrelationStats],
     saes: Mapping[int, object],

@@ -19,7 +19,7 @@ from corrsteer_pl.calibration.stats import CorrelationStats
 from corrsteer_pl.selection.diagnosis import budget_warning, selection_warnings
 from corrsteer_pl.selection.evidence import annotate, significance_warning
 from corrsteer_pl.selection.options import SelectionOptions
-from corrsteer_pl.selection.search import search_draws
+from corrsteer_pl.selection.search import random_families
 from corrsteer_pl.selection.variants import (
     Plan,
     SelectedFeature,
@@ -117,7 +117,7 @@ def _draws(
     """P's search-matched draws (none for S and A, for a P without trials, or without a validator's SAEs)."""
     if options.variant != "P" or not options.search_draws or not any(p.family.values()) or validator is None:
         return []
-    return search_draws(p.family, stats, validator.saes, options.search_draws)
+    return random_families(p.family, stats, validator.saes, options.search_draws)
 
 
 def _run_trials(

@@ -97,7 +97,7 @@ def rank_layer(
     """The top-k features of one layer by `ranking`, best first, among those with r > 0 (negative r never steers).
 
     The coefficient is the mean activation over correct samples (the mean difference for caa); the run's scale
-    multiplies it later, in one place (`corrsteer_pl.evaluation.validation.scale_features`).
+    multiplies it later, in one place (`corrsteer_pl.selection.validation.scale_features`).
     """
     scores = score(stats, ranking)
     k = min(top_k, int((scores > -torch.inf).sum()))

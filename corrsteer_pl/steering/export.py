@@ -3,7 +3,8 @@ written whole or not at all (`--export.*` on the command line)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,37 @@ from torch import nn
 
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, save_layer_stats
 from corrsteer_pl.errors import OptionError
-from corrsteer_pl.export import FORMATS, export_folder, write_formats
-from corrsteer_pl.selection.evidence import write_selection
-from corrsteer_pl.steering.vectors import SteeringVectors
+from corrsteer_pl.files.atomic import Owned, atomic_folder, owned_names, write_errors
+from corrsteer_pl.selection.evidence import SELECTION_FILE, write_selection
+from corrsteer_pl.steering.formats import FORMATS, write_formats
+from corrsteer_pl.steering.owned import SAVED_MODEL
+from corrsteer_pl.steering.serving import CONTROL_VECTOR_FILE, MERGED_DIR
+from corrsteer_pl.steering.vectors import LM_EVAL_FILE, META_FILE, MODEL_DIR, VECTORS_FILE, SteeringVectors
 
 SEARCH_CONTROLS_DIR = "search_controls"
 """Export subfolder with one steering per search-matched control draw (`0/`, `1/`, ...; an empty one steers nothing)."""
+
+
+def export_names() -> dict[str, tuple[str, ...] | None]:
+    """{name: None (owned whole) or the names owned inside}: every name an export writes into its folder
+    (`write_export`, `SteeringVectors.save`, `corrsteer-export`). A re-export replaces or removes these and keeps
+    everything else: `train.py test` writes report.md / report.json and figures beside the export, and a user may
+    keep notes there."""
+    whole = dict.fromkeys((META_FILE, VECTORS_FILE, LM_EVAL_FILE, STATS_FILE, SELECTION_FILE, CONTROL_VECTOR_FILE))
+    return whole | {SEARCH_CONTROLS_DIR: None, MERGED_DIR: SAVED_MODEL, MODEL_DIR: SAVED_MODEL}
+
+
+owned_by_export: Owned = owned_names(export_names())
+"""Whether a path inside an export folder is the export's own (`export_names`)."""
+
+
+@contextmanager
+def export_folder(folder: str | Path, note: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """`atomic_folder` for an export: replaces the export's own files, keeps the rest (a report written by `test`,
+    a user's notes), and says in one line to `note` what it kept. A failed write (a full disk) is one OSError line
+    naming the folder."""
+    with write_errors(folder), atomic_folder(folder, owned=owned_by_export, note=note) as tmp:
+        yield tmp
 
 
 @dataclass(frozen=True)

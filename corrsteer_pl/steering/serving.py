@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from corrsteer_pl.atomic import atomic_file, atomic_folder, write_errors
+from corrsteer_pl.files.atomic import atomic_file, atomic_folder, write_errors
 from corrsteer_pl.models.layers import decoder_layers, decoder_layers_path
 from corrsteer_pl.steering.owned import owned_by_saved_model
 from corrsteer_pl.steering.vectors import SteeringVectors

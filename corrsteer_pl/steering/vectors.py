@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from corrsteer_pl.atomic import atomic_file, atomic_folder
+from corrsteer_pl.files.atomic import atomic_file, atomic_folder
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks, PositionPolicy
 from corrsteer_pl.models.layers import decoder_layers, hidden_size, lm_eval_hookpoint
 from corrsteer_pl.selection.variants import SelectedFeature, Selection

@@ -8,8 +8,8 @@ from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example
 from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, gold_letter, option_letters
+from corrsteer_pl.tasks.rows import Package, Row, read_hub_parquet
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Package, Row, read_hub_parquet
 
 HUB_ID = "heegyu/bbq"
 HUB_REVISION = "refs/convert/parquet"

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from corrsteer_pl.tasks.base import CHOICE_INSTRUCTIONS, Example, Task
-from corrsteer_pl.tasks.tables import Row, field_text
+from corrsteer_pl.tasks.rows import Row, field_text
 
 # A letter that opens the generation and stands alone: wrapped in markup ("(C)", "**D**"), followed by
 # punctuation ("B.", "B)"), or followed by the end of the text or of the line. "A cat" does not match.

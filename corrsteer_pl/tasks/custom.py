@@ -8,7 +8,8 @@ from typing import ClassVar, Literal
 
 from corrsteer_pl.tasks.base import Example
 from corrsteer_pl.tasks.choice import build_prompt, extract_choice, gold_letter, option_letters, option_texts
-from corrsteer_pl.tasks.judges import REFUSAL_MODEL, refusal_judge
+from corrsteer_pl.tasks.classifiers import REFUSAL_MODEL, refusal_judge
+from corrsteer_pl.tasks.rows import Row, field_text
 from corrsteer_pl.tasks.scoring import (
     REFUSE,
     contains_answer,
@@ -18,7 +19,6 @@ from corrsteer_pl.tasks.scoring import (
     same_number,
 )
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Row, field_text
 
 Scorer = Literal["exact", "choice", "number", "refusal", "contains"]
 RULE_NAMES: dict[str, str] = {

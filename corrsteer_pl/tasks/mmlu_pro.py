@@ -7,8 +7,8 @@ from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example
 from corrsteer_pl.tasks.choice import ChoiceTask, build_prompt, gold_letter, option_letters, option_texts
+from corrsteer_pl.tasks.rows import Row, read_hub
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Row, read_hub
 
 HUB_ID = "rbiswasfc/MMLU-Pro"
 """The authors' choice: TIGER-Lab/MMLU-Pro's 10-option questions, split by category into train 7847 / test 2135."""

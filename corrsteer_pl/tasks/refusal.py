@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example, Task
-from corrsteer_pl.tasks.judges import refusal_judge
+from corrsteer_pl.tasks.classifiers import refusal_judge
 from corrsteer_pl.tasks.scoring import refusal_score
 
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import Example
-from corrsteer_pl.tasks.judges import STS_MODEL, answer_judge
+from corrsteer_pl.tasks.classifiers import STS_MODEL, answer_judge
+from corrsteer_pl.tasks.rows import Row, read_hub
 from corrsteer_pl.tasks.table_task import TableTask
-from corrsteer_pl.tasks.tables import Row, read_hub
 
 HUB_ID = "basicv8vc/SimpleQA"
 PROMPT = "Q: {question}\nA:"

@@ -8,6 +8,7 @@ from functools import cached_property
 from typing import ClassVar
 
 from corrsteer_pl.tasks.base import SPLITS, Example, Split, Task, check_split
+from corrsteer_pl.tasks.rows import Package, Row, read_file, resolve_source
 from corrsteer_pl.tasks.splitting import (
     TEST_SHARE,
     VALIDATION_SHARE,
@@ -16,7 +17,6 @@ from corrsteer_pl.tasks.splitting import (
     seeded_order,
     validation_from_train,
 )
-from corrsteer_pl.tasks.tables import Package, Row, read_file, resolve_source
 
 
 @dataclass(frozen=True)

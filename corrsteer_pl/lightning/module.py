@@ -14,8 +14,10 @@ from torch import Tensor, nn
 from corrsteer_pl.calibration.answer_cache import AnswerCache
 from corrsteer_pl.calibration.calibration import calibration_batch
 from corrsteer_pl.calibration.options import CalibrationOptions
-from corrsteer_pl.calibration.sae_training import SAETrainingConfig, announce_trained_saes, trained_saes
-from corrsteer_pl.evaluation.compare_pass import (
+from corrsteer_pl.evaluation.columns import ConditionScores
+from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, evaluate_batches, judge_conditions
+from corrsteer_pl.evaluation.controls import ConditionSet
+from corrsteer_pl.evaluation.export_pass import (
     build_report,
     export_conditions,
     load_export,
@@ -23,14 +25,12 @@ from corrsteer_pl.evaluation.compare_pass import (
     save_report,
     score_columns,
 )
-from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, evaluate_batches, judge_conditions
-from corrsteer_pl.evaluation.controls import ConditionSet
 from corrsteer_pl.evaluation.judge import Judged, judge
-from corrsteer_pl.evaluation.scores import ConditionScores
-from corrsteer_pl.evaluation.validation import Validator
+from corrsteer_pl.lightning.recovery import IDENTITY_KEY, check_same_calibration, run_identity
 from corrsteer_pl.models.loading import SAESpec, check_module_options, load_frozen_lm, load_sae_set
+from corrsteer_pl.models.sae_training import SAETrainingConfig, announce_trained_saes, trained_saes
 from corrsteer_pl.models.sources import TINY_RANDOM
-from corrsteer_pl.recovery import IDENTITY_KEY, check_same_calibration, run_identity
+from corrsteer_pl.selection.validation import Validator
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 # Calibration runs in Lightning's training loop (for mid-epoch checkpoints and resume), but the

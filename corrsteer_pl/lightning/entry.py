@@ -16,6 +16,20 @@ from lightning.pytorch.cli import LightningCLI
 from corrsteer_pl.errors import OptionError
 
 SUBCOMMANDS = ("fit", "validate", "test")
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+"""The presets of the source checkout (`configs/`): the offline default job, tiny, the paper's presets."""
+
+
+def shipped_config(name: str) -> Path:
+    """`configs/<name>` of the checkout this package runs from; one line saying where it is when installed without
+    one (a wheel carries the code, not the presets)."""
+    path = CONFIGS / name
+    if not path.is_file():
+        sys.exit(
+            f"error: configs/{name} ships with the corrsteer-pl source checkout, and this installation "
+            f"({CONFIGS.parent}) has none: run from a clone of the repository, or pass --config <your file>"
+        )
+    return path
 
 
 def run_cli(
@@ -37,7 +51,7 @@ def run_cli(
     _refuse_moved(given[start:], moved or {})
     has_config = any(a in ("--config", "-c") or a.startswith("--config=") for a in given[start:])
     if len(given) == start + 1 and given[start] in SUBCOMMANDS:
-        given[start + 1 : start + 1] = ["--config", str(default_config)]
+        given[start + 1 : start + 1] = ["--config", str(shipped_config(default_config.name))]
     elif len(given) > start + 1 and given[start] in SUBCOMMANDS and not has_config and "--help" not in given:
         print(
             f"note: no --config: the classes' defaults and your flags (the offline default job is --config "

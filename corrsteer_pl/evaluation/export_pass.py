@@ -14,10 +14,10 @@ from torch import Tensor, nn
 
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, load_layer_stats
 from corrsteer_pl.evaluation.choice_report import ChoiceReport, choice_scalars
-from corrsteer_pl.evaluation.comparison import method_rows
 from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
 from corrsteer_pl.evaluation.judge import Judged
 from corrsteer_pl.evaluation.markdown import report_markdown
+from corrsteer_pl.evaluation.methods import method_rows
 from corrsteer_pl.evaluation.plots import report_figures, save_figure
 from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.selection.diagnosis import nothing_steered

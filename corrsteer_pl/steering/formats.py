@@ -1,4 +1,4 @@
-"""Serving exports of a saved steering: `python -m corrsteer_pl.export <export dir> --to gguf merged`.
+"""Serving exports of a saved steering: `python -m corrsteer_pl.steering.formats <export dir> --to gguf merged`.
 
 Writes `<export dir>/steering.gguf` (llama.cpp control vector) and `<export dir>/merged/` (an HF folder with
 the steering folded into MLP biases), each atomically. Both steer every position, the prompt included.
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from corrsteer_pl.atomic import atomic_folder, write_errors
-from corrsteer_pl.steering.owned import owned_by_export
 from corrsteer_pl.steering.serving import (
     CONTROL_VECTOR_FILE,
     MERGED_DIR,
@@ -39,15 +36,6 @@ from corrsteer_pl.steering.vectors import (
 FORMATS = ("gguf", "merged")
 """What `--to` (and the fit option) accepts: gguf = steering.gguf, merged = merged/."""
 MODEL_FLAG = "--model"
-
-
-@contextmanager
-def export_folder(folder: str | Path, note: Callable[[str], None] | None = None) -> Iterator[Path]:
-    """`atomic_folder` for an export: replaces the export's own files (steering/owned.py), keeps the rest (a report
-    written by `test`, a user's notes), and says in one line to `note` what it kept. A failed write (a full disk)
-    is one OSError line naming the folder."""
-    with write_errors(folder), atomic_folder(folder, owned=owned_by_export, note=note) as tmp:
-        yield tmp
 
 
 def write_formats(
@@ -97,7 +85,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m corrsteer_pl.export", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m corrsteer_pl.steering.formats", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="an export written by SteeringVectors.save (steering.json ...)")
     parser.add_argument(
         "--to", nargs="+", choices=FORMATS, required=True, help="gguf: steering.gguf; merged: merged/ HF folder"
@@ -164,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say = lambda line: print(line, file=sys.stderr)  # noqa: E731
         written = run(args.folder, list(dict.fromkeys(args.to)), args.model_hint, args.model, note=say)
     except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"corrsteer_pl.export: error: {_one_line(err)}", file=sys.stderr)
+        print(f"corrsteer_pl.steering.formats: error: {_one_line(err)}", file=sys.stderr)
         return 2
     steering_positions = _read_metadata(args.folder)["positions"]
     for fmt, path in written.items():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -10,14 +9,14 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCallback
 from corrsteer_pl.calibration.options import CalibrationOptions
-from corrsteer_pl.data import TaskDataModule
-from corrsteer_pl.entry import run_cli
-from corrsteer_pl.module import CorrSteerModule
-from corrsteer_pl.recovery import IDENTITY_KEY
-from corrsteer_pl.safe_load import check_ckpt_path, with_safe_checkpoint_io
+from corrsteer_pl.files.safe_load import check_ckpt_path, with_safe_checkpoint_io
+from corrsteer_pl.lightning.data import TaskDataModule
+from corrsteer_pl.lightning.entry import CONFIGS, run_cli
+from corrsteer_pl.lightning.module import CorrSteerModule
+from corrsteer_pl.lightning.recovery import IDENTITY_KEY
+from corrsteer_pl.lightning.strategy import register
 from corrsteer_pl.selection.options import SelectionOptions
 from corrsteer_pl.steering.export import ExportOptions
-from corrsteer_pl.strategy import register
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # one pass over the calibration split
@@ -27,7 +26,7 @@ TRAINER_DEFAULTS = {
 }
 
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+DEFAULT_CONFIG = CONFIGS / "default.yaml"
 OPTION_GROUPS = {CalibrationOptions: "calibration", SelectionOptions: "selection", ExportOptions: "export"}
 """Each option group's flag prefix: `--selection.top_k` is `SelectionOptions.top_k`."""
 FLAGS = {
@@ -113,3 +112,12 @@ def main(args: list[str] | None = None) -> CorrSteerCLI | None:
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )
+
+
+def command() -> None:
+    """The `corrsteer` console script: `corrsteer fit --config <file>`, as `python train.py fit ...`."""
+    main()
+
+
+if __name__ == "__main__":
+    command()

@@ -1,6 +1,6 @@
 """Selection and test repeated over seeds, reported as the paper reports them: mean ± sd and every seed's row.
 
-    python -m corrsteer_pl.seeds --seeds 0 1 2 [--root runs/seeds] [-- <train.py fit options>]
+    corrsteer-seeds --seeds 0 1 2 [--root runs/seeds] [-- <train.py fit options>]
 
 Each seed s runs `train.py fit --test_after_fit true` with `--seed_everything s --data.seed s` (the data split)
 and, where SAEs are trained here, `--model.train_saes.seed s`, into `<root>/seed_<s>`. What does not depend on
@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corrsteer_pl.atomic import atomic_file
+from corrsteer_pl.files.atomic import atomic_file
+from corrsteer_pl.lightning.entry import shipped_config
 
-ROOT = Path(__file__).resolve().parents[1]
 WALL_FILE = "wall_time.json"
 """Seconds that a seed's fit + test took in this command (absent for a seed found finished)."""
 
@@ -35,7 +35,8 @@ def run_seed(seed: int, folder: Path, fit_args: list[str], trains_saes: bool) ->
         if trains_saes:
             args += ["--model.train_saes.seed", str(seed)]
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, str(ROOT / "train.py"), "fit", *fit_args, *args], cwd=ROOT)
+        command = [sys.executable, "-m", "corrsteer_pl.lightning.cli", "fit", *fit_args, *args]  # train.py's CLI
+        done = subprocess.run(command)
         if done.returncode != 0:
             raise SystemExit(f"error: seed {seed} failed (exit {done.returncode}); its log is above")
         with atomic_file(folder / WALL_FILE) as tmp:  # a resumed or partly cached run says less about a first run
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--root", default="runs/seeds", help="one folder per seed under this root")
     parser.add_argument("--no-sae-seed", action="store_true", help="the config trains no SAEs: do not seed them")
     args, fit_args = parser.parse_known_args(argv)
-    fit_args = [a for a in fit_args if a != "--"] or ["--config", str(ROOT / "configs" / "default.yaml")]
+    fit_args = [a for a in fit_args if a != "--"] or ["--config", str(shipped_config("default.yaml"))]
     root = Path(args.root)
     rows = []
     for seed in args.seeds:
@@ -116,5 +117,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-if __name__ == "__main__":
+def command() -> None:
+    """The `corrsteer-seeds` console script."""
     main()
+
+
+if __name__ == "__main__":
+    command()

@@ -1,0 +1,1 @@
+"""The Lightning glue behind `train.py`: the LightningModule, the DataModule, the CLI, resume identity, DDP."""
