@@ -83,3 +83,30 @@ PROMPTS = ["the quick brown fox", "A. red", "Answer: even odd apple river", "sev
 def batch(tokenizer):
     """Left-padded prompts of different lengths."""
     return tokenizer(PROMPTS, return_tensors="pt", padding=True)
+
+
+@pytest.fixture()
+def no_model_loads(monkeypatch):
+    """Fails the test if a causal LM or an SAE is loaded, by any path: the module's `load_frozen_lm`, the API's,
+    an export's or a fine-tuned model's `AutoModelForCausalLM.from_pretrained`, `load_sae`. Each call fails at
+    once (pytest.fail is not an Exception: no `except Exception` swallows it) and is counted again at teardown."""
+    from transformers import AutoModelForCausalLM
+
+    from corrsteer_pl import api, module
+    from corrsteer_pl.models import loading
+
+    loads = []
+
+    def refuse(what):
+        def load(*args, **kwargs):
+            loads.append((what, args[:1]))
+            pytest.fail(f"{what} was called with {args[:1]}: something loaded before the refusal")
+
+        return load
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse("AutoModelForCausalLM.from_pretrained"))
+    for owner in (module, loading, api):
+        monkeypatch.setattr(owner, "load_frozen_lm", refuse("load_frozen_lm"))
+    monkeypatch.setattr(loading, "load_sae", refuse("load_sae"))
+    yield
+    assert loads == [], f"loaded before the refusal: {loads}"

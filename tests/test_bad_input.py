@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 
 from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.lightning.data import TaskDataModule, check_prompt_lengths
-from corrsteer_pl.lightning.module import CorrSteerModule
 from corrsteer_pl.models.tiny import tiny_tokenizer
 from corrsteer_pl.steering.vectors import META_FILE, VECTORS_FILE, SteeringVectors, load_steered_model
 from corrsteer_pl.tasks import SPLITS, Example, get_task
@@ -40,8 +39,9 @@ def _exit_line(args: list[str], tmp_path) -> str:
         ("--data.limit_calibration", "0"),
     ],
 )
-def test_an_out_of_range_option_is_refused_naming_the_flag_before_any_model_loads(tmp_path, monkeypatch, flag, value):
-    monkeypatch.setattr(CorrSteerModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
+def test_an_out_of_range_option_is_refused_naming_the_flag_before_any_model_loads(
+    tmp_path, no_model_loads, flag, value
+):
     assert re.match(rf"error: {re.escape(flag)}:? must", _exit_line(["fit", flag, value], tmp_path))
 
 
@@ -53,8 +53,7 @@ def test_an_out_of_range_option_is_refused_naming_the_flag_before_any_model_load
         (["--data.task", "MMLU", "--data.task.fractions", "[0.5, 0.5, 0.5]"], "--data.task.fractions"),
     ],
 )
-def test_a_bad_task_option_is_refused_naming_its_flag_before_any_model_loads(tmp_path, monkeypatch, args, flag):
-    monkeypatch.setattr(CorrSteerModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
+def test_a_bad_task_option_is_refused_naming_its_flag_before_any_model_loads(tmp_path, no_model_loads, args, flag):
     line = _exit_line(["fit", *args], tmp_path)
     assert line.startswith("error: ") and flag in line and "\n" not in line
 
@@ -67,8 +66,9 @@ def test_a_bad_task_option_is_refused_naming_its_flag_before_any_model_loads(tmp
         ("--calibration.topk", "3", "unrecognized arguments: --calibration.topk"),
     ],
 )
-def test_a_value_the_parser_refuses_is_one_line_naming_the_flag_not_the_usage(tmp_path, monkeypatch, flag, value, says):
-    monkeypatch.setattr(CorrSteerModule, "configure_model", lambda self: pytest.fail("the model was loaded"))
+def test_a_value_the_parser_refuses_is_one_line_naming_the_flag_not_the_usage(
+    tmp_path, no_model_loads, flag, value, says
+):
     line = _exit_line(["fit", flag, value], tmp_path)
     assert line.startswith(f"error: {flag}") or "unrecognized" in line
     assert says in line and "\n" not in line and "usage:" not in line

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from corrsteer_pl.lightning.cli import DEFAULT_CONFIG, main
+from corrsteer_pl.lightning.module import CorrSteerModule
 from corrsteer_pl.steering.vectors import SteeringVectors, load_steered_model
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +23,7 @@ SMALL = [
     "--data.limit_test", "12",
     "--model.train_saes", json.dumps({"layers": [12], "d_sae": 512, "k": 16, "tokens": 4000}),
     "--model.controls", "1",
-    "--selection.scale_grid", "[1.0, 4.0]",
+    "--selection.scale_grid", "[4.0, 8.0]",  # at 1.0 (chosen from [1.0, 4.0]) no test answer changed; at 4.0, 2 of 12
     "--selection.variant", "A",  # the default P may keep no layer on 8 validation items
     "--selection.require_significance", "false",  # 48 calibration items make no feature significant
 ]  # fmt: skip
@@ -30,7 +31,11 @@ SMALL = [
 
 def test_default_job_on_the_real_offline_model_exports_steering_that_changes_answers(tmp_path, monkeypatch, capsys):
     pytest.importorskip("gguf")
+    answers = _record_test_answers(monkeypatch)
     main(["fit", "--config", str(DEFAULT_CONFIG), "--trainer.default_root_dir", str(tmp_path), *SMALL])
+    assert len(answers["unsteered"]) == len(answers["steered"]) == 12, "test_after_fit answered the 12 test items"
+    pairs = list(zip(answers["unsteered"], answers["steered"], strict=True))
+    assert any(plain != steered for plain, steered in pairs), f"the exported steering changed no judged answer: {pairs}"
     export = tmp_path / "steered"
     steering = SteeringVectors.load(export)
     assert steering.info["samples_seen"] == 48 and steering.info["task"] == "mmlu"
@@ -48,13 +53,30 @@ def test_default_job_on_the_real_offline_model_exports_steering_that_changes_ans
         steered = model(**prompts).logits[0, -1]
         model.corrsteer_hooks.detach()
         unsteered = model(**prompts).logits[0, -1]
-    assert not torch.allclose(steered, unsteered), "the exported steering changes the model's next-token logits"
+    assert not torch.allclose(steered, unsteered), "load_steered_model attaches the steering (its logits move)"
 
     study = _load_selection_study(monkeypatch)
     study.main(["--run", str(tmp_path), "--items", "8", "--draws", "1"])
     table = capsys.readouterr().out
     assert "| condition (8 validation items) |" in table and "| A x1 |" in table
     assert "| layer 12 #" in table, "each layer's top feature is scored alone"
+
+
+def _record_test_answers(monkeypatch) -> dict[str, list[str | None]]:
+    """The judged answers of the unsteered and the steered (exported) model on each test item, as test answers
+    them (test_after_fit: the steering is read back from the export)."""
+    answers = {"unsteered": [], "steered": []}
+    score = CorrSteerModule.score_conditions
+
+    def recording(self, batch, conditions, prompt_caches=None):
+        judged = score(self, batch, conditions, prompt_caches)
+        if self.trainer.testing:
+            for name, rows in answers.items():
+                rows.extend(judged[name].answers)
+        return judged
+
+    monkeypatch.setattr(CorrSteerModule, "score_conditions", recording)
+    return answers
 
 
 def _load_selection_study(monkeypatch):

@@ -3,12 +3,14 @@
 import glob
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from corrsteer_pl.evaluation import conditions as evaluation
+from corrsteer_pl.lightning import module
 from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.tiny import random_sae
 from corrsteer_pl.selection import variants
@@ -59,24 +61,58 @@ def test_calibration_checkpoint_leaves_out_model_and_sae_weights(fitted):
     assert any("CorrelationCallback" in key for key in state["callbacks"])
 
 
-def test_test_compares_unsteered_and_steered_with_side_effect_ratio(fitted):
+def test_test_compares_unsteered_and_steered_with_side_effect_ratio(fitted, monkeypatch):
+    built = []  # build_report's arguments: the (N, C) per-item scores and the conditions that name the columns
+    build = module.build_report
+    monkeypatch.setattr(module, "build_report", lambda *a, **k: built.append(a) or build(*a, **k))
     cli = main(["test", *TINY, "--trainer.default_root_dir", str(fitted)])
-    metrics = cli.trainer.callback_metrics
-    for name in ("accuracy_unsteered", "accuracy_steered", "better", "worse", "ser", "samples"):
-        assert f"test/{name}" in metrics
+    metrics = {name: float(value) for name, value in cli.trainer.callback_metrics.items()}
+    ((conditions, scores, *_),) = built
+    column = conditions.columns(scores)[0]
+    unsteered, steered = (column[name].double().numpy() for name in ("unsteered", "steered"))
     n = len(cli.datamodule.examples("test"))
-    assert metrics["test/samples"] == n
-    changed = metrics["test/better"] + metrics["test/worse"]
-    assert metrics["test/accuracy_steered"] - metrics["test/accuracy_unsteered"] == pytest.approx(
-        float((metrics["test/better"] - metrics["test/worse"]) / n)
-    )
-    if changed > 0:
-        assert metrics["test/ser"] == pytest.approx(float(metrics["test/worse"] / changed))
+    better, worse = int((steered > unsteered).sum()), int((steered < unsteered).sum())
+    assert better + worse > 0, "the fixture must change answers, or the SER below is not checked"
+    oracle = {
+        "samples": n,
+        "accuracy_unsteered": unsteered.mean(),
+        "accuracy_steered": steered.mean(),
+        "better": better,
+        "worse": worse,
+        "ser": worse / (better + worse),
+    }
+    assert {name: metrics[f"test/{name}"] for name in oracle} == pytest.approx(oracle, abs=1e-6)
     report = json.loads((fitted / "steered" / "report.json").read_text())
-    assert report["samples"] == n and report["ci_low"] <= report["difference"] <= report["ci_high"]
+    assert {name: report[name] for name in oracle} == pytest.approx(oracle, abs=1e-12)
+    assert report["difference"] == pytest.approx((steered - unsteered).mean(), abs=1e-12)
+    low, high = _bootstrap_ci_oracle(steered - unsteered)
+    assert (report["ci_low"], report["ci_high"]) == pytest.approx((low, high), abs=1e-12)
     assert report["features"] and (fitted / "steered" / "report.md").exists()
     logged = _events(fitted, version=1).Tags()["scalars"]
     assert {"test/accuracy_unsteered", "test/accuracy_steered", "test/ser"} <= set(logged)
+
+
+def test_test_ends_with_the_verdict_and_the_report_path_not_a_metric_table(fitted, capsys):
+    main(["test", *TINY, "--trainer.default_root_dir", str(fitted)])
+    out = capsys.readouterr().out
+    *_, compared, verdict, where = out.strip().splitlines()
+    report = fitted / "steered" / "report.md"
+    assert where == f"Report: {report} (report.json and the figures beside it)"
+    assert verdict == report.read_text().splitlines()[2].replace("**", ""), "the report's own verdict"
+    assert verdict.startswith("Verdict: ") and compared.startswith("synthetic, test split, ")
+    assert "Test metric" not in out and "DataLoader 0" not in out, "Lightning's metric table is off by default"
+
+
+def _bootstrap_ci_oracle(diff: np.ndarray, resamples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """The paired bootstrap 95% CI computed in numpy float64 from the report's own resamples of items (torch's
+    generator, seeded as the report seeds it, in chunks of 1000): what the report should say for this column."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.cat(
+        [torch.randint(len(diff), (1000, len(diff)), generator=generator) for _ in range(resamples // 1000)]
+    )
+    means = diff[index.numpy()].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
 
 
 def test_variant_p_records_validation_scores_per_candidate(tmp_path):
@@ -126,7 +162,7 @@ def test_unknown_task_is_one_line_naming_the_flag(tmp_path, capsys):
     assert "unknown task 'nope'" in message and "--data.task" in message and "\n" not in message
 
 
-def test_unknown_config_key_is_refused_before_anything_runs(tmp_path, capsys):
+def test_unknown_config_key_is_refused_before_anything_runs(tmp_path, capsys, no_model_loads):
     message = _error(["fit", *TINY, "--model.learning_rate", "3"], capsys)
     assert "learning_rate" in message
 
@@ -142,9 +178,16 @@ def test_an_sae_that_does_not_fit_the_model_is_named(tmp_path, capsys, d_in, lay
     assert expected in message and str(tmp_path / "sae") in message and "\n" not in message
 
 
-def test_mmlu_from_the_offline_package_runs_through_fit_and_test(tmp_path):
+def test_mmlu_from_the_offline_package_runs_through_fit_and_test(tmp_path, capsys):
     args = [*TINY, "--trainer.default_root_dir", str(tmp_path), "--data.task", "mmlu"]
-    main(["fit", *args, "--data.limit_calibration", "24"])
+    main(["fit", *args, "--data.limit_calibration", "24", "--data.limit_test", "8", "--test_after_fit", "true"])
+    *_, verdict, reading, where = capsys.readouterr().out.strip().splitlines()
+    report = (tmp_path / "steered" / "report.md").read_text()
+    assert verdict.startswith("nothing was steered: every calibration answer was wrong (0 of 24 correct)")
+    assert verdict.removesuffix(": steered equals unsteered") in report.replace("**", ""), "the report's own words"
+    assert reading.startswith("Reading: ")
+    assert f"**Reading:** {reading.removeprefix('Reading: ')}" in report, "the report's reading (format or knowledge)"
+    assert where.startswith(f"Report: {tmp_path / 'steered' / 'report.md'} ")
     cli = main(["test", *args, "--data.limit_test", "8"])
     assert SteeringVectors.load(tmp_path / "steered").info["task"] == "mmlu"
     assert cli.trainer.callback_metrics["test/samples"] == 8

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from corrsteer_pl.calibration.capture import generate_answers
+from corrsteer_pl.evaluation import conditions as answering
 from corrsteer_pl.evaluation.conditions import answered
 from corrsteer_pl.evaluation.judge import judge
 from corrsteer_pl.evaluation.prompting import PromptRows, check_prompts, resolve_prompts
@@ -160,8 +161,11 @@ def test_a_bad_prompts_option_is_one_line_naming_the_flag(tmp_path, value, says)
     assert line.startswith("error: --comparison.prompts") and says in line and "\n" not in line
 
 
-def test_an_instruction_that_makes_a_test_prompt_too_long_is_one_line_before_anything_is_answered(prompted):
+def test_an_instruction_that_makes_a_test_prompt_too_long_is_one_line_before_anything_is_answered(
+    prompted, monkeypatch
+):
     root, _ = prompted
+    monkeypatch.setattr(answering, "generate_answers", lambda *a, **k: pytest.fail("a test prompt was answered"))
     report = root / "steered" / "report.json"
     before = report.read_text()
     long = "word " * 20  # 80 tokens of the tiny tokenizer: the plain test prompts (at most 20) fit in 64, not with it

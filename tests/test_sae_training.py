@@ -1,11 +1,16 @@
+import functools
 import json
+import re
 
 import pytest
 import torch
 from sae_lens import SAE, TopKSAE
+from sae_lens.training import sae_trainer
+from tqdm.auto import tqdm
 
 from corrsteer_pl.calibration import sae_training
 from corrsteer_pl.calibration.answer_cache import AnswerCache, letter_ids
+from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.sae_training import (
     METRICS_FILE,
     SAETrainingConfig,
@@ -159,3 +164,23 @@ def test_user_errors_name_the_fix(llama, tokenizer, tmp_path):
 def test_config_errors_name_the_flag(options, flag):
     with pytest.raises(ValueError, match=rf"^--model\.train_saes\.{flag} "):
         SAETrainingConfig(**options)
+
+
+def test_fit_that_trains_saes_shows_each_sae_s_progress_and_result(tmp_path, monkeypatch, capsys, lightning_log):
+    """Fewer than 100 steps per SAE (sae-lens moves its bar every 100): each bar still ends full, and each SAE
+    gets one line with its time and held-out explained variance."""
+    monkeypatch.setenv("CORRSTEER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sae_trainer, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))  # every update
+    saes = {"layers": [0, 1], "d_sae": 64, "k": 4, "tokens": 2000, "batch_size_tokens": 32, "prompts_per_batch": 4}
+    args = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_bar", "false", "--model.saes", "[]"]
+    main(["fit", *args, "--model.train_saes", json.dumps(saes), "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    for layer in (0, 1):
+        bars = re.findall(rf"Training SAE layer {layer}: +(\d+)%\|[^|]*\| (\d+)/(\d+)", err)
+        assert bars and bars[-1][0] == "100" and bars[-1][1] == bars[-1][2], f"layer {layer}'s bar ends at {bars}"
+        total = int(bars[-1][2])
+        assert total // 32 < 100, "fewer steps than sae-lens's own bar moves by"
+        shown = sorted({int(done) for _, done, _ in bars})
+        assert shown == list(range(0, total + 1, 32)), "the bar moves one step (32 positions) at a time"
+        (line,) = {m for m in lightning_log.messages if m.startswith(f"SAE layer {layer}: trained in ")}
+        assert re.search(r"trained in \d+\.\d s on [\d,]+ positions; held-out explained variance -?\d\.\d{3}", line)

@@ -126,7 +126,9 @@ def test_a_corrupt_or_foreign_ckpt_path_is_one_line_naming_the_flag_and_what_to_
 # -- --comparison.finetune ------------------------------------------------------------------------------------
 
 
-def test_comparison_finetune_given_a_pickled_checkpoint_file_is_refused_before_any_model_loads(tmp_path, marker):
+def test_comparison_finetune_given_a_pickled_checkpoint_file_is_refused_before_any_model_loads(
+    tmp_path, marker, no_model_loads
+):
     evil = _craft(tmp_path / "best.ckpt", marker)
     line = _one_line(lambda: main(["test", *TINY, "--trainer.default_root_dir", str(tmp_path),
                                    "--comparison.finetune", str(evil)]))  # fmt: skip

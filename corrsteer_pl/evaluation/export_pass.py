@@ -133,10 +133,29 @@ def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:
     return out | (choice_scalars(report.choice, stage) if report.choice is not None else {})
 
 
+def report_stem(split: str) -> str:
+    """The report files' name: report.md / report.json for test, `<split>_report` for another split."""
+    return "report" if split == "test" else f"{split}_report"
+
+
+def console_summary(report: EvaluationReport, folder: Path) -> str:
+    """The lines a validate / test run ends with: the comparison, the report's verdict, its reading (multiple
+    choice: format or knowledge) and where report.md is; the figures are in the report and TensorBoard."""
+    compared = (
+        f"{report.task}, {report.split} split, {report.samples} items: accuracy {report.accuracy_unsteered:.4f} "
+        f"unsteered -> {report.accuracy_steered:.4f} steered ({report.difference:+.4f}, 95% CI [{report.ci_low:+.4f}, "
+        f"{report.ci_high:+.4f}]); answers changed: {report.better} wrong -> right, {report.worse} right -> wrong"
+    )
+    verdict = report.headline() if report.features else f"{nothing_steered(report.warnings)}: steered equals unsteered"
+    reading = [f"Reading: {report.choice.reading}"] if report.choice is not None and report.choice.reading else []
+    where = f"Report: {folder / report_stem(report.split)}.md (report.json and the figures beside it)"
+    return "\n".join([compared, verdict.replace("**", ""), *reading, where])
+
+
 def save_report(report: EvaluationReport, folder: Path, split: str, stage: str, loggers: list, step: int) -> None:
     """Writes report.md / report.json beside the export (`<split>_report` outside test), its figures as PNG, and
     the text and figures to TensorBoard."""
-    stem = "report" if split == "test" else f"{split}_report"
+    stem = report_stem(split)
     stats = load_layer_stats(folder / STATS_FILE) if (folder / STATS_FILE).exists() else {}
     figures = report_figures(report, stats)
     boards = [logger.experiment for logger in loggers if isinstance(logger, TensorBoardLogger)]

@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks import CalibrationCheckpoint, ComparisonCallback, CorrelationCallback
 from corrsteer_pl.calibration.options import CalibrationOptions
+from corrsteer_pl.evaluation.export_pass import console_summary
 from corrsteer_pl.files.safe_load import check_ckpt_path, with_safe_checkpoint_io
 from corrsteer_pl.lightning.data import TaskDataModule
 from corrsteer_pl.lightning.entry import CONFIGS, run_cli
@@ -92,9 +93,25 @@ class CorrSteerCLI(LightningCLI):
         options = {group: self._get(self.config_init, group) for group in OPTION_GROUPS.values()}
         return super()._instantiate_trainer(config, [CorrelationCallback(**options), *callbacks])
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """validate / test default to --verbose false: no metric table, the run ends with `after_test`'s summary
+        (the figures are in report.json and TensorBoard)."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if "verbose" in self._subcommand_method_arguments[subcommand]:
+            parser.set_defaults(verbose=False)
+        return parser
+
     def after_fit(self) -> None:
         if self.config.fit.get("test_after_fit"):
-            self.trainer.test(self.model, datamodule=self.datamodule)
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            self.after_test()
+
+    def after_test(self) -> None:
+        """Ends with the comparison, the verdict, the reading and where report.md is (rank 0)."""
+        if self.model.report is not None and self.trainer.is_global_zero:
+            print(console_summary(self.model.report, self.model.export_dir))
+
+    after_validate = after_test
 
 
 def main(args: list[str] | None = None) -> CorrSteerCLI | None:

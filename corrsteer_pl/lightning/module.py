@@ -26,6 +26,7 @@ from corrsteer_pl.evaluation.export_pass import (
     score_columns,
 )
 from corrsteer_pl.evaluation.judge import Judged, judge
+from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.lightning.recovery import IDENTITY_KEY, check_same_calibration, run_identity
 from corrsteer_pl.models.loading import SAESpec, check_module_options, load_frozen_lm, load_sae_set
 from corrsteer_pl.models.sae_training import SAETrainingConfig, announce_trained_saes, trained_saes
@@ -91,6 +92,7 @@ class CorrSteerModule(L.LightningModule):
         self.answer_cache: AnswerCache | None = None  # one-token calibration rows recorded while training SAEs
         self.conditions: ConditionSet | None = None
         self.comparison, self.choice_comparison = ConditionScores(), ConditionScores()  # choice: multiple choice
+        self.report: EvaluationReport | None = None  # the last validate / test report (the CLI prints its summary)
 
     def configure_model(self) -> None:
         """Loads the LM and SAEs and checks they fit together, before any forward pass."""
@@ -221,6 +223,7 @@ class CorrSteerModule(L.LightningModule):
             data=self.trainer.datamodule.describe(),
         )
         self.log_dict(report_scalars(report, stage))
+        self.report = report
         if self.trainer.is_global_zero:
             save_report(report, self.export_dir, split, stage, self.loggers, self.global_step)
 

@@ -40,7 +40,7 @@ class ScaleResult(TrialResult, Protocol):
 
 
 class Validator(Protocol):
-    """Answers candidate steerings on the validation split (`evaluation.validation.Validator` is one)."""
+    """Answers candidate steerings on the validation split (`selection.validation.Validator` is one)."""
 
     multiple_choice: bool
     saes: Mapping[int, Any]
