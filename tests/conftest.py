@@ -92,7 +92,8 @@ def no_model_loads(monkeypatch):
     once (pytest.fail is not an Exception: no `except Exception` swallows it) and is counted again at teardown."""
     from transformers import AutoModelForCausalLM
 
-    from corrsteer_pl import api, module
+    from corrsteer_pl import api
+    from corrsteer_pl.lightning import module
     from corrsteer_pl.models import loading
 
     loads = []

@@ -8,9 +8,9 @@ from sae_lens import SAE, TopKSAE
 from sae_lens.training import sae_trainer
 from tqdm.auto import tqdm
 
-from corrsteer_pl.calibration import sae_training
 from corrsteer_pl.calibration.answer_cache import AnswerCache, letter_ids
 from corrsteer_pl.lightning.cli import main
+from corrsteer_pl.models import sae_training
 from corrsteer_pl.models.sae_training import (
     METRICS_FILE,
     SAETrainingConfig,

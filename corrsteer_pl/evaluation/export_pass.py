@@ -20,6 +20,7 @@ from corrsteer_pl.evaluation.markdown import report_markdown
 from corrsteer_pl.evaluation.methods import method_rows
 from corrsteer_pl.evaluation.plots import report_figures, save_figure
 from corrsteer_pl.evaluation.report import EvaluationReport
+from corrsteer_pl.evaluation.verdict import headline
 from corrsteer_pl.selection.diagnosis import nothing_steered
 from corrsteer_pl.selection.evidence import SELECTION_FILE, read_selection
 from corrsteer_pl.steering.vectors import SteeringVectors
@@ -141,12 +142,18 @@ def report_stem(split: str) -> str:
 def console_summary(report: EvaluationReport, folder: Path) -> str:
     """The lines a validate / test run ends with: the comparison, the report's verdict, its reading (multiple
     choice: format or knowledge) and where report.md is; the figures are in the report and TensorBoard."""
+    p = report.paired
     compared = (
-        f"{report.task}, {report.split} split, {report.samples} items: accuracy {report.accuracy_unsteered:.4f} "
-        f"unsteered -> {report.accuracy_steered:.4f} steered ({report.difference:+.4f}, 95% CI [{report.ci_low:+.4f}, "
-        f"{report.ci_high:+.4f}]); answers changed: {report.better} wrong -> right, {report.worse} right -> wrong"
+        f"{report.task}, {report.split} split, {report.samples} items: accuracy {p.unsteered:.4f} unsteered -> "
+        f"{p.accuracy:.4f} steered ({p.difference:+.4f}, 95% CI [{p.ci_low:+.4f}, {p.ci_high:+.4f}]); answers "
+        f"changed: {p.better} wrong -> right, {p.worse} right -> wrong"
     )
-    verdict = report.headline() if report.features else f"{nothing_steered(report.warnings)}: steered equals unsteered"
+    chosen = report.selection.get("chosen", [])
+    verdict = (
+        headline(p, report.controls, chosen, report.alpha)
+        if report.features
+        else f"{nothing_steered(report.warnings)}: steered equals unsteered"
+    )
     reading = [f"Reading: {report.choice.reading}"] if report.choice is not None and report.choice.reading else []
     where = f"Report: {folder / report_stem(report.split)}.md (report.json and the figures beside it)"
     return "\n".join([compared, verdict.replace("**", ""), *reading, where])

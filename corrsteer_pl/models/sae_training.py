@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from corrsteer_pl.calibration.answer_cache import ANSWERS_FILE, ANSWERS_FORMAT, AnswerCache, letter_ids
+from corrsteer_pl.files.atomic import atomic_folder
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks, position_ids, without_attention_sink
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.models.sources import cache_dir
@@ -191,26 +189,8 @@ def train_topk_sae(acts: Tensor, layer: int, cfg: SAETrainingConfig) -> tuple[SA
         raise ValueError(f"only {len(train)} training positions for layer {layer}: give more texts or raise tokens")
     batch_size = min(cfg.batch_size_tokens, len(train))
     torch.manual_seed(cfg.seed)
-    sae_cfg = TopKTrainingSAEConfig(
-        d_in=acts.shape[1],
-        d_sae=cfg.d_sae,
-        k=cfg.k,
-        device=cfg.device,
-        normalize_activations="expected_average_only_in",  # folded back into the weights after training
-        metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"),
-    )
     steps = cfg.epochs * (len(train) // batch_size)
-    trainer_cfg = SAETrainerConfig(
-        total_training_samples=steps * batch_size,
-        train_batch_size_samples=batch_size,
-        lr=cfg.lr,
-        lr_end=cfg.lr / 10,  # required: only the LM runner config fills it in
-        lr_scheduler_name="cosineannealing",
-        device=cfg.device,
-        dead_feature_window=max(1, steps // 4),  # in steps; the default 1000 exceeds a whole run here
-        feature_sampling_window=steps + 1,
-        n_batches_for_norm_estimate=min(20, steps),
-    )
+    sae_cfg, trainer_cfg = _sae_configs(acts.shape[1], layer, cfg, steps, batch_size)
     start = time.perf_counter()
     data = _batches(train, batch_size, cfg.seed)
     trained = _ProgressTrainer(trainer_cfg, TopKTrainingSAE(sae_cfg), data, f"Training SAE layer {layer}").fit()
@@ -229,6 +209,32 @@ def train_topk_sae(acts: Tensor, layer: int, cfg: SAETrainingConfig) -> tuple[SA
         "config": asdict(cfg),
     }
     return sae, metrics
+
+
+def _sae_configs(
+    d_in: int, layer: int, cfg: SAETrainingConfig, steps: int, batch_size: int
+) -> tuple[TopKTrainingSAEConfig, SAETrainerConfig]:
+    """sae-lens's SAE and trainer configs for `steps` steps of `batch_size` rows."""
+    sae_cfg = TopKTrainingSAEConfig(
+        d_in=d_in,
+        d_sae=cfg.d_sae,
+        k=cfg.k,
+        device=cfg.device,
+        normalize_activations="expected_average_only_in",  # folded back into the weights after training
+        metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"),
+    )
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_size,
+        train_batch_size_samples=batch_size,
+        lr=cfg.lr,
+        lr_end=cfg.lr / 10,  # required: only the LM runner config fills it in
+        lr_scheduler_name="cosineannealing",
+        device=cfg.device,
+        dead_feature_window=max(1, steps // 4),  # in steps; the default 1000 exceeds a whole run here
+        feature_sampling_window=steps + 1,
+        n_batches_for_norm_estimate=min(20, steps),
+    )
+    return sae_cfg, trainer_cfg
 
 
 class _ProgressTrainer(SAETrainer):
@@ -357,16 +363,11 @@ def _check_existing(path: Path, cfg: SAETrainingConfig, d_model: int) -> None:
 
 
 def _save(sae: SAE, metrics: dict[str, Any], out: Path) -> None:
-    """Writes the SAE and its metrics to a temporary folder, then renames it into place (never a half folder)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    """Writes the SAE and its metrics whole or not at all (`atomic_folder`: fsynced, the usual file modes, leftovers
+    of a killed writer removed)."""
+    with atomic_folder(out) as tmp:
         sae.save_model(tmp)
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
