@@ -45,10 +45,11 @@ class ComparisonCallback(L.Callback):
                 each with every variant below and the --calibration options, and answers them on the test split
                 beside the report's conditions (one pass for one-token answers). Empty: no comparison.
             variants: the variants every ranking selects with (S, A, P); the export's own is its "steered" row.
-            finetune: a fine-tuning adapter folder (`python -m corrsteer_pl.finetune fit` writes
-                <default_root_dir>/finetune/adapter: peft's adapter_config.json + adapter_model.safetensors and
-                finetune.json, the run's settings; nothing in it is unpickled): its model answers the same test
-                items, as a row.
+            finetune: a fine-tuned model folder (`python -m corrsteer_pl.finetune fit` writes
+                <default_root_dir>/finetune/adapter with --model.method lora: peft's adapter_config.json +
+                adapter_model.safetensors; <default_root_dir>/finetune_full/model with --model.method full:
+                config.json + model.safetensors; both with finetune.json, the run's settings; nothing in them is
+                unpickled): its model answers the same test items, as a row.
             all_positions: also answer with the export's vectors added at every position, the prompt included: what
                 steering.gguf (llama.cpp) and merged/ (transformers, vLLM) do; CorrSteer steers generation positions.
             prompts: prompting baselines: each instruction is written into every test prompt (multiple choice: on
@@ -68,8 +69,9 @@ class ComparisonCallback(L.Callback):
         self.variants: list[Variant] = list(variants or ["S", "A", "P"])
         if finetune is not None and not Path(finetune).exists():
             raise ValueError(
-                f"--comparison.finetune: no adapter folder at {finetune}; run `python -m corrsteer_pl.finetune fit` "
-                "first (it writes <default_root_dir>/finetune/adapter)"
+                f"--comparison.finetune: no fine-tuned model folder at {finetune}; run `python -m "
+                "corrsteer_pl.finetune fit` first (it writes <default_root_dir>/finetune/adapter, or "
+                "finetune_full/model with --model.method full)"
             )
         if finetune is not None:
             from corrsteer_pl.finetune import read_settings  # JSON only: a wrong path fails before any model loads
@@ -98,6 +100,7 @@ class ComparisonCallback(L.Callback):
             pl_module.conditions.methods[ALL_POSITIONS_ROW] = replace(steering, positions="all", info=info)
         if self.finetune is not None:
             pl_module.conditions.baselines[FINETUNE_ROW] = finetuned_scorer(self.finetune, pl_module)
+            pl_module.conditions.labels[FINETUNE_ROW] = finetune_label(self.finetune)
         if self.prompts:
             rows = prompt_rows(self.prompts, trainer, pl_module)
             pl_module.conditions.baselines |= rows.scorers()
@@ -125,8 +128,8 @@ class ComparisonCallback(L.Callback):
 
 
 def finetuned_scorer(folder: str, pl_module: L.LightningModule) -> Scorer:
-    """The fine-tuned model of an adapter folder as a scorer of the module's batches; it must share the module's
-    model (checked on the folder's settings before any model loads)."""
+    """The fine-tuned model of a fine-tune's folder (full or LoRA) as a scorer of the module's batches; it must
+    share the module's model (checked on the folder's settings before any model loads)."""
     from corrsteer_pl.finetune import load_finetuned, read_settings  # peft loads only when a fine-tuned row is asked
 
     model = read_settings(folder).get("model")
@@ -143,6 +146,16 @@ def finetuned_scorer(folder: str, pl_module: L.LightningModule) -> Scorer:
         return tuned.scored(batch, task)
 
     return score
+
+
+def finetune_label(folder: str) -> str:
+    """The fine-tuned row as the table shows it: "fine-tuning (full, step 75)" or "fine-tuning (LoRA, step 75)"."""
+    from corrsteer_pl.finetune import read_settings
+
+    settings = read_settings(folder)
+    method = {"full": "full", "lora": "LoRA"}.get(settings.get("method"), settings.get("method"))
+    step = settings.get("step")
+    return f"{FINETUNE_ROW} ({method}{f', step {step}' if step is not None else ''})"
 
 
 def prompt_rows(option: list[str] | str, trainer: L.Trainer, pl_module: L.LightningModule) -> PromptRows:

@@ -84,7 +84,8 @@ def test_the_finetuned_row_equals_the_finetuned_models_own_report(compared):
 def test_the_table_reaches_the_markdown_report_and_tensorboard(compared):
     root, _ = compared
     text = (root / "steered" / "report.md").read_text()
-    assert "## Comparison (test split, the same" in text and "| SPARE (MI)-A |" in text and "| fine-tuning |" in text
+    assert "## Comparison (test split, the same" in text and "| SPARE (MI)-A |" in text
+    assert "| fine-tuning (LoRA, step 4) |" in text, "the fine-tuned row names its method and step"
     versions = sorted((root / "lightning_logs").iterdir())
     events = EventAccumulator(str(versions[-1]))
     events.Reload()

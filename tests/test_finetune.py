@@ -92,7 +92,7 @@ def test_fit_writes_a_report_with_ser_and_changed_answers(fitted):
     # the comparison-table API gives the same items and the same changed-answer counts
     data = FineTuneData(task="synthetic", tokenizer="tiny-random", batch_size=8)
     tuned = finetuned_scores(fitted / "finetune" / "adapter", data)
-    base = load_finetuned(fitted / "finetune" / "adapter").item_scores(data, adapter=False)
+    base = load_finetuned(fitted / "finetune" / "adapter").item_scores(data, tuned=False)
     base = base.aligned(tuned.ids)
     assert int((tuned.scores > base.scores).sum()) == report["better"]
     assert int((tuned.scores < base.scores).sum()) == report["worse"]

@@ -169,6 +169,40 @@ def test_an_adapter_folder_of_another_project_is_refused_naming_its_settings_fil
     assert "not written by corrsteer-pl's fine-tune" in _one_line(lambda: load_finetuned(folder))
 
 
+def _full_folder(folder: Path) -> Path:
+    """A folder that looks like a full fine-tune's export (settings and config valid), weights to be crafted."""
+    folder.mkdir(parents=True)
+    settings = {"format": SETTINGS_FORMAT, "method": "full", "model": "tiny-random", "revision": None,
+                "dtype": "float32", "max_new_tokens": None, "lora": None}  # fmt: skip
+    (folder / "finetune.json").write_text(json.dumps(settings))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return folder
+
+
+def test_a_full_model_folder_whose_safetensors_is_a_pickle_is_refused_in_one_line(tmp_path, marker):
+    folder = _full_folder(tmp_path / "model")
+    _craft(folder / "model.safetensors", marker, wrap=False)
+    _craft(folder / "pytorch_model.bin", marker)  # what transformers would read without the safetensors file
+    line = _one_line(lambda: load_finetuned(folder))
+    assert line.startswith("--comparison.finetune: cannot load the weights") and "SafetensorError" in line
+
+
+def test_a_full_model_folder_with_only_a_pickled_bin_is_refused_in_one_line(tmp_path, marker):
+    folder = _full_folder(tmp_path / "model")
+    _craft(folder / "pytorch_model.bin", marker)
+    line = _one_line(lambda: load_finetuned(folder))
+    assert "model.safetensors missing" in line and "--comparison.finetune" in line and "finetune_full/model" in line
+
+
+def test_a_full_model_folder_of_another_model_is_refused_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = _full_folder(tmp_path / "model")
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 2)}, folder / "model.safetensors")
+    line = _one_line(lambda: load_finetuned(folder))
+    assert line.startswith("--comparison.finetune: cannot load the weights") and "this --model.model" in line
+
+
 # -- exports, SAE folders, statistics, caches, model folders ------------------------------------------------
 
 
