@@ -36,7 +36,7 @@ from corrsteer_pl.finetune.options import (
     artefact_folder,
     output_folder,
 )
-from corrsteer_pl.finetune.report import FineTuneReport, ItemScores, finetune_report
+from corrsteer_pl.finetune.report import ItemScores, finetune_markdown, finetune_report
 
 __all__ = [
     "ADAPTER_FILES",
@@ -50,7 +50,7 @@ __all__ = [
     "FineTuneCLI",
     "FineTuneData",
     "FineTuneModule",
-    "FineTuneReport",
+    "finetune_markdown",
     "ItemScores",
     "LoRAOptions",
     "Method",

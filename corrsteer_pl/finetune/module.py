@@ -42,7 +42,7 @@ from corrsteer_pl.finetune.options import (
     check_method,
     output_folder,
 )
-from corrsteer_pl.finetune.report import ItemScores, describe, finetune_report
+from corrsteer_pl.finetune.report import ItemScores, describe, finetune_markdown, finetune_report
 from corrsteer_pl.lightning.data import TaskDataModule
 from corrsteer_pl.models.hooks import eos_ids, pad_id
 from corrsteer_pl.models.loading import DTYPES
@@ -309,16 +309,16 @@ class FineTuneModule(L.LightningModule):
         if scores.shape[1] == 4:
             base, tuned = (*base, scores[:, 2]), (*tuned, scores[:, 3])
         report = finetune_report(base, tuned, data.task, "test", data.describe(), self.info())
-        names = ("accuracy_unsteered", "accuracy_steered", "difference", "ci_low", "ci_high", "better", "worse", "ser")
-        self.log_dict({f"test/{name}": float(getattr(report, name)) for name in names})
+        self.log_dict({f"test/{name}": float(value) for name, value in report.paired.as_report().items()})
         self.log_dict({f"test/{c.name}/valid_rate": c.valid_rate for c in report.conditions})
         if report.choice is not None:
             self.log_dict(choice_scalars(report.choice, "test"))
         if self.trainer.is_global_zero:
-            report.save(output_folder(self.trainer.default_root_dir, self.method), "report")
+            markdown = finetune_markdown(report)
+            report.save(output_folder(self.trainer.default_root_dir, self.method), markdown, stem="report")
             for logger in self.loggers:
                 if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("test/finetune_report", report.to_markdown(), self.global_step)
+                    logger.experiment.add_text("test/finetune_report", markdown, self.global_step)
 
     def info(self) -> dict[str, Any]:
         """What the report says about the fine-tuned model."""

@@ -7,8 +7,9 @@ from typing import Any
 
 from torch import Tensor
 
-from corrsteer_pl.evaluation.choice_report import choice_report
-from corrsteer_pl.evaluation.report import RESAMPLES, EvaluationReport
+from corrsteer_pl.evaluation.choice_report import ChoiceReport
+from corrsteer_pl.evaluation.markdown import choice_lines, difference_lines
+from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.tasks import Task
 
 
@@ -46,47 +47,38 @@ def describe(info: dict[str, Any]) -> str:
     return f"LoRA adapters (r {lora['r']}, alpha {lora['alpha']}, on {', '.join(lora['target_modules'])})"
 
 
-@dataclass
-class FineTuneReport(EvaluationReport):
-    """EvaluationReport with unsteered = the base model, steered = the fine-tuned one; `steering` holds the run's
-    settings (method, checkpoint, its step and validation accuracy, LoRA and optimizer options); `choice` (multiple
-    choice) the choice-restricted accuracies of both."""
-
-    def to_markdown(self) -> str:
-        """The report as Markdown: base vs fine-tuned, their paired difference, the answers that changed, SER, and
-        (multiple choice) the choice-restricted accuracy."""
-        info = self.steering
-        base, tuned = self.conditions
-        lines = [
-            f"# Fine-tuning baseline: {self.task} ({self.split} split, {self.samples} items)",
-            "",
-            f"{describe(info)} trained on the calibration split's gold answers; checkpoint {info['checkpoint']} "
-            f"(step {info['step']}, validation accuracy {info['val_accuracy']:.4f}), picked by validation accuracy.",
-            "",
-            f"Judge: {self.judge}",
-            "",
-            *([f"Data: {self.data}", ""] if self.data else []),
-            "| model | accuracy | valid-answer rate | accuracy among valid |",
-            "|---|---|---|---|",
-            f"| base (unsteered) | {base.accuracy:.4f} | {base.valid_rate:.4f} | {base.accuracy_valid:.4f} |",
-            f"| fine-tuned (steered) | {tuned.accuracy:.4f} | {tuned.valid_rate:.4f} | {tuned.accuracy_valid:.4f} |",
-            "",
-            f"Fine-tuned - base: {self.difference:+.4f}, paired bootstrap 95% CI "
-            f"[{self.ci_low:+.4f}, {self.ci_high:+.4f}] ({RESAMPLES:,} resamples of items).",
-            "",
-            f"Answers changed: {self.better} wrong -> right, {self.worse} right -> wrong; "
-            f"side-effect ratio (SER) {self.ser:.3f}.",
-        ]
-        lines += self.choice.markdown(self) if self.choice is not None else []
-        return "\n".join(lines) + "\n"
+def finetune_markdown(report: EvaluationReport) -> str:
+    """The fine-tuning report as Markdown (unsteered = the base model, steered = the fine-tuned one; `steering`
+    holds the run's settings): base vs fine-tuned, their paired difference, the answers that changed, SER, and
+    (multiple choice) the choice-restricted accuracy."""
+    info = report.steering
+    base, tuned = report.conditions
+    lines = [
+        f"# Fine-tuning baseline: {report.task} ({report.split} split, {report.samples} items)",
+        "",
+        f"{describe(info)} trained on the calibration split's gold answers; checkpoint {info['checkpoint']} "
+        f"(step {info['step']}, validation accuracy {info['val_accuracy']:.4f}), picked by validation accuracy.",
+        "",
+        f"Judge: {report.judge}",
+        "",
+        *([f"Data: {report.data}", ""] if report.data else []),
+        "| model | accuracy | valid-answer rate | accuracy among valid |",
+        "|---|---|---|---|",
+        f"| base (unsteered) | {base.accuracy:.4f} | {base.valid_rate:.4f} | {base.accuracy_valid:.4f} |",
+        f"| fine-tuned (steered) | {tuned.accuracy:.4f} | {tuned.valid_rate:.4f} | {tuned.accuracy_valid:.4f} |",
+        *difference_lines(report.paired, "Fine-tuned - base"),
+    ]
+    lines += choice_lines(report.choice, report) if report.choice is not None else []
+    return "\n".join(lines) + "\n"
 
 
 def finetune_report(
     base: tuple[Tensor, ...], tuned: tuple[Tensor, ...], task: Task, split: str, data: str, info: dict[str, Any]
-) -> FineTuneReport:
+) -> EvaluationReport:
     """The report from paired per-item (scores, valid[, choice-restricted scores]) of the base and the fine-tuned
-    model on the same items; the choice-restricted section when both carry their third member."""
-    report = FineTuneReport.from_scores(
+    model on the same items (`finetune_markdown` renders it); the choice-restricted figures when both carry their
+    third member."""
+    report = EvaluationReport.from_scores(
         base[0],
         tuned[0],
         task=task.name,
@@ -97,5 +89,5 @@ def finetune_report(
         data=data,
     )
     if len(base) > 2 and len(tuned) > 2:
-        report.choice = choice_report(report, base[2], tuned[2], {})
+        report.choice = ChoiceReport.from_scores(base[2], tuned[2], {}, report.paired, report.conditions)
     return report
