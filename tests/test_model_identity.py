@@ -145,7 +145,7 @@ def test_the_export_cli_takes_the_base_model_by_flag_and_refuses_other_weights(b
     capsys.readouterr()
     assert main([str(export), "--to", "merged", "--model", str(other)]) == 2
     err = capsys.readouterr().err
-    error = err[err.index("corrsteer_pl.steering.formats: error:") :]  # after the loader's progress bars
+    error = err[err.index("corrsteer-export: error:") :]  # after the loader's progress bars
     assert error.count("\n") == 1 and "other weights" in error and "--model" in error and "Traceback" not in err
     assert main([str(export), "--to", "merged", "--model", str(folder)]) == 0
     assert (export / MERGED_DIR / "model.safetensors").is_file()

@@ -178,7 +178,7 @@ def _cli_error(argv: list[str]) -> str:
     with contextlib.redirect_stderr(err):
         assert main(argv) == 2
     text = err.getvalue()
-    line = text[text.index("corrsteer_pl.steering.formats: error:") :]
+    line = text[text.index("corrsteer-export: error:") :]
     assert line.count("\n") == 1 and "Traceback" not in text
     return line
 

@@ -1,4 +1,4 @@
-"""Serving exports of a saved steering: `python -m corrsteer_pl.steering.formats <export dir> --to gguf merged`.
+"""Serving exports of a saved steering: `corrsteer-export <export dir> --to gguf merged`.
 
 Writes `<export dir>/steering.gguf` (llama.cpp control vector) and `<export dir>/merged/` (an HF folder with
 the steering folded into MLP biases), each atomically. Both steer every position, the prompt included.
@@ -85,7 +85,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m corrsteer_pl.steering.formats", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="corrsteer-export", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="an export written by SteeringVectors.save (steering.json ...)")
     parser.add_argument(
         "--to", nargs="+", choices=FORMATS, required=True, help="gguf: steering.gguf; merged: merged/ HF folder"
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say = lambda line: print(line, file=sys.stderr)  # noqa: E731
         written = run(args.folder, list(dict.fromkeys(args.to)), args.model_hint, args.model, note=say)
     except (FileNotFoundError, ValueError, OSError) as err:
-        print(f"corrsteer_pl.steering.formats: error: {_one_line(err)}", file=sys.stderr)
+        print(f"corrsteer-export: error: {_one_line(err)}", file=sys.stderr)
         return 2
     steering_positions = _read_metadata(args.folder)["positions"]
     for fmt, path in written.items():
