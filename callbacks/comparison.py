@@ -4,7 +4,6 @@ prompting."""
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +15,13 @@ from corrsteer_pl.calibration.rankings import Ranking
 from corrsteer_pl.evaluation.controls import Scorer
 from corrsteer_pl.evaluation.export_pass import export_stats
 from corrsteer_pl.evaluation.judge import Judged
-from corrsteer_pl.evaluation.methods import check_methods, method_key, method_label, method_selections
+from corrsteer_pl.evaluation.labels import method_key, steering_label
+from corrsteer_pl.evaluation.methods import check_methods, method_selections
 from corrsteer_pl.evaluation.prompting import PromptRows, check_instructed_lengths, check_prompts, resolve_prompts
 from corrsteer_pl.selection.options import SelectionOptions, Variant
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 FINETUNE_ROW = "fine-tuning"
-ALL_POSITIONS_ROW = "steered-all-positions"
 
 
 class ComparisonCallback(L.Callback):
@@ -35,7 +34,6 @@ class ComparisonCallback(L.Callback):
         rankings: list[str] | None = None,
         variants: list[str] | None = None,
         finetune: str | None = None,
-        all_positions: bool = False,
         prompts: list[str] | str | None = None,
         selection: SelectionOptions | None = None,
     ) -> None:
@@ -50,8 +48,6 @@ class ComparisonCallback(L.Callback):
                 adapter_model.safetensors; <default_root_dir>/finetune_full/model with --model.method full:
                 config.json + model.safetensors; both with finetune.json, the run's settings; nothing in them is
                 unpickled): its model answers the same test items, as a row.
-            all_positions: also answer with the export's vectors added at every position, the prompt included: what
-                steering.gguf (llama.cpp) and merged/ (transformers, vLLM) do; CorrSteer steers generation positions.
             prompts: prompting baselines: each instruction is written into every test prompt (multiple choice: on
                 the line before "Answer:"; free-form tasks: as the prompt's first line, a system-style line, inside
                 the user turn under --data.chat_template) and answered by its own pass, unsteered ("prompt1") and
@@ -77,12 +73,12 @@ class ComparisonCallback(L.Callback):
             from corrsteer_pl.finetune import read_settings  # JSON only: a wrong path fails before any model loads
 
             read_settings(finetune)
-        self.finetune, self.all_positions = finetune, all_positions
+        self.finetune = finetune
         self.prompts = check_prompts(prompts)
         self.selection = selection or SelectionOptions()
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "validate" and (self.rankings or self.finetune or self.all_positions or self.prompts):
+        if stage == "validate" and (self.rankings or self.finetune or self.prompts):
             rank_zero_warn(
                 "--comparison.* acts in `test` only: its methods are chosen on the validation split, so comparing "
                 "them there would grade them on what chose them"
@@ -95,9 +91,6 @@ class ComparisonCallback(L.Callback):
         if self.rankings:
             pl_module.conditions.methods |= self._methods(trainer, pl_module)
         steering = pl_module.steering
-        if self.all_positions and steering.layers:
-            info = steering.info | {"label": f"{_label(steering)} (export, every position)"}
-            pl_module.conditions.methods[ALL_POSITIONS_ROW] = replace(steering, positions="all", info=info)
         if self.finetune is not None:
             pl_module.conditions.baselines[FINETUNE_ROW] = finetuned_scorer(self.finetune, pl_module)
             pl_module.conditions.labels[FINETUNE_ROW] = finetune_label(self.finetune)
@@ -178,4 +171,4 @@ def resolved_instructions(option: list[str] | str, data: Any) -> list[str]:
 
 
 def _label(steering: SteeringVectors) -> str:
-    return method_label(method_key(steering.info.get("ranking", "pearson"), steering.info.get("variant", "?")))
+    return steering_label(steering.info)

@@ -153,6 +153,7 @@ def test_the_command_line_names_the_flag_of_a_library_option_error(flag, value, 
         ("--calibration.export_formats", "--export.formats"),
         ("--model.pooling", "--calibration.pooling"),
         ("--model.max_new_tokens", "--data.task.max_new_tokens"),
+        ("--comparison.all_positions", "--side_effects.served"),
     ],
 )
 def test_a_moved_flag_fails_in_one_line_naming_its_new_name(old, new, tmp_path):

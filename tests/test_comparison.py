@@ -7,7 +7,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from corrsteer_pl import finetune
 from corrsteer_pl.calibration.stats import load_layer_stats
-from corrsteer_pl.evaluation.methods import method_label
+from corrsteer_pl.evaluation.labels import method_label
 from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.selection.variants import rank_layer, select_features
 
@@ -27,7 +27,7 @@ def compared(tmp_path_factory):
     finetune.main(["fit", *FINETUNE, "--trainer.default_root_dir", str(root)])
     adapters = root / "finetune" / "adapter"
     args = ["--comparison.rankings", f"[{', '.join(RANKINGS)}]", "--comparison.finetune", str(adapters)]
-    args += ["--comparison.all_positions", "true"]
+    args += ["--side_effects.served", "true"]
     main(["test", *TINY, "--trainer.default_root_dir", str(root), *args])
     return root, json.loads((root / "steered" / "report.json").read_text())
 
@@ -39,7 +39,7 @@ def _rows(report):
 def test_the_table_holds_unsteered_the_export_every_other_method_and_the_finetuned_model(compared):
     _, report = compared
     others = [f"{r}-{v}" for r in RANKINGS for v in "SAP" if f"{r}-{v}" != "pearson-A"]
-    assert list(_rows(report)) == ["unsteered", "steered", *others, "steered-all-positions", "fine-tuning"]
+    assert list(_rows(report)) == ["unsteered", "steered", "steered-all-positions", *others, "fine-tuning"]
     assert _rows(report)["steered"]["label"] == "CorrSteer-A (export)"
     assert _rows(report)["steered-all-positions"]["label"] == "CorrSteer-A (export, every position)"
     assert _rows(report)["mi-P"]["label"] == method_label("mi-P") == "SPARE (MI)-P"
@@ -116,4 +116,4 @@ def test_without_comparison_options_the_report_has_no_table(tmp_path):
 def test_validate_with_comparison_options_warns_that_they_act_in_test_only(compared):
     root, _ = compared
     with pytest.warns(UserWarning, match="--comparison.* acts in `test` only"):
-        main(["validate", *TINY, "--trainer.default_root_dir", str(root), "--comparison.all_positions", "true"])
+        main(["validate", *TINY, "--trainer.default_root_dir", str(root), "--comparison.rankings", "[mi]"])

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from corrsteer_pl.calibration.stats import STATS_FILE, CorrelationStats, load_layer_stats
 from corrsteer_pl.evaluation.choice_report import ChoiceReport, choice_scalars
 from corrsteer_pl.evaluation.controls import ConditionSet, load_search_controls
-from corrsteer_pl.evaluation.judge import Judged
 from corrsteer_pl.evaluation.markdown import report_markdown
 from corrsteer_pl.evaluation.methods import method_rows
 from corrsteer_pl.evaluation.plots import report_figures, save_figure
@@ -23,6 +22,8 @@ from corrsteer_pl.evaluation.report import EvaluationReport
 from corrsteer_pl.evaluation.verdict import headline
 from corrsteer_pl.selection.diagnosis import nothing_steered
 from corrsteer_pl.selection.evidence import SELECTION_FILE, read_selection
+from corrsteer_pl.side_effects.markdown import side_scalars
+from corrsteer_pl.side_effects.markdown import summary as side_summary
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 
@@ -62,18 +63,6 @@ def export_conditions(
     if searched and steering.layers:
         conditions.controls["search_matched"] = searched
     return conditions
-
-
-def score_columns(
-    judged: dict[str, Judged], conditions: ConditionSet, batch: dict[str, Any]
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(B, C) scores, valid flags and (multiple choice; else None) choice-restricted scores of one batch: the
-    answered conditions, then the baselines' own columns."""
-    columns = list(judged.values()) + [scorer(batch) for scorer in conditions.baselines.values()]
-    scores, valid = torch.stack([j.scores.cpu() for j in columns], 1), torch.stack([j.valid.cpu() for j in columns], 1)
-    if any(j.choice_scores is None for j in columns):
-        return scores, valid, None
-    return scores, valid, torch.stack([j.choice_scores.cpu() for j in columns], 1)
 
 
 def build_report(
@@ -131,6 +120,7 @@ def report_scalars(report: EvaluationReport, stage: str) -> dict[str, float]:
         out |= {f"{stage}/method/{m.name}/{k}": float(getattr(m.paired, k)) for k in ("accuracy", "difference", "ser")}
         if m.choice is not None:
             out |= {f"{stage}/method/{m.name}/choice_{k}": getattr(m.choice, k) for k in ("accuracy", "difference")}
+    out |= side_scalars(report.side_effects, stage) if report.side_effects is not None else {}
     return out | (choice_scalars(report.choice, stage) if report.choice is not None else {})
 
 
@@ -150,13 +140,14 @@ def console_summary(report: EvaluationReport, folder: Path) -> str:
     )
     chosen = report.selection.get("chosen", [])
     verdict = (
-        headline(p, report.controls, chosen, report.alpha)
+        headline(p, report.controls, chosen, report.alpha, report.side_effects)
         if report.features
         else f"{nothing_steered(report.warnings)}: steered equals unsteered"
     )
     reading = [f"Reading: {report.choice.reading}"] if report.choice is not None and report.choice.reading else []
+    side = [side_summary(report.side_effects, console=True)] if report.side_effects is not None else []
     where = f"Report: {folder / report_stem(report.split)}.md (report.json and the figures beside it)"
-    return "\n".join([compared, verdict.replace("**", ""), *reading, where])
+    return "\n".join([compared, verdict.replace("**", ""), *reading, *side, where])
 
 
 def save_report(report: EvaluationReport, folder: Path, split: str, stage: str, loggers: list, step: int) -> None:

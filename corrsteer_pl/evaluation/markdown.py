@@ -1,5 +1,5 @@
 """report.md: the evaluation report rendered as Markdown (the verdict, conditions, paired difference, controls,
-format or knowledge, features, comparison table, how the features were chosen, figures)."""
+format or knowledge, side effects, features, comparison table, how the features were chosen, figures)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from corrsteer_pl.evaluation.paired import RESAMPLES, PairedAccuracy
 from corrsteer_pl.evaluation.report import EvaluationReport, MethodRow
 from corrsteer_pl.evaluation.verdict import headline, search_verdict
 from corrsteer_pl.selection.diagnosis import nothing_steered
+from corrsteer_pl.side_effects.markdown import section_lines as side_effects_lines
 from corrsteer_pl.selection.evidence import SELECTION_FILE, candidates_table
 from corrsteer_pl.selection.examples import examples_markdown
 
@@ -32,7 +33,9 @@ def report_markdown(report: EvaluationReport) -> str:
     lines += _headline_lines(report) + _conditions_table(report)
     lines += difference_lines(report.paired, "Steered - unsteered")
     lines += _control_lines(report) + (choice_lines(report.choice, report) if report.choice is not None else [])
-    lines += _features_table(report) + _methods_lines(report) + _selection_lines(report)
+    lines += _features_table(report)
+    lines += side_effects_lines(report.side_effects) if report.split == "test" else []
+    lines += _methods_lines(report) + _selection_lines(report)
     lines += ["", "## Figures", "", *[f"![{name}]({name})" for name in report.figures]] if report.figures else []
     return "\n".join(lines) + "\n"
 
@@ -62,7 +65,9 @@ def difference_lines(p: PairedAccuracy, what: str) -> list[str]:
 def _headline_lines(report: EvaluationReport) -> list[str]:
     if not report.features:
         return [f"**{nothing_steered(report.warnings)}.** Steered equals unsteered below.", ""]
-    verdict = headline(report.paired, report.controls, report.selection.get("chosen", []), report.alpha)
+    verdict = headline(
+        report.paired, report.controls, report.selection.get("chosen", []), report.alpha, report.side_effects
+    )
     return [verdict, "", *[f"Warning: {w}" for w in report.warnings], *([""] if report.warnings else [])]
 
 

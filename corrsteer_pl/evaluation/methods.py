@@ -17,26 +17,12 @@ from torch import Tensor
 
 from corrsteer_pl.calibration.rankings import Ranking, check_ranking
 from corrsteer_pl.evaluation.controls import ConditionSet
+from corrsteer_pl.evaluation.labels import method_key, method_label
 from corrsteer_pl.evaluation.report import MethodRow
 from corrsteer_pl.selection.options import VARIANTS, SelectionOptions, Variant
 from corrsteer_pl.selection.select import select_many
 from corrsteer_pl.selection.variants import Selection
 from corrsteer_pl.steering.vectors import SteeringVectors
-
-METHOD_NAMES: dict[str, str] = {"pearson": "CorrSteer", "mi": "SPARE (MI)", "fisher": "DSG (Fisher)", "caa": "CAA"}
-"""What the paper calls each ranking's method."""
-
-
-def method_key(ranking: str, variant: str) -> str:
-    """A method's key, e.g. "mi-A" (TensorBoard tags, report keys)."""
-    return f"{ranking}-{variant}"
-
-
-def method_label(key: str) -> str:
-    """A method's name in tables, e.g. "SPARE (MI)-A"."""
-    ranking, variant = key.rsplit("-", 1)
-    return f"{METHOD_NAMES.get(ranking, ranking)}-{variant}"
-
 
 def check_methods(rankings: list[str], variants: list[str]) -> None:
     """Refuses an unknown ranking or variant of a comparison, naming the flag."""

@@ -1,4 +1,5 @@
-"""The report's figures: controls as a distribution, the scale grid, and each layer's distribution of r.
+"""The report's figures: controls as a distribution, the scale grid, each layer's distribution of r, and the
+side effects' dose and response.
 
 Matplotlib with the Agg backend (no display); fixed sizes, fonts and no timestamps in the PNG metadata, so the
 same report gives the same bytes. Each figure says so when the steering is empty.
@@ -92,6 +93,29 @@ def r_by_layer_figure(stats: dict[int, CorrelationStats], selection: dict[str, A
     return fig
 
 
+def dose_figure(dose: list[Any]) -> Figure:
+    """(d) Target gain against side-effect cost at each scale of the grid: the share of open-generation
+    continuations changed and the mean change in the side tasks' accuracy (`side_effects.measure.DoseRow`s)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    gains = [row.target.difference if row.target is not None else float("nan") for row in dose]
+    series = {}
+    for rendering in dose[0].open_changed:
+        series[f"continuations changed ({rendering})"] = [row.open_changed[rendering] for row in dose]
+    if dose[0].tasks:
+        series["side tasks' accuracy loss (mean)"] = [
+            -sum(p.difference for p in row.tasks.values()) / len(row.tasks) for row in dose
+        ]
+    for (label, costs), marker in zip(series.items(), "osD^v", strict=False):
+        ax.plot(gains, costs, marker=marker, label=label)
+        for row, x, y in zip(dose, gains, costs, strict=True):
+            ax.annotate(f"x{row.scale:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.axhline(0, color="black", lw=0.5)
+    ax.set(xlabel="target accuracy gain over unsteered (test)", ylabel="side-effect cost", title="dose and response")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
 def save_figure(fig: Figure, path: Path) -> Path:
     """Writes the PNG atomically and closes the figure."""
     with atomic_file(path) as tmp:
@@ -110,4 +134,7 @@ def report_figures(report: Any, stats: dict[int, CorrelationStats]) -> dict[str,
         figures["scale_grid"] = scale_grid_figure(grid, report.steering.get("scale"))
     if stats:
         figures["r_by_layer"] = r_by_layer_figure(stats, report.selection)
+    side = getattr(report, "side_effects", None)
+    if side is not None and side.dose:
+        figures["dose_response"] = dose_figure(side.dose)
     return figures

@@ -15,6 +15,7 @@ from corrsteer_pl.evaluation.choice_report import ChoiceReport
 from corrsteer_pl.evaluation.control_summary import ControlSummary, control_rank
 from corrsteer_pl.evaluation.paired import ConditionResult, PairedAccuracy
 from corrsteer_pl.files.atomic import atomic_file
+from corrsteer_pl.side_effects.measure import SideEffects
 
 
 @dataclass
@@ -78,6 +79,7 @@ class EvaluationReport:
     methods: list[MethodRow] = field(default_factory=list)  # a comparison's rows (empty without one)
     figures: list[str] = field(default_factory=list)  # PNG files written beside the report (evaluation/plots.py)
     choice: ChoiceReport | None = None  # multiple choice: the choice-restricted accuracy and which accuracy moved
+    side_effects: SideEffects | None = None  # what else the steering changes (test with --side_effects.*)
 
     @classmethod
     def from_scores(

@@ -8,6 +8,7 @@ from typing import Any
 
 from corrsteer_pl.evaluation.control_summary import ControlSummary
 from corrsteer_pl.evaluation.paired import ConditionResult, PairedAccuracy
+from corrsteer_pl.side_effects.measure import SideEffects
 
 
 def beats(control: ControlSummary, alpha: float) -> tuple[bool, str]:
@@ -26,11 +27,16 @@ def beats(control: ControlSummary, alpha: float) -> tuple[bool, str]:
 
 
 def headline(
-    paired: PairedAccuracy, controls: Sequence[ControlSummary], chosen: Sequence[dict[str, Any]], alpha: float
+    paired: PairedAccuracy,
+    controls: Sequence[ControlSummary],
+    chosen: Sequence[dict[str, Any]],
+    alpha: float,
+    side: SideEffects | None = None,
 ) -> str:
     """One verdict that every check below agrees with: positive only if the `chosen` features (selection.json's)
     are significant, the paired CI against unsteered excludes 0 from above, and the steering beats every control
-    kind."""
+    kind; with `side` (the side-effects pass), "helps" also needs every side effect within tolerance of the controls,
+    else the verdict says what the gain costs."""
     failed = []
     if chosen and all(f.get("q_value") is not None for f in chosen):
         if not any(f["q_value"] < alpha for f in chosen):
@@ -39,13 +45,26 @@ def headline(
     if not paired.ci_low > 0:
         failed.append(f"its 95% CI against unsteered, [{paired.ci_low:+.4f}, {paired.ci_high:+.4f}], is not above 0")
     failed += [f"it does not beat the {c.kind} controls" for c in controls if not beats(c, alpha)[0]]
+    costs = f" What it changes beyond its controls elsewhere: {'; '.join(side.costs)}." if side and side.costs else ""
     if failed:
-        return f"**Verdict: not shown to help.** {paired.difference:+.4f} over unsteered, but {'; '.join(failed)}."
+        return f"**Verdict: not shown to help.** {paired.difference:+.4f} over unsteered, but {'; '.join(failed)}.{costs}"
     kinds = ", ".join(c.kind for c in controls) or "no controls run"
-    return (
-        f"**Verdict: the steering helps.** {paired.difference:+.4f} over unsteered (95% CI [{paired.ci_low:+.4f}, "
-        f"{paired.ci_high:+.4f}]), significant features, and it beats every control kind ({kinds})."
+    gain = (
+        f"{paired.difference:+.4f} over unsteered (95% CI [{paired.ci_low:+.4f}, {paired.ci_high:+.4f}]), "
+        f"significant features, and it beats every control kind ({kinds})"
     )
+    if costs:
+        return f"**Verdict: the steering helps its task, at a cost.** {gain}.{costs}"
+    return f"**Verdict: the steering helps.** {gain}{_side_clause(side)}."
+
+
+def _side_clause(side: SideEffects | None) -> str:
+    if side is None or side.nothing:
+        return "; its side effects were not measured"
+    where = [t.task for t in side.tasks] + (["open generation"] if side.open_generation else [])
+    if not where:
+        return "; its side effects were not measured"
+    return f"; its side effects ({', '.join(where)}) stay within tolerance ({side.tolerance:g}) of its controls"
 
 
 def search_verdict(controls: Sequence[ControlSummary], alpha: float) -> str | None:

@@ -17,6 +17,7 @@ from corrsteer_pl.lightning.module import CorrSteerModule
 from corrsteer_pl.lightning.recovery import IDENTITY_KEY
 from corrsteer_pl.lightning.strategy import register
 from corrsteer_pl.selection.options import SelectionOptions
+from corrsteer_pl.side_effects.options import SideEffectsOptions
 from corrsteer_pl.steering.export import ExportOptions
 
 TRAINER_DEFAULTS = {
@@ -28,7 +29,12 @@ TRAINER_DEFAULTS = {
 
 
 DEFAULT_CONFIG = CONFIGS / "default.yaml"
-OPTION_GROUPS = {CalibrationOptions: "calibration", SelectionOptions: "selection", ExportOptions: "export"}
+OPTION_GROUPS = {
+    CalibrationOptions: "calibration",
+    SelectionOptions: "selection",
+    ExportOptions: "export",
+    SideEffectsOptions: "side_effects",
+}
 """Each option group's flag prefix: `--selection.top_k` is `SelectionOptions.top_k`."""
 FLAGS = {
     **{f"{cls.__name__}.{{}}": f"--{group}.{{}}" for cls, group in OPTION_GROUPS.items()},
@@ -57,6 +63,7 @@ MOVED = {
     "calibration.export_formats": "export.formats",
     "calibration.include_model": "export.include_model",
     "model.pooling": "calibration.pooling",
+    "comparison.all_positions": "side_effects.served",
     "model.max_new_tokens": "data.task.max_new_tokens (a task's option: --data.task Custom ...max_new_tokens 8)",
 }
 """Flags that moved to their option group's owner: the old name fails in one line that gives the new one."""
@@ -74,6 +81,7 @@ class CorrSteerCLI(LightningCLI):
         parser.add_lightning_class_args(ComparisonCallback, "comparison")
         parser.link_arguments("model.model", "data.tokenizer")
         parser.link_arguments("calibration", "model.calibration", apply_on="instantiate")
+        parser.link_arguments("side_effects", "model.side_effects", apply_on="instantiate")
         parser.link_arguments("selection", "comparison.selection", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="after fit, evaluate the export on the test split"
@@ -90,7 +98,8 @@ class CorrSteerCLI(LightningCLI):
         return super().instantiate_trainer(plugins=with_safe_checkpoint_io(plugins, RESUME_FIX), **kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[L.Callback]) -> L.Trainer:
-        options = {group: self._get(self.config_init, group) for group in OPTION_GROUPS.values()}
+        groups = ("calibration", "selection", "export")  # the calibration callback's; side_effects is the module's
+        options = {group: self._get(self.config_init, group) for group in groups}
         return super()._instantiate_trainer(config, [CorrelationCallback(**options), *callbacks])
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:

@@ -14,16 +14,16 @@ from torch import Tensor, nn
 from corrsteer_pl.calibration.answer_cache import AnswerCache
 from corrsteer_pl.calibration.calibration import calibration_batch
 from corrsteer_pl.calibration.options import CalibrationOptions
-from corrsteer_pl.evaluation.columns import ConditionScores
+from corrsteer_pl.evaluation.columns import ConditionScores, score_columns
 from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, SplitResult, evaluate_batches, judge_conditions
 from corrsteer_pl.evaluation.controls import ConditionSet
 from corrsteer_pl.evaluation.export_pass import (
     build_report,
     export_conditions,
+    export_stats,
     load_export,
     report_scalars,
     save_report,
-    score_columns,
 )
 from corrsteer_pl.evaluation.judge import Judged, judge
 from corrsteer_pl.evaluation.report import EvaluationReport
@@ -32,6 +32,9 @@ from corrsteer_pl.models.loading import SAESpec, check_module_options, load_froz
 from corrsteer_pl.models.sae_training import SAETrainingConfig, announce_trained_saes, trained_saes
 from corrsteer_pl.models.sources import TINY_RANDOM
 from corrsteer_pl.selection.validation import Validator
+from corrsteer_pl.side_effects.measure import SideEffects, add_target, build_side_tasks, measure_side_effects
+from corrsteer_pl.side_effects.measure import target_conditions
+from corrsteer_pl.side_effects.options import SideEffectsOptions
 from corrsteer_pl.steering.vectors import SteeringVectors
 
 # Calibration runs in Lightning's training loop (for mid-epoch checkpoints and resume), but the
@@ -56,6 +59,7 @@ class CorrSteerModule(L.LightningModule):
         control_seed: int = 0,
         train_saes: SAETrainingConfig | None = None,
         calibration: CalibrationOptions | None = None,
+        side_effects: SideEffectsOptions | None = None,
     ) -> None:
         """
         Args:
@@ -71,9 +75,10 @@ class CorrSteerModule(L.LightningModule):
             train_saes: train TopK SAEs for these layers on the calibration prompts when none are cached
                 (for models without published SAEs); they are added to `saes`.
             calibration: how calibration pools features and what counts as correct (the CLI links --calibration).
+            side_effects: what test measures beside the target task (the CLI links --side_effects).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["calibration"])  # kept as a plain dict below: checkpoints hold no class
+        self.save_hyperparameters(ignore=["calibration", "side_effects"])  # plain dicts below: checkpoints hold no class
         check_module_options(controls, bool(saes or (train_saes and train_saes.layers)))
         # hparams turn dataclasses into dicts: keep the typed objects for our own use
         self.sae_specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in saes or []]
@@ -81,6 +86,10 @@ class CorrSteerModule(L.LightningModule):
         options = calibration or CalibrationOptions()
         self.calibration_options = options if not isinstance(options, dict) else CalibrationOptions(**options)
         self.hparams["calibration"] = asdict(self.calibration_options)
+        side = side_effects or SideEffectsOptions()
+        self.side_effects_options = side if not isinstance(side, dict) else SideEffectsOptions(**side)
+        self.hparams["side_effects"] = asdict(self.side_effects_options)
+        self.side_tasks: list[Any] = []
         self.sae_metrics: dict[int, dict[str, Any]] = {}
         self.automatic_optimization = False  # no optimizer, no gradient: calibration only reads
         self.strict_loading = False  # checkpoints leave out the frozen LM and SAE weights
@@ -190,7 +199,18 @@ class CorrSteerModule(L.LightningModule):
         hp = self.hparams
         self.conditions = export_conditions(self.steering, self.saes, self.export_dir, hp.controls, hp.control_seed)
 
-    on_validation_start = on_test_start = _prepare_conditions
+    on_validation_start = _prepare_conditions
+
+    def on_test_start(self) -> None:
+        """The conditions, with what the side-effects pass adds to the target's own items (the served policy, the
+        other scales); the side tasks are built and their items read here, before any answer."""
+        self._prepare_conditions()
+        options = self.side_effects_options
+        self.conditions.methods |= target_conditions(self.steering, options)
+        data = self.trainer.datamodule
+        self.side_tasks = build_side_tasks(options.side_tasks(self.task.name), data.hparams.seed)
+        for task in self.side_tasks:
+            task.load_split("test")
 
     def _compare_step(self, batch: dict[str, Any]) -> None:
         judged = self.score_conditions(batch, self.conditions.named())
@@ -222,10 +242,25 @@ class CorrSteerModule(L.LightningModule):
             judge=self.task.judge_name,
             data=self.trainer.datamodule.describe(),
         )
+        if split == "test" and self.side_effects_options.active:
+            report.side_effects = self._side_effects(report)
         self.log_dict(report_scalars(report, stage))
         self.report = report
         if self.trainer.is_global_zero:
             save_report(report, self.export_dir, split, stage, self.loggers, self.global_step)
+
+    def _side_effects(self, report: EvaluationReport) -> SideEffects:
+        """The side-effects pass of the export (`measure_side_effects`), with the target's rows of this test pass."""
+        options, data = self.side_effects_options, self.trainer.datamodule
+        needed_by = "the side effects' random-feature controls (--side_effects.controls) draw from it"
+        stats = export_stats(self.export_dir, needed_by, "pass --side_effects.controls 0") if options.controls else {}
+        side = measure_side_effects(
+            self.lm, self.tokenizer, self.steering, self.saes, stats, options, self.side_tasks,
+            control_seed=self.hparams.control_seed, batch_size=data.hparams.batch_size,
+            chat_template=data.hparams.chat_template,
+        )  # fmt: skip
+        add_target(side, {row.name: row.paired for row in report.methods})
+        return side
 
     def on_validation_epoch_end(self) -> None:
         self._report("validation", "val")
