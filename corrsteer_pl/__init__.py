@@ -25,6 +25,9 @@ _PUBLIC = {
     "ExportOptions": "corrsteer_pl.steering.export",
     "Validator": "corrsteer_pl.selection.validation",
     "OptionError": "corrsteer_pl.errors",
+    "measure_side_effects": "corrsteer_pl.side_effects.measure",
+    "SideEffects": "corrsteer_pl.side_effects.measure",
+    "SideEffectsOptions": "corrsteer_pl.side_effects.options",
     # the pieces underneath
     "CorrelationStats": "corrsteer_pl.calibration.stats",
     "FeatureCapture": "corrsteer_pl.calibration.capture",

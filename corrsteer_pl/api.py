@@ -13,6 +13,8 @@
 P (and a scale grid) validate on held-out items: `select(calibration, SelectionOptions(variant="P"),
 Validator.for_examples(model, tokenizer, saes, task, task.load_split("validation")))`. `write_export(folder, ...)`
 writes the folder `train.py fit` writes; `Calibration.save` / `load` keep a calibration, `merge` adds another.
+`measure_side_effects(model, tokenizer, steering, saes, stats, SideEffectsOptions(...), tasks)` says what else a
+steering changes (other tasks, open generation, the served policy), beside random controls, as `train.py test` does.
 """
 
 from __future__ import annotations

@@ -47,6 +47,9 @@ class CorrSteerModule(L.LightningModule):
     pooled features with correctness labels to `CorrelationCallback`; validate/test compare the
     model with and without the exported steering."""
 
+    side_tasks: list[Any]
+    """The side-effects pass's other tasks (built at test start)."""
+
     def __init__(
         self,
         model: str = TINY_RANDOM,
@@ -81,23 +84,18 @@ class CorrSteerModule(L.LightningModule):
         self.save_hyperparameters(ignore=["calibration", "side_effects"])  # plain dicts below: checkpoints hold no class
         check_module_options(controls, bool(saes or (train_saes and train_saes.layers)))
         # hparams turn dataclasses into dicts: keep the typed objects for our own use
-        self.sae_specs = [s if isinstance(s, SAESpec) else SAESpec(**s) for s in saes or []]
-        self.train_saes = train_saes if not isinstance(train_saes, dict) else SAETrainingConfig(**train_saes)
-        options = calibration or CalibrationOptions()
-        self.calibration_options = options if not isinstance(options, dict) else CalibrationOptions(**options)
-        self.hparams["calibration"] = asdict(self.calibration_options)
-        side = side_effects or SideEffectsOptions()
-        self.side_effects_options = side if not isinstance(side, dict) else SideEffectsOptions(**side)
-        self.hparams["side_effects"] = asdict(self.side_effects_options)
-        self.side_tasks: list[Any] = []
-        self.sae_metrics: dict[int, dict[str, Any]] = {}
+        self.sae_specs = [_typed(s, SAESpec) for s in saes or []]
+        self.train_saes = _typed(train_saes, SAETrainingConfig) if train_saes is not None else None
+        self.calibration_options = _typed(calibration, CalibrationOptions)
+        self.side_effects_options = _typed(side_effects, SideEffectsOptions)
+        self.hparams.update(calibration=asdict(self.calibration_options), side_effects=asdict(self.side_effects_options))
+        self.sae_metrics: dict[int, dict[str, Any]] = {}  # per trained SAE layer: held-out explained variance, ...
         self.automatic_optimization = False  # no optimizer, no gradient: calibration only reads
         self.strict_loading = False  # checkpoints leave out the frozen LM and SAE weights
         self.lm: nn.Module | None = None
-        self.sae_modules = nn.ModuleDict()
-        self.sae_sources: dict[int, str] = {}
-        self.tokenizer: Any = None
-        self.steering: SteeringVectors | None = None
+        self.sae_modules = nn.ModuleDict()  # by layer; frozen, reloaded from their sources (not in checkpoints)
+        self.sae_sources, self.tokenizer = {}, None
+        self.steering: SteeringVectors | None = None  # the export, in validate / test
         self.answer_cache: AnswerCache | None = None  # one-token calibration rows recorded while training SAEs
         self.conditions: ConditionSet | None = None
         self.comparison, self.choice_comparison = ConditionScores(), ConditionScores()  # choice: multiple choice
@@ -267,3 +265,10 @@ class CorrSteerModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._report("test", "test")
+
+
+def _typed(options: Any, cls: type) -> Any:
+    """An option group as its dataclass: given, rebuilt from a checkpoint's dict, or the defaults."""
+    if options is None:
+        return cls()
+    return cls(**options) if isinstance(options, dict) else options
