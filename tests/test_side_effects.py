@@ -150,7 +150,8 @@ def _prompts():
 def test_the_test_report_has_its_side_effects_section_in_markdown_json_and_console(tmp_path, capsys):
     root = ["--trainer.default_root_dir", str(tmp_path)]
     main(["fit", *TINY, *root, "--test_after_fit", "false"])
-    side = ["--side_effects.open_generation", "true", "--side_effects.open_tokens", "4", "--side_effects.served", "true"]
+    side = ["--side_effects.open_generation", "true", "--side_effects.open_tokens", "4"]
+    side += ["--side_effects.served", "true"]
     main(["test", *TINY, *root, *side, "--side_effects.controls", "2", "--model.controls", "2"])
     report = json.loads((tmp_path / "steered" / "report.json").read_text())
     measures = report["side_effects"]["open_generation"]["measures"]["raw"]

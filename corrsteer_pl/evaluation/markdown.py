@@ -8,9 +8,9 @@ from corrsteer_pl.evaluation.paired import RESAMPLES, PairedAccuracy
 from corrsteer_pl.evaluation.report import EvaluationReport, MethodRow
 from corrsteer_pl.evaluation.verdict import headline, search_verdict
 from corrsteer_pl.selection.diagnosis import nothing_steered
-from corrsteer_pl.side_effects.markdown import section_lines as side_effects_lines
 from corrsteer_pl.selection.evidence import SELECTION_FILE, candidates_table
 from corrsteer_pl.selection.examples import examples_markdown
+from corrsteer_pl.side_effects.markdown import section_lines as side_effects_lines
 
 CHOSEN_SECTION = "## How the features were chosen (validation split)"
 RESPONDS_SECTION = "## What the chosen features respond to (calibration split)"

@@ -24,6 +24,7 @@ from corrsteer_pl.selection.select import select_many
 from corrsteer_pl.selection.variants import Selection
 from corrsteer_pl.steering.vectors import SteeringVectors
 
+
 def check_methods(rankings: list[str], variants: list[str]) -> None:
     """Refuses an unknown ranking or variant of a comparison, naming the flag."""
     for ranking in rankings:

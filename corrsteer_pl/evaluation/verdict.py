@@ -47,7 +47,8 @@ def headline(
     failed += [f"it does not beat the {c.kind} controls" for c in controls if not beats(c, alpha)[0]]
     costs = f" What it changes beyond its controls elsewhere: {'; '.join(side.costs)}." if side and side.costs else ""
     if failed:
-        return f"**Verdict: not shown to help.** {paired.difference:+.4f} over unsteered, but {'; '.join(failed)}.{costs}"
+        but = f"but {'; '.join(failed)}.{costs}"
+        return f"**Verdict: not shown to help.** {paired.difference:+.4f} over unsteered, {but}"
     kinds = ", ".join(c.kind for c in controls) or "no controls run"
     gain = (
         f"{paired.difference:+.4f} over unsteered (95% CI [{paired.ci_low:+.4f}, {paired.ci_high:+.4f}]), "

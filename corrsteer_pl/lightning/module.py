@@ -32,8 +32,13 @@ from corrsteer_pl.models.loading import SAESpec, check_module_options, load_froz
 from corrsteer_pl.models.sae_training import SAETrainingConfig, announce_trained_saes, trained_saes
 from corrsteer_pl.models.sources import TINY_RANDOM
 from corrsteer_pl.selection.validation import Validator
-from corrsteer_pl.side_effects.measure import SideEffects, add_target, build_side_tasks, measure_side_effects
-from corrsteer_pl.side_effects.measure import target_conditions
+from corrsteer_pl.side_effects.measure import (
+    SideEffects,
+    add_target,
+    build_side_tasks,
+    measure_side_effects,
+    target_conditions,
+)
 from corrsteer_pl.side_effects.options import SideEffectsOptions
 from corrsteer_pl.steering.vectors import SteeringVectors
 
@@ -81,25 +86,30 @@ class CorrSteerModule(L.LightningModule):
             side_effects: what test measures beside the target task (the CLI links --side_effects).
         """
         super().__init__()
-        self.save_hyperparameters(ignore=["calibration", "side_effects"])  # plain dicts below: checkpoints hold no class
+        self.save_hyperparameters(ignore=["calibration", "side_effects"])  # dicts below: checkpoints hold no class
         check_module_options(controls, bool(saes or (train_saes and train_saes.layers)))
-        # hparams turn dataclasses into dicts: keep the typed objects for our own use
-        self.sae_specs = [_typed(s, SAESpec) for s in saes or []]
-        self.train_saes = _typed(train_saes, SAETrainingConfig) if train_saes is not None else None
-        self.calibration_options = _typed(calibration, CalibrationOptions)
-        self.side_effects_options = _typed(side_effects, SideEffectsOptions)
-        self.hparams.update(calibration=asdict(self.calibration_options), side_effects=asdict(self.side_effects_options))
-        self.sae_metrics: dict[int, dict[str, Any]] = {}  # per trained SAE layer: held-out explained variance, ...
+        self._keep_typed(saes, train_saes, calibration, side_effects)
+        self.sae_metrics: dict[int, dict[str, Any]] = {}
         self.automatic_optimization = False  # no optimizer, no gradient: calibration only reads
         self.strict_loading = False  # checkpoints leave out the frozen LM and SAE weights
         self.lm: nn.Module | None = None
-        self.sae_modules = nn.ModuleDict()  # by layer; frozen, reloaded from their sources (not in checkpoints)
+        self.sae_modules = nn.ModuleDict()
         self.sae_sources, self.tokenizer = {}, None
         self.steering: SteeringVectors | None = None  # the export, in validate / test
         self.answer_cache: AnswerCache | None = None  # one-token calibration rows recorded while training SAEs
         self.conditions: ConditionSet | None = None
         self.comparison, self.choice_comparison = ConditionScores(), ConditionScores()  # choice: multiple choice
         self.report: EvaluationReport | None = None  # the last validate / test report (the CLI prints its summary)
+
+    def _keep_typed(self, saes: Any, train_saes: Any, calibration: Any, side_effects: Any) -> None:
+        """hparams turn dataclasses into dicts (and a checkpoint gives dicts back): keep the typed objects for our
+        own use, and the option groups in hparams as plain dicts."""
+        self.sae_specs = [_typed(s, SAESpec) for s in saes or []]
+        self.train_saes = _typed(train_saes, SAETrainingConfig) if train_saes is not None else None
+        self.calibration_options = _typed(calibration, CalibrationOptions)
+        self.side_effects_options = _typed(side_effects, SideEffectsOptions)
+        calibration, side_effects = self.calibration_options, self.side_effects_options
+        self.hparams.update(calibration=asdict(calibration), side_effects=asdict(side_effects))
 
     def configure_model(self) -> None:
         """Loads the LM and SAEs and checks they fit together, before any forward pass."""

@@ -79,7 +79,8 @@ def rescaled(steering: SteeringVectors, factor: float, scale: float) -> Steering
 
 def served(steering: SteeringVectors) -> SteeringVectors:
     """The served policy: the export's vectors at every position, the prompt included."""
-    return replace(steering, positions="all", info=steering.info | {"label": f"{_own(steering)} (export, every position)"})
+    label = f"{_own(steering)} (export, every position)"
+    return replace(steering, positions="all", info=steering.info | {"label": label})
 
 
 def _own(steering: SteeringVectors) -> str:

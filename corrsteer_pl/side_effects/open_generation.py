@@ -63,7 +63,8 @@ class TextMeasures:
     @classmethod
     def of(cls, mine: list[Continuation], unsteered: list[Continuation]) -> TextMeasures:
         n = max(len(mine), 1)
-        changed = sum(a.tokens[:CHANGED_WITHIN] != b.tokens[:CHANGED_WITHIN] for a, b in zip(mine, unsteered))
+        pairs = zip(mine, unsteered, strict=True)
+        changed = sum(a.tokens[:CHANGED_WITHIN] != b.tokens[:CHANGED_WITHIN] for a, b in pairs)
         return cls(
             changed=changed / n,
             nll=sum(c.nll for c in mine) / n,
@@ -76,7 +77,7 @@ class TextMeasures:
 
 def repeated(tokens: tuple[int, ...]) -> float:
     """Share of a sequence's 2-grams that repeat an earlier one (0 for fewer than two tokens)."""
-    grams = list(zip(tokens, tokens[1:]))
+    grams = list(zip(tokens, tokens[1:], strict=False))
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -103,7 +104,7 @@ def continue_prompts(
         for name, a in new.items():
             cut = [_until_end(row, eos) for row in a.tokens.tolist()]
             nll = _nll(model, ids, mask, cut, eos)
-            for example, (kept, ended), loss in zip(batch["examples"], cut, nll):
+            for example, (kept, ended), loss in zip(batch["examples"], cut, nll, strict=True):
                 text = tokenizer.decode(list(kept), skip_special_tokens=True)
                 mine[name][example.id] = Continuation(kept, ended, loss, text)
     merged = _gathered(mine)
@@ -202,7 +203,7 @@ def _changed_examples(base: list[Continuation], steered: list[Continuation]) -> 
     prompts = [e.prompt for e in open_examples()]
     changed = [
         {"prompt": p, "unsteered": b.text, "steered": s.text}
-        for p, b, s in zip(prompts, base, steered)
+        for p, b, s in zip(prompts, base, steered, strict=True)
         if b.tokens[:CHANGED_WITHIN] != s.tokens[:CHANGED_WITHIN]
     ]
     return changed[:EXAMPLES]

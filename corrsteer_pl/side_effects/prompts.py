@@ -55,4 +55,6 @@ PROMPTS = INSTRUCTIONS + COMPLETIONS
 def open_examples() -> list[Example]:
     """The prompt set as examples (no gold answer: open generation is measured, not scored)."""
     kinds = ["instruction"] * len(INSTRUCTIONS) + ["completion"] * len(COMPLETIONS)
-    return [Example(f"open/{kind}/{i}", prompt, "") for i, (kind, prompt) in enumerate(zip(kinds, PROMPTS))]
+    return [
+        Example(f"open/{kind}/{i}", prompt, "") for i, (kind, prompt) in enumerate(zip(kinds, PROMPTS, strict=True))
+    ]
