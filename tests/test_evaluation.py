@@ -127,3 +127,27 @@ def test_an_every_position_steering_among_one_token_conditions_gets_its_own_pref
     assert lengths.count(width - 1) == 1, "the generation-position conditions share one prompt-body pass"
     assert lengths.count(width) == 1, "the every-position steering runs its own prefill of the whole prompt"
     _assert_equal_generate_per_condition(model, batch, conditions, fast)
+
+
+def test_longer_answers_continuing_one_shared_prompt_body_equal_generate_per_condition(model, batch):
+    conditions = _conditions(model)
+    fast = _tokens(model, batch, conditions, 4)
+    for name, steering in conditions.items():
+        with steering.apply(model) if steering is not None else torch.inference_mode():
+            expected = generate_answers(model, batch["input_ids"], batch["attention_mask"], 4, eos_token_ids=[1],
+                                        pad_token_id=0).tokens  # fmt: skip
+        assert torch.equal(fast[name], expected), name
+
+
+def test_longer_answers_run_the_prompt_body_once_for_all_generation_position_conditions(llama, batch):
+    conditions = _conditions(llama)
+    conditions["every position"] = replace(conditions["x20"], positions="all")
+    calls = []
+    hook = llama.model.embed_tokens.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
+    try:
+        _tokens(llama, batch, conditions, 3)
+    finally:
+        hook.remove()
+    prompt = batch["input_ids"].shape[1]
+    assert calls.count(prompt - 1) == 1, "one pass over the prompt body for the shared conditions"
+    assert calls.count(prompt) == 1, "the every-position steering runs its own prefill"

@@ -15,7 +15,7 @@ from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.side_effects.costs import accuracy_cost, text_costs
 from corrsteer_pl.side_effects.markdown import section_lines
-from corrsteer_pl.side_effects.measure import NOTHING, measure_side_effects
+from corrsteer_pl.side_effects.measure import NOTHING, add_target, measure_side_effects, scale_conditions
 from corrsteer_pl.side_effects.open_generation import TextMeasures, continue_prompts
 from corrsteer_pl.side_effects.options import SideEffectsOptions
 from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
@@ -158,3 +158,21 @@ def test_the_test_report_has_its_side_effects_section_in_markdown_json_and_conso
     assert set(measures) == {"unsteered", "steered", "steered-all-positions"} and measures["unsteered"]["changed"] == 0
     assert "## Side effects" in (tmp_path / "steered" / "report.md").read_text()
     assert "Side effects (open generation)" in capsys.readouterr().out
+
+
+def test_the_dose_table_has_a_row_per_scale_of_the_exports_grid_with_the_vectors_rescaled(tiny):
+    model, tokenizer, task, first = tiny
+    steering = planted(model, int(first[0]), 3.0)
+    steering.info |= {"scale": 0.5, "scale_grid": {"0.5": {"accuracy": 0.1}, "1": {}, "2": {}}}  # as steering.json
+    scaled = scale_conditions(steering)
+    assert list(scaled) == ["scale=1", "scale=2"]
+    (layer,) = steering.layers
+    assert torch.allclose(scaled["scale=2"].layers[layer].vector, 4 * steering.layers[layer].vector)
+    options = SideEffectsOptions(controls=0, dose=True, open_generation=True, open_tokens=2)
+    side = measure_side_effects(model, tokenizer, steering, {}, {}, options, [task])
+    assert [(row.scale, row.exported) for row in side.dose] == [(0.5, True), (1.0, False), (2.0, False)]
+    assert all(set(row.tasks) == {"echo"} and set(row.open_changed) == {"raw"} for row in side.dose)
+    target = {name: PairedAccuracy.from_scores(torch.zeros(4), torch.ones(4)) for name in ("steered", "scale=2")}
+    add_target(side, target)
+    assert side.dose[0].target is target["steered"] and side.dose[2].target is target["scale=2"]
+    assert side.dose[1].target is None  # no row of that name in the test pass

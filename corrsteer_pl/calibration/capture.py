@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from sae_lens import SAE
@@ -162,11 +163,14 @@ def generate_answers(
     pad_token_id: int | None = None,
     choice: ChoiceTokens | None = None,
     peaks: bool = False,
+    prompt_cache: Any = None,
 ) -> Generation:
     """The one greedy generation: left-padded prompts in, their new tokens (B, N) out; with `saes`, each SAE's
     features at the generation positions pooled per answer; with `choice`, the first position's logits restricted
     to its letters (B, K), the logits the first new token is the argmax of, read from the same pass
-    (`output_logits`, unprocessed); with `peaks`, per layer the generation position where each feature peaked.
+    (`output_logits`, unprocessed); with `peaks`, per layer the generation position where each feature peaked;
+    `prompt_cache`: the KV cache of every prompt position but the last (a copy: generation appends to it), so that
+    only the last prompt position and the new tokens run.
     Steering applies through hooks attached around the call (`SteeringVectors.apply`); answering many conditions
     at once is `evaluation.conditions.answered`, built on this."""
     kwargs = dict(
@@ -180,6 +184,8 @@ def generate_answers(
     )
     if eos_token_ids is not None:
         kwargs["eos_token_id"] = list(eos_token_ids)
+    if prompt_cache is not None:  # transformers 5.x renamed `past_key_values` to `cache` (the old name warns)
+        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = prompt_cache
     capture = FeatureCapture(model, saes, pooling, eos_token_ids, peaks=peaks) if saes else None
     with capture if capture is not None else nullcontext():
         out = model.generate(**kwargs)

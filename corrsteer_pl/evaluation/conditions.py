@@ -8,6 +8,7 @@ as C query tokens of each row, instead of a full prefill per condition.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 from collections import Counter
@@ -79,24 +80,57 @@ def answered(
     `choice` the first position's logits restricted to its letters, read from the pass that produced the first
     token (no extra forward). Each condition's answers equal `generate_answers` under that steering.
 
-    One-token answers of generation-position steerings share one prompt pass; a steering of every position
-    (positions="all") changes the prompt's cache, so it runs its own. With `prompt_caches`, a one-token pass
-    keeps its prompt-body cache there and a later pass over the same prompts starts from it.
+    Generation-position steerings (and the unsteered model) share one pass over the prompt body, every position but
+    the last: one-token answers then run their last positions together, longer answers each continue a copy of
+    the body's cache. A steering of every position (positions="all") changes the prompt's cache, so it runs its
+    own. With `prompt_caches`, the body's cache is kept there and a later pass over the same prompts starts from it.
     """
     eos = list(eos_token_ids)
     one_token = max_new_tokens == 1 and input_ids.shape[1] > 1
-    shared = {n: s for n, s in conditions.items() if one_token and (s is None or s.positions == "generation")}
-    out = _one_token(model, input_ids, attention_mask, shared, prompt_caches, choice) if shared else {}
+    shared = {n: s for n, s in conditions.items() if s is None or s.positions == "generation"}
+    out = _one_token(model, input_ids, attention_mask, shared, prompt_caches, choice) if one_token and shared else {}
+    reuse = not one_token and len(shared) > 1 and input_ids.shape[1] > 1 and _window_holds(model, input_ids.shape)
+    body = prompt_body_cache(model, input_ids, attention_mask, prompt_caches) if reuse else None
     for name, steering in conditions.items():
-        if name in shared:
+        if name in out:
             continue
-        with steering.apply(model) if steering is not None else nullcontext():  # e.g. positions="all": own prefill
+        cache = copy.deepcopy(body) if body is not None and name in shared else None  # generate appends to it
+        with steering.apply(model) if steering is not None else nullcontext():  # positions="all": its own prefill
             tokens, _, restricted, _ = generate_answers(
                 model, input_ids, attention_mask, max_new_tokens, eos_token_ids=eos, pad_token_id=pad_token_id,
-                choice=choice,
+                choice=choice, prompt_cache=cache,
             )  # fmt: skip
         out[name] = Answered(tokens, restricted)
     return {name: out[name] for name in conditions}
+
+
+def _window_holds(model: nn.Module, shape: torch.Size) -> bool:
+    """Whether a prompt-body cache can be reused as is: no sliding window, or prompts within it."""
+    window = getattr(model.config, "sliding_window", None)
+    return not window or shape[1] <= window
+
+
+def prompt_body_cache(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, prompt_caches: PromptCaches | None = None
+) -> Any:
+    """The KV cache of every prompt position but the last (the same under every generation-position steering and
+    unsteered), from `prompt_caches` when it holds this batch's, else one pass (kept there when given)."""
+    cache = prompt_caches.get(input_ids, attention_mask) if prompt_caches is not None else None
+    if cache is not None:
+        return cache
+    positions = position_ids(attention_mask)
+    cache = model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        logits_to_keep=1,  # only the cache is wanted: full-vocabulary logits cost SmolLM2 a fifth of the pass
+    ).past_key_values
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()  # sliding-window layers past their window may then be cropped back
+    if prompt_caches is not None:
+        prompt_caches.put(input_ids, attention_mask, cache)
+    return cache
 
 
 def _one_token(
@@ -108,19 +142,7 @@ def _one_token(
     choice: ChoiceTokens | None = None,
 ) -> dict[str, Answered]:
     positions = position_ids(attention_mask)
-    cache = prompt_caches.get(input_ids, attention_mask) if prompt_caches is not None else None
-    if cache is None:
-        cache = model(
-            input_ids=input_ids[:, :-1],
-            attention_mask=attention_mask[:, :-1],
-            position_ids=positions[:, :-1],
-            use_cache=True,
-            logits_to_keep=1,  # only the cache is wanted: full-vocabulary logits cost SmolLM2 a fifth of the pass
-        ).past_key_values
-        if hasattr(cache, "activate_past_recording"):
-            cache.activate_past_recording()  # sliding-window layers past their window may then be cropped back
-        if prompt_caches is not None:
-            prompt_caches.put(input_ids, attention_mask, cache)
+    cache = prompt_body_cache(model, input_ids, attention_mask, prompt_caches)
     names = list(conditions)
     per_pass = _conditions_per_pass(model, input_ids.shape, len(names))
     out = {}

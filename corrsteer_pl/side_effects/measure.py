@@ -64,7 +64,8 @@ class SideEffects:
 
 def scale_conditions(steering: SteeringVectors) -> dict[str, SteeringVectors]:
     """The steering at every other scale of its grid, by name "scale=<s>" (its vectors rescaled)."""
-    scale, grid = steering.info.get("scale"), steering.info.get("scale_grid") or []
+    scale = steering.info.get("scale")
+    grid = sorted(float(s) for s in steering.info.get("scale_grid") or {})  # steering.json: {"0.5": figures, ...}
     if not scale:
         return {}
     return {f"scale={s:g}": rescaled(steering, s / scale, s) for s in grid if s != scale}

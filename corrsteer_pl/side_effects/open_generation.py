@@ -8,6 +8,8 @@ calls a refusal (the prompts are harmless: over-refusal).
 
 from __future__ import annotations
 
+import copy
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from corrsteer_pl.evaluation.conditions import Conditions, answered
+from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, answered, prompt_body_cache
 from corrsteer_pl.models.hooks import eos_ids, pad_id
 from corrsteer_pl.side_effects.prompts import open_examples
 from corrsteer_pl.tasks.batching import ShardedBatches
@@ -100,10 +102,12 @@ def continue_prompts(
         if not batch["examples"]:
             continue
         ids, mask = batch["input_ids"].to(_device(model)), batch["attention_mask"].to(_device(model))
-        new = answered(model, ids, mask, conditions, tokens, eos, pad)
+        caches = PromptCaches()  # this batch's prompt body: answered once, then every condition's NLL reuses it
+        new = answered(model, ids, mask, conditions, tokens, eos, pad, caches)
+        body = prompt_body_cache(model, ids, mask, caches)
         for name, a in new.items():
             cut = [_until_end(row, eos) for row in a.tokens.tolist()]
-            nll = _nll(model, ids, mask, cut, eos)
+            nll = _nll(model, ids, mask, cut, eos, body)
             for example, (kept, ended), loss in zip(batch["examples"], cut, nll, strict=True):
                 text = tokenizer.decode(list(kept), skip_special_tokens=True)
                 mine[name][example.id] = Continuation(kept, ended, loss, text)
@@ -124,10 +128,10 @@ def _until_end(row: list[int], eos: list[int]) -> tuple[tuple[int, ...], bool]:
 
 
 def _nll(
-    model: nn.Module, ids: Tensor, mask: Tensor, cut: list[tuple[tuple[int, ...], bool]], eos: list[int]
+    model: nn.Module, ids: Tensor, mask: Tensor, cut: list[tuple[tuple[int, ...], bool]], eos: list[int], body: Any
 ) -> list[float]:
-    """Per row, the unsteered model's mean NLL of its continuation (the end token included when it came): the
-    left-padded prompts, the continuations right-padded after them, one pass."""
+    """Per row, the unsteered model's mean NLL of its continuation (the end token included when it came): the last
+    prompt position and the continuation, right-padded, run over a copy of the prompt body's cache `body`."""
     targets = [list(kept) + ([eos[0]] if ended else []) for kept, ended in cut]
     width = max((len(t) for t in targets), default=0)
     if width == 0:
@@ -138,10 +142,11 @@ def _nll(
         cont[i, : len(t)] = torch.tensor(t, dtype=ids.dtype)
         cont_mask[i, : len(t)] = 1
     full_mask = torch.cat([mask, cont_mask], dim=1)
-    positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)
+    positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -(width + 1) :]
+    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     logits = model(
-        input_ids=torch.cat([ids, cont], dim=1), attention_mask=full_mask, position_ids=positions,
-        logits_to_keep=width + 1,
+        input_ids=torch.cat([ids[:, -1:], cont], dim=1), attention_mask=full_mask, position_ids=positions,
+        use_cache=True, **{cache_arg: copy.deepcopy(body)},
     ).logits[:, :-1].float()  # fmt: skip
     losses = F.cross_entropy(logits.transpose(1, 2), cont, reduction="none") * cont_mask
     counts = cont_mask.sum(1).clamp_min(1)
