@@ -176,3 +176,11 @@ def test_the_dose_table_has_a_row_per_scale_of_the_exports_grid_with_the_vectors
     add_target(side, target)
     assert side.dose[0].target is target["steered"] and side.dose[2].target is target["scale=2"]
     assert side.dose[1].target is None  # no row of that name in the test pass
+
+
+def test_a_margin_within_the_tolerance_over_the_furthest_control_is_not_a_cost():
+    unsteered = _measures()
+    steered = _measures(changed=11 / 36)  # one prompt more than the furthest control (10 / 36)
+    controls = [_measures(changed=10 / 36), _measures(changed=8 / 36)]
+    assert text_costs("open", steered, unsteered, controls, 0.05) == []
+    assert text_costs("open", _measures(changed=14 / 36), unsteered, controls, 0.05) != []

@@ -1,11 +1,11 @@
 """When a side effect is a cost: the stated rule the verdict reads.
 
 A side measure counts as a cost of the steering when it moves in its bad direction by more than the tolerance AND
-further than every random control draw of the same per-layer norms moves it (random features and random
-directions alike): what any vector of the steering's size does is not charged to the steering. An accuracy must
-also fall beyond its paired 95% CI. Without controls, the tolerance (and the CI) alone decide, and the text says so.
-The served policy (every position) is judged the same way against the steering as exported: what serving it that way
-adds to the calibrated policy's effects.
+by more than the tolerance beyond the furthest random control draw of the same per-layer norms (random features and
+random directions alike): what any vector of the steering's size does is not charged to the steering, and a margin
+of one prompt or item over a handful of draws is not read as a difference. An accuracy must also fall beyond its
+paired 95% CI. Without controls, the tolerance (and the CI) alone decide, and the text says so. The served policy
+(every position) is judged the same way against the steering as exported: what serving it that way adds.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def accuracy_cost(
     accuracies it must fall below, `against` what they are)."""
     if paired.difference >= -tolerance or paired.ci_high >= 0:
         return None
-    if controls and paired.accuracy >= min(controls):
+    if controls and paired.accuracy >= min(controls) - tolerance:
         return None
     beyond = f", below {_all(controls, against)} (lowest {min(controls):.4f})" if controls else " (no controls ran)"
     return (
@@ -79,7 +79,7 @@ def text_costs(
         change = _change(m, value, base)
         threshold = tolerance * abs(base) if m.relative else tolerance
         drawn = [_change(m, getattr(c, m.name), base) for c in controls]
-        if change <= threshold or any(change <= d for d in drawn):
+        if change <= threshold or any(change <= d + threshold for d in drawn):
             continue
         beyond = f", beyond {_all(drawn, against)} (at most {max(drawn):+.3f})" if drawn else ""
         costs.append(f"{where}: {m.label} {base:.3f} -> {value:.3f}{beyond or ' (no controls ran)'}")

@@ -11,8 +11,9 @@ from corrsteer_pl.side_effects.other_tasks import SideTaskResult
 SECTION = "## Side effects"
 RULE = (
     "A side measure counts as a cost when it moves in its bad direction by more than the tolerance ({tolerance:g}: "
-    "accuracy and share points, relative for NLL and length) and further than every random control draw of the "
-    "same per-layer norms ({controls} random-feature and {controls} random-direction draws); an accuracy must also "
+    "accuracy and share points, relative for NLL and length) and by more than the tolerance beyond every random "
+    "control draw of the same per-layer norms ({controls} random-feature and {controls} random-direction draws); "
+    "an accuracy must also "
     "fall beyond its paired 95% CI. The served policy (every position) is judged the same way against the steering "
     "as exported: what serving it that way adds."
 )

@@ -14,8 +14,9 @@ OFFLINE_TASKS = ("mmlu", "bbq_disambig", "gsm8k", "harmbench")
 class SideEffectsOptions:
     """What the test pass measures beside the target task, for the steering as exported.
 
-    A side effect is a *cost* only when it is beyond `tolerance` and beyond what every random control of the same
-    per-layer norms does (`corrsteer_pl.side_effects.costs`): the verdict says "helps" only without one.
+    A side effect is a *cost* only when it is beyond `tolerance` and more than `tolerance` beyond what every random
+    control of the same per-layer norms does (`corrsteer_pl.side_effects.costs`): the verdict says "helps" only
+    without one.
     """
 
     tasks: list[str] = field(default_factory=list)
@@ -41,9 +42,10 @@ class SideEffectsOptions:
     dose: bool = False
     """Also measure the steering at every other scale of the export's scale grid (coefficients rescaled) on the
     target's test items, the side tasks and open generation: the dose-response table and figure."""
-    tolerance: float = 0.02
-    """How far a side measure may move in its bad direction before it can count as a cost: in accuracy / share
-    points, and relative to the unsteered value for NLL and length (0.02 = 2%)."""
+    tolerance: float = 0.05
+    """How far a side measure may move in its bad direction, and beyond the furthest random control, before it
+    counts as a cost: in accuracy / share points, and relative to the unsteered value for NLL and length (0.05 =
+    5%)."""
 
     def __post_init__(self) -> None:
         for name in ("items", "open_tokens"):
