@@ -21,7 +21,7 @@ from pathlib import Path
 from corrsteer_pl.serve.served import ENV
 
 SERVER = (sys.executable, "-m", "vllm.entrypoints.openai.api_server")
-SMALL_CPU_ARGS = ("--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 28), "--disable-log-stats")
+SMALL_CPU_ARGS = ("--dtype", "float32", "--kv-cache-memory-bytes", str(1 << 28))
 """fp32 as our reference, and a KV cache of 256 MiB (vLLM's CPU default reserves 92% of the machine's memory)."""
 
 
