@@ -32,7 +32,9 @@ def check_served_model(served: ServedSteering, config: Any, model: str) -> None:
                 f"(layers 0..{num_layers - 1}); this steering was made for {made_for}: {fix}"
             )
     if width != steering.d_model:
-        raise refuse(f"{served.meta_file}: made for {made_for}, but the served model '{model}' has width {width}: {fix}")
+        raise refuse(
+            f"{served.meta_file}: made for {made_for}, but the served model '{model}' has width {width}: {fix}"
+        )
     if num_layers != steering.num_layers:
         raise refuse(
             f"{served.meta_file}: made for {made_for}, but the served model '{model}' has {num_layers} layers: {fix}"

@@ -72,7 +72,11 @@ def test_a_mixed_batch_equals_each_requests_own_reference(servers, tiny_serving,
     """Steered (scale 1), unsteered and scale 0.5 requests in flight together, prompts of 2 to 150 tokens."""
     t = tiny_serving
     prompts = _prompts(t.vocab, [2, 5, 9, 17, 31, 33, 64, 150], seed=1)
-    conditions = {"steered": ({}, 1.0), "unsteered": ({"corrsteer": False}, 0.0), "half": ({"corrsteer_scale": 0.5}, 0.5)}
+    conditions = {
+        "steered": ({}, 1.0),
+        "unsteered": ({"corrsteer": False}, 0.0),
+        "half": ({"corrsteer_scale": 0.5}, 0.5),
+    }
     jobs = [(p, xargs) for xargs, _ in conditions.values() for p in prompts]
     served = _all_at_once(servers(name), t.model_dir, jobs)
     i = 0
