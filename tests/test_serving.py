@@ -52,7 +52,8 @@ def test_gguf_round_trip_names_dtype_values_and_metadata(tmp_path):
     path = write_control_vector(steering, tmp_path / CONTROL_VECTOR_FILE, "llama")
     reader = gguf.GGUFReader(path)
     fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-    assert fields == {
+    semantics = {name: value for name, value in fields.items() if name.startswith("corrsteer.")}
+    assert {name: value for name, value in fields.items() if name not in semantics} == {
         "general.architecture": "controlvector",
         "controlvector.model_hint": "llama",
         "controlvector.layer_count": 2,
@@ -63,6 +64,20 @@ def test_gguf_round_trip_names_dtype_values_and_metadata(tmp_path):
         assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
         assert len(tensor.shape) == 1
         np.testing.assert_array_equal(np.asarray(tensor.data), steering.layers[layer].vector.numpy())
+
+
+def test_gguf_records_the_operation_hook_point_index_convention_and_policy(tmp_path):
+    path = write_control_vector(_steering(layers=(2, 1), positions="generation"), tmp_path / "cv.gguf", "llama")
+    fields = {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+    assert fields["corrsteer.operation"] == "add"
+    assert fields["corrsteer.hook_point"].startswith("the residual stream after decoder layer N")
+    assert (
+        "direction.N is added after decoder layer N, 0-based: N = HF model.layers[N]" in fields["corrsteer.layer_index"]
+    )
+    assert fields["corrsteer.layers"] == [1, 2]
+    assert fields["corrsteer.strength"] == 1.0
+    assert fields["corrsteer.positions"] == "generation"
+    assert fields["corrsteer.applied_positions"].startswith("all: llama.cpp")
 
 
 def test_gguf_refuses_layer_zero_in_one_line(tmp_path):

@@ -28,6 +28,11 @@ CONTROL_VECTOR_ARCH = "controlvector"
 FOLDABLE_MODEL_TYPES = ("llama",)
 """transformers configs whose MLP takes `mlp_bias` and whose MLP output is added to the residual unchanged."""
 _LLAMA_CPP_ARCH = {"mistral": "llama", "gpt_neox": "gptneox"}  # HF model_type -> llama.cpp name, where they differ
+HOOK_POINT = "the residual stream after decoder layer N: the layer's output hidden state (residual + MLP output)"
+LAYER_INDEX = (
+    "direction.N is added after decoder layer N, 0-based: N = HF model.layers[N] = llama.cpp's layer N = "
+    "steering.json layers[].layer; no slot for layer 0"
+)
 _INSTEAD = (
     "serve steering.gguf with llama.cpp (--control-vector), lm_eval_steer.pt with lm-eval, "
     "or corrsteer's own hooks with positions='all'"
@@ -70,6 +75,7 @@ def write_control_vector(steering: SteeringVectors, path: str | Path, model_hint
         writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", model_hint)
         # int32 and "number of direction tensors", as llama.cpp's own cvector-generator writes it
         writer.add_int32(f"{CONTROL_VECTOR_ARCH}.layer_count", len(steering.layers))
+        _add_semantics(writer, steering)
         for layer, steer in sorted(steering.layers.items()):
             vector = steer.vector.detach().to("cpu", torch.float32).numpy()  # (d_model,)
             writer.add_tensor(f"direction.{layer}", np.ascontiguousarray(vector))
@@ -78,6 +84,21 @@ def write_control_vector(steering: SteeringVectors, path: str | Path, model_hint
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def _add_semantics(writer: Any, steering: SteeringVectors) -> None:
+    """What the file means, for runtimes that disagree on it (one projects out, some shift the layer by one)."""
+    writer.add_string("corrsteer.operation", "add")
+    writer.add_string("corrsteer.hook_point", HOOK_POINT)
+    writer.add_string("corrsteer.layer_index", LAYER_INDEX)
+    writer.add_array("corrsteer.layers", sorted(steering.layers))
+    writer.add_float32("corrsteer.strength", 1.0)
+    writer.add_string("corrsteer.positions", steering.positions)  # the policy it was calibrated and tested with
+    writer.add_string(
+        "corrsteer.applied_positions",
+        "all: llama.cpp's --control-vector adds it at every position, the prompt included; CorrSteer's 'generation' "
+        "policy (the last prompt position and each generated token) needs corrsteer's hooks or its vLLM plugin",
+    )
 
 
 def check_mergeable(steering: SteeringVectors, model: nn.Module) -> None:

@@ -8,10 +8,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from sae_lens import SAE
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -22,6 +21,9 @@ from corrsteer_pl.models.layers import decoder_layers, hidden_size, lm_eval_hook
 from corrsteer_pl.selection.variants import SelectedFeature, Selection
 from corrsteer_pl.steering.identity import describe, identity, mismatch
 from corrsteer_pl.steering.owned import owned_by_saved_model
+
+if TYPE_CHECKING:  # sae-lens takes ~5 s to import: loading an export (every vLLM process) does not need it
+    from sae_lens import SAE
 
 FORMAT_VERSION = 1
 VECTORS_FILE = "steering.safetensors"
