@@ -24,6 +24,10 @@ from corrsteer_pl.steering.vectors import SteeringVectors
 
 pytestmark = pytest.mark.e2e
 
+NO_SIDE_EFFECTS = [
+    "--side_effects.tasks", "[]", "--side_effects.open_generation", "false", "--side_effects.served", "false",
+    "--side_effects.dose", "false",
+]  # fmt: skip
 SPLITS = {"calibration": 16, "validation": 2, "test": 6}  # items per split and label
 NEW_TOKENS = 8
 CONTROLS = 1
@@ -106,6 +110,7 @@ def test_multi_token_refusal_job_on_the_real_model_steers_generated_positions_an
         "--model.controls", str(CONTROLS),
         "--selection.variant", "A", "--selection.scale_grid", "null", "--selection.search_draws", "0",
         "--selection.scale", "4.0",
+        *NO_SIDE_EFFECTS,  # this test records the target's own answers; the side-effects pass has its own tests
     ])  # fmt: skip
     export = tmp_path / "steered"
     steering = SteeringVectors.load(export)

@@ -26,6 +26,8 @@ SMALL = [
     "--selection.scale_grid", "[4.0, 8.0]",  # at 1.0 (chosen from [1.0, 4.0]) no test answer changed; at 4.0, 2 of 12
     "--selection.variant", "A",  # the default P may keep no layer on 8 validation items
     "--selection.require_significance", "false",  # 48 calibration items make no feature significant
+    "--side_effects.tasks", "[bbq_disambig]", "--side_effects.items", "4", "--side_effects.open_tokens", "2",
+    "--side_effects.controls", "1",
 ]  # fmt: skip
 
 
@@ -46,6 +48,11 @@ def test_default_job_on_the_real_offline_model_exports_steering_that_changes_ans
     assert "no auxiliary_train offline" in report["data"] and "calibration 48" in report["data"]
     assert {c["kind"] for c in report["controls"]} == {"random_feature", "random_direction"}
     assert (export / "report.md").exists()
+    side = report["side_effects"]  # the default job's side-effects pass, on the real model
+    assert [t["task"] for t in side["tasks"]] == ["bbq_disambig"] and side["tasks"][0]["items"] == 4
+    assert set(side["open_generation"]["measures"]) == {"raw", "chat"}
+    assert [row["scale"] for row in side["dose"]] == [4.0, 8.0] and side["target_served"] is not None
+    assert "## Side effects" in (export / "report.md").read_text()
 
     model, tokenizer = load_steered_model(export)
     prompts = tokenizer(["Question: 2 + 2 = ?\nA. 3\nB. 4\nAnswer:"], return_tensors="pt")
