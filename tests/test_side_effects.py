@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from corrsteer_pl import load_model
+from corrsteer_pl import OptionError, load_model
 from corrsteer_pl.evaluation.paired import PairedAccuracy
 from corrsteer_pl.evaluation.verdict import headline
 from corrsteer_pl.lightning.cli import main
@@ -184,3 +184,11 @@ def test_a_margin_within_the_tolerance_over_the_furthest_control_is_not_a_cost()
     controls = [_measures(changed=10 / 36), _measures(changed=8 / 36)]
     assert text_costs("open", steered, unsteered, controls, 0.05) == []
     assert text_costs("open", _measures(changed=14 / 36), unsteered, controls, 0.05) != []
+
+
+def test_controls_without_the_exports_statistics_are_a_one_line_error_naming_the_argument(tiny):
+    model, tokenizer, task, first = tiny
+    steering = planted(model, int(first[0]), 3.0)
+    with pytest.raises(OptionError, match=r"^measure_side_effects.stats: has no statistics for layer 1") as err:
+        measure_side_effects(model, tokenizer, steering, {}, {}, SideEffectsOptions(controls=2), [task])
+    assert "\n" not in str(err.value)

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from corrsteer_pl.calibration.stats import CorrelationStats
+from corrsteer_pl.errors import OptionError
 from corrsteer_pl.evaluation.controls import ConditionSet
 from corrsteer_pl.evaluation.labels import steering_label
 from corrsteer_pl.evaluation.paired import PairedAccuracy
@@ -146,6 +147,13 @@ def measure_side_effects(
     if not steering.layers:
         side.nothing = NOTHING
         return side
+    missing = sorted(set(steering.layers) - set(stats)) if options.controls else []
+    if missing:
+        raise OptionError(
+            "measure_side_effects", "stats", f"has no statistics for layer {missing[0]}, which the random-feature "
+            "controls draw from: pass the export's (load_layer_stats(<export>/statistics.safetensors)), or "
+            "SideEffectsOptions(controls=0)",
+        )  # fmt: skip
     conditions = side_conditions(steering, saes, stats if options.controls else {}, options, control_seed)
     for task in tasks:
         examples = task.load_split("test")[: options.items]
