@@ -51,14 +51,24 @@ def lightning_log(caplog):
     logger.removeHandler(caplog.handler)
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny tensors: on 2 shared cores a second intra-op thread only adds synchronisation (one SAE training run
-    took 55 s with it, 3.4 s without; the real-config runs were 2-3x slower)."""
+def _one_torch_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny tensors: on 2 shared cores a second intra-op thread only adds synchronisation (one SAE training run
+    took 55 s with it, 3.4 s without; the real-config runs were 2-3x slower)."""
+    yield from _one_torch_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """`one_thread` for a whole module, its module-scoped fixtures (e.g. a shared fit) included."""
+    yield from _one_torch_thread()
 
 
 @pytest.fixture(scope="session")

@@ -41,12 +41,8 @@ TINY = [
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: on 2 shared cores a second intra-op thread only adds synchronisation (see conftest.one_thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """Tiny tensors: one torch thread for the module, its shared fit included (see conftest.one_thread)."""
 
 
 def _fit(root, steps, *extra):

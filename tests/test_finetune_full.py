@@ -29,11 +29,8 @@ CORRSTEER_TINY = ["--config", "configs/tiny.yaml", "--trainer.enable_progress_ba
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread_module):
+    """Tiny tensors: one torch thread for the module, its shared fit included (see conftest.one_thread)."""
 
 
 @pytest.fixture(scope="module")

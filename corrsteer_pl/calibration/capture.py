@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Mapping
 from contextlib import nullcontext
 from typing import Any, Literal, NamedTuple
@@ -12,7 +11,7 @@ from sae_lens import SAE
 from torch import Tensor, nn
 
 from corrsteer_pl.calibration.answer_cache import AnswerCache
-from corrsteer_pl.models.hooks import LayerFn, LayerHooks
+from corrsteer_pl.models.hooks import LayerFn, LayerHooks, cache_keyword
 from corrsteer_pl.tasks.choice import ChoiceTokens
 
 Pooling = Literal["max", "mean"]
@@ -184,8 +183,8 @@ def generate_answers(
     )
     if eos_token_ids is not None:
         kwargs["eos_token_id"] = list(eos_token_ids)
-    if prompt_cache is not None:  # transformers 5.x renamed `past_key_values` to `cache` (the old name warns)
-        kwargs["cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"] = prompt_cache
+    if prompt_cache is not None:
+        kwargs[cache_keyword(model)] = prompt_cache
     capture = FeatureCapture(model, saes, pooling, eos_token_ids, peaks=peaks) if saes else None
     with capture if capture is not None else nullcontext():
         out = model.generate(**kwargs)

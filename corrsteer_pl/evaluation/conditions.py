@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 
 from corrsteer_pl.calibration.capture import generate_answers
 from corrsteer_pl.evaluation.judge import Judged, Target, judge
-from corrsteer_pl.models.hooks import LayerFn, LayerHooks, eos_ids, pad_id, position_ids
+from corrsteer_pl.models.hooks import LayerFn, LayerHooks, cache_keyword, eos_ids, pad_id, position_ids
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.steering.vectors import SteeringVectors
 from corrsteer_pl.tasks.choice import ChoiceTokens
@@ -201,8 +200,7 @@ def _last_positions(
         vectors = [s.layers[layer].vector if s and layer in s.layers else torch.zeros(d_model) for s in steerings]
         param = next(modules[layer].parameters())
         fns[layer] = _query_adder(torch.stack(vectors).to(param.device, param.dtype))  # (C, d): query j gets row j
-    # transformers 5.x renamed the forward argument `past_key_values` to `cache` (the old name warns)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = cache_keyword(model)
     mask = attention_mask if c == 1 else _queries_mask(attention_mask[:, :-1].bool(), c, model)
     try:
         with LayerHooks(model, fns, positions="all"):  # every query is a generation position

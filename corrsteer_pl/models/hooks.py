@@ -8,6 +8,7 @@ positions of left-padded batches (position ids, the attention sink) and the ids 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -80,6 +81,12 @@ def eos_ids(model: nn.Module, tokenizer: Any | None = None) -> list[int]:
     if own is not None and own not in ids:
         ids.append(own)
     return ids
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward argument that takes a KV cache: transformers 5.x renamed `past_key_values` to `cache` (the old
+    name warns)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def pad_id(model: nn.Module, tokenizer: Any) -> int:

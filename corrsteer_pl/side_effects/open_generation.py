@@ -9,7 +9,6 @@ calls a refusal (the prompts are harmless: over-refusal).
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from corrsteer_pl.evaluation.conditions import Conditions, PromptCaches, answered, prompt_body_cache
-from corrsteer_pl.models.hooks import eos_ids, pad_id
+from corrsteer_pl.models.hooks import cache_keyword, eos_ids, pad_id, position_ids
 from corrsteer_pl.side_effects.prompts import open_examples
-from corrsteer_pl.tasks.batching import ShardedBatches
+from corrsteer_pl.tasks.batching import ShardedBatches, rank_and_world
 from corrsteer_pl.tasks.classifiers import phrase_refusal
 
 CHANGED_WITHIN = 8
@@ -94,7 +93,7 @@ def continue_prompts(
 ) -> dict[str, list[Continuation]]:
     """Every condition's greedy continuations of the shipped prompts (this rank's share, gathered over ranks), in
     the prompts' order. The unsteered model scores each continuation's NLL."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     examples = open_examples()
     eos, pad = eos_ids(model, tokenizer), pad_id(model, tokenizer)
     mine: dict[str, dict[str, Continuation]] = {name: {} for name in conditions}
@@ -142,11 +141,10 @@ def _nll(
         cont[i, : len(t)] = torch.tensor(t, dtype=ids.dtype)
         cont_mask[i, : len(t)] = 1
     full_mask = torch.cat([mask, cont_mask], dim=1)
-    positions = (full_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -(width + 1) :]
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    positions = position_ids(full_mask)[:, -(width + 1) :]
     logits = model(
         input_ids=torch.cat([ids[:, -1:], cont], dim=1), attention_mask=full_mask, position_ids=positions,
-        use_cache=True, **{cache_arg: copy.deepcopy(body)},
+        use_cache=True, **{cache_keyword(model): copy.deepcopy(body)},
     ).logits[:, :-1].float()  # fmt: skip
     losses = F.cross_entropy(logits.transpose(1, 2), cont, reduction="none") * cont_mask
     counts = cont_mask.sum(1).clamp_min(1)

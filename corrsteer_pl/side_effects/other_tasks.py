@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from corrsteer_pl.evaluation.columns import ConditionScores, score_columns
@@ -15,7 +14,7 @@ from corrsteer_pl.evaluation.control_summary import ControlSummary
 from corrsteer_pl.evaluation.controls import ConditionSet
 from corrsteer_pl.evaluation.paired import ConditionResult, PairedAccuracy
 from corrsteer_pl.tasks.base import Example, Task
-from corrsteer_pl.tasks.batching import ShardedBatches
+from corrsteer_pl.tasks.batching import ShardedBatches, rank_and_world
 
 
 @dataclass
@@ -53,7 +52,7 @@ def side_task_result(
 ) -> SideTaskResult:
     """`examples` of `task` answered under every condition of `conditions` (this rank's share; the scores are
     gathered over ranks) and judged by the task, as the target's test pass answers its own."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    rank, world = rank_and_world()
     scores, choice_scores = ConditionScores(), ConditionScores()
     for batch in ShardedBatches(examples, batch_size, tokenizer, rank, world, chat_template):
         judged = judge_conditions(model, tokenizer, task, batch, conditions.named())

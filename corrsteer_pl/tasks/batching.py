@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from corrsteer_pl.tasks.base import Example
 
@@ -37,6 +38,14 @@ def collate(tokenizer: Any, examples: list[Example], chat_template: bool, index:
         "texts": prompts,
         "index": index,
     }
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks under torch.distributed (0, 1 without it): a shard of its own for
+    passes that run outside Lightning's loops."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 class ShardedBatches:
