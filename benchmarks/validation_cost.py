@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         skipped = C.smollm2_skipped(False, figure, f"<= {GOAL:g}x")
         if skipped is not None:
             return [skipped]
-        model, tokenizer = _smollm2()
+        model, tokenizer = C.smollm2_plain()
         prompts, layers, name = _validation_prompts(args.batch), LAYERS, "SmolLM2-135M-Instruct"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     trials = len(layers) * args.candidates
@@ -63,9 +63,9 @@ def _cases(model, tokenizer, batch, layers, trials: int, searched: int, grid: in
 
     ids, mask = batch["input_ids"], batch["attention_mask"]
     eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id or tokenizer.eos_token_id
-    check = {"unsteered": None} | _steerings(model, layers, trials + searched, one_layer=True)
+    check = {"unsteered": None} | C.random_steerings(model, layers, trials + searched, one_layer=True)
     plain_check = dict(list(check.items())[: 1 + trials])
-    scales = _steerings(model, layers, grid, one_layer=False)
+    scales = C.random_steerings(model, layers, grid, one_layer=False)
 
     def validation(conditions: dict) -> None:
         caches = PromptCaches()
@@ -77,35 +77,6 @@ def _cases(model, tokenizer, batch, layers, trials: int, searched: int, grid: in
         "validation": lambda: validation(check),
         "validation, no search draws": lambda: validation(plain_check),
     }
-
-
-def _steerings(model, layers: Sequence[int], n: int, one_layer: bool) -> dict:
-    """n seeded random steerings (norm 8, one layer each or all layers): their cost does not depend on values."""
-    import torch
-
-    from corrsteer_pl.models.layers import decoder_layers, hidden_size
-    from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
-
-    g = torch.Generator().manual_seed(0)
-    d, total = hidden_size(model), len(decoder_layers(model))
-    out = {}
-    for i in range(n):
-        chosen = [layers[i % len(layers)]] if one_layer else list(layers)
-        vectors = {layer: torch.randn(d, generator=g) for layer in chosen}
-        steer = {layer: LayerSteering(layer, 8 * v / v.norm(), []) for layer, v in vectors.items()}
-        out[f"s{i}"] = SteeringVectors(steer, d, total)
-    return out
-
-
-def _smollm2():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from corrsteer_pl.models.gguf import SMOLLM2
-    from corrsteer_pl.models.sources import resolve_model
-
-    folder = resolve_model(SMOLLM2)
-    model = AutoModelForCausalLM.from_pretrained(folder).eval().requires_grad_(False)
-    return model, AutoTokenizer.from_pretrained(folder, padding_side="left")
 
 
 def _validation_prompts(n: int, limit: int = 320) -> list[str]:

@@ -58,6 +58,11 @@ class Task:
 
 BYTES = {"float32": 4, "bfloat16": 2}
 
+# The side-effects pass of every preset: the paper's short-answer tasks other than the target (GSM8K's 512-token
+# answers under ten conditions would cost more than the target's whole test), 200 test items each.
+SIDE_TASKS = ("mmlu", "bbq_disambig", "xstest", "harmbench")
+SIDE_ITEMS = 200
+
 MODELS: dict[str, Model] = {
     "gemma2-2b-it": Model(
         hub_id="google/gemma-2-2b-it",
@@ -201,6 +206,16 @@ def render(name: str, task_name: str) -> str:
         "  scale: 1.0",
         "checkpoint:",
         f"  every_n_batches: {task.every_n_batches}  # of {batches} calibration batches on one GPU",
+        "side_effects:",
+        "  # What else the steering changes (report.md's \"Side effects\"), beside 4 + 4 random controls of its norms:",
+        "  # the paper's other short-answer tasks, the shipped open-generation prompts and the served policy.",
+        f"  tasks: [{', '.join(t for t in SIDE_TASKS if t != task_name)}]",
+        f"  items: {SIDE_ITEMS}",
+        "  open_generation: true",
+        "  open_tokens: 32",
+        "  controls: 4",
+        "  served: true",
+        "  dose: true  # measures nothing where the selection has no scale grid (variant A at scale 1.0)",
     ]
     return "\n".join(lines) + "\n"
 

@@ -139,6 +139,40 @@ def test_longer_answers_continuing_one_shared_prompt_body_equal_generate_per_con
         assert torch.equal(fast[name], expected), name
 
 
+def _alone(model, batch, steering, max_new_tokens, eos):
+    with steering.apply(model) if steering is not None else torch.inference_mode():
+        return generate_answers(model, batch["input_ids"], batch["attention_mask"], max_new_tokens,
+                                eos_token_ids=eos, pad_token_id=0).tokens  # fmt: skip
+
+
+@pytest.mark.parametrize("conditions_per_decode", [None, 1], ids=["decoded-together", "one-decode-each"])
+def test_conditions_that_end_at_different_steps_decoded_together_each_equal_generate_alone(
+    model, batch, conditions_per_decode, monkeypatch
+):
+    if conditions_per_decode is not None:
+        monkeypatch.setattr(evaluation, "_conditions_per_decode", lambda *args: conditions_per_decode)
+    conditions = _conditions(model)
+    batch = {key: rows[:1] for key, rows in batch.items()}  # one row: a condition ends when its row does
+    eos = [int(_alone(model, batch, None, 6, [1])[0, 2])]  # ends the unsteered answer at its third token
+    expected = {name: _alone(model, batch, steering, 6, eos) for name, steering in conditions.items()}
+    assert expected["unsteered"].shape[1] < max(t.shape[1] for t in expected.values()), "a condition must end early"
+    answers = answered(model, batch["input_ids"], batch["attention_mask"], conditions, 6, eos, 0)
+    for name in conditions:
+        assert torch.equal(answers[name].tokens, expected[name]), name
+
+
+def test_longer_answers_under_many_conditions_take_one_decoding_step_per_token_not_one_per_condition(llama, batch):
+    conditions = _conditions(llama)
+    steps = []
+    hook = llama.model.embed_tokens.register_forward_hook(lambda m, args, out: steps.append(args[0].shape))
+    try:
+        _tokens(llama, batch, conditions, 3)
+    finally:
+        hook.remove()
+    rows = batch["input_ids"].shape[0] * len(conditions)
+    assert [s for s in steps if s[1] == 1] == [torch.Size([rows, 1])] * 3, "every condition's rows in each step"
+
+
 def test_longer_answers_run_the_prompt_body_once_for_all_generation_position_conditions(llama, batch):
     conditions = _conditions(llama)
     conditions["every position"] = replace(conditions["x20"], positions="all")

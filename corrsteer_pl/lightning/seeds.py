@@ -5,7 +5,8 @@
 Each seed s runs `train.py fit --test_after_fit true` with `--seed_everything s --data.seed s` (the data split)
 and, where SAEs are trained here, `--model.train_saes.seed s`, into `<root>/seed_<s>`. What does not depend on
 the seed is reused: the converted model, and every seed's SAEs and recorded answers from the cache on a rerun.
-A finished seed (its report exists) is not run again. The table goes to `<root>/seeds.md` and `seeds.json`.
+A finished seed (its report exists) is not run again. The table, and one of each seed's side effects where the
+test measured them, go to `<root>/seeds.md` and `seeds.json`.
 """
 
 from __future__ import annotations
@@ -60,7 +61,55 @@ def seed_row(seed: int, report: dict[str, Any], wall_s: float | None = None) -> 
         "worse": report["worse"],
         "p": {c["kind"]: c["p_value"] for c in report["controls"]},
         "warnings": report.get("warnings", []),
+        "side_effects": side_effects_row(report.get("side_effects")),
     }
+
+
+def side_effects_row(side: dict[str, Any] | None) -> dict[str, Any] | None:
+    """One seed's side effects (report.json's "Side effects"): each side task's accuracy change, the share of open
+    continuations changed against the controls' range, and the costs named; None where the pass did not run."""
+    if not side or side.get("nothing"):
+        return None
+    opened = (side.get("open_generation") or {}).get("measures", {})
+    controls = (side.get("open_generation") or {}).get("controls", {})
+    changed = {
+        rendering: {
+            "steered": m["steered"]["changed"],
+            "controls": [c["changed"] for kind in controls.get(rendering, {}).values() for c in kind],
+        }
+        for rendering, m in opened.items()
+    }
+    return {
+        "tasks": {t["task"]: t["steered"]["difference"] for t in side.get("tasks", [])},
+        "open_changed": changed,
+        "costs": side.get("costs", []),
+        "served_costs": side.get("served_costs", []),
+        "seconds": side.get("seconds"),
+    }
+
+
+def side_effects_table(rows: list[dict[str, Any]]) -> str | None:
+    """Markdown: per seed, the side tasks' accuracy change, open continuations changed (controls' range), the costs
+    of the steering as exported and of the served policy; None when no seed measured side effects."""
+    if not any(r.get("side_effects") for r in rows):
+        return None
+    head = ["seed", "side tasks: accuracy change", "open text changed (controls)", "costs", "served-policy costs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        side = r.get("side_effects")
+        if not side:
+            lines.append(f"| {r['seed']} | not measured | | | |")
+            continue
+        tasks = ", ".join(f"{name} {d:+.3f}" for name, d in side["tasks"].items()) or "none"
+        opened = ", ".join(f"{k} {v['steered']:.3f} ({_range(v['controls'])})" for k, v in side["open_changed"].items())
+        costs = "; ".join(side["costs"]) or "none"
+        cells = [str(r["seed"]), tasks, opened or "not measured", costs, str(len(side["served_costs"]))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _range(values: list[float]) -> str:
+    return f"{min(values):.3f}-{max(values):.3f}" if values else "no controls"
 
 
 def seeds_table(rows: list[dict[str, Any]]) -> str:
@@ -109,6 +158,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         wall = root / f"seed_{seed}" / WALL_FILE
         rows.append(seed_row(seed, report, json.loads(wall.read_text())["seconds"] if wall.is_file() else None))
     table = seeds_table(rows)
+    side = side_effects_table(rows)
+    if side is not None:
+        table += "\n\nSide effects (the steering as exported; a cost is beyond tolerance and every control):\n\n" + side
     with atomic_file(root / "seeds.json") as tmp:
         tmp.write_text(json.dumps(rows, indent=2))
     with atomic_file(root / "seeds.md") as tmp:
