@@ -19,6 +19,7 @@ SCRIPTS = (
     "calibration_overhead",
     "steering_overhead",
     "validation_cost",
+    "decode_together",
     "null_selection",
 )
 ROW = re.compile(r"^\|( [^|]*(?:\\\|[^|]*)* \|){6}$")  # six cells; a cell may hold an escaped \|
