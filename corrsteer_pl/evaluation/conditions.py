@@ -81,8 +81,9 @@ def answered(
 
     Generation-position steerings (and the unsteered model) share one pass over the prompt body, every position but
     the last: one-token answers then run their last positions together, longer answers decode together, each
-    condition's rows continuing a copy of the body's cache. A steering of every position (positions="all") changes the prompt's cache, so it runs its
-    own. With `prompt_caches`, the body's cache is kept there and a later pass over the same prompts starts from it.
+    condition's rows continuing a copy of the body's cache. A steering of every position (positions="all") changes
+    the prompt's cache, so it runs its own. With `prompt_caches`, the body's cache is kept there and a later pass
+    over the same prompts starts from it.
     """
     eos = list(eos_token_ids)
     one_token = max_new_tokens == 1 and input_ids.shape[1] > 1
@@ -117,9 +118,10 @@ def _decoded_together(
     choice: ChoiceTokens | None,
 ) -> dict[str, Answered]:
     """Longer answers of generation-position conditions, decoded as one batch over copies of the prompt body's cache:
-    row b of condition j is row b * C + j, steered by its own vectors. A decoding step's cost grows far slower than
-    its rows (SmolLM2 on a 2-core CPU: 73 ms at 16 rows, 313 ms at 160), so C conditions cost much less together than
-    one after another; each condition's answers still equal `generate_answers` under that steering alone."""
+    row b of condition j is row b * C + j, steered by its own vectors. A decoding step reads the weights once for
+    all its rows, so C conditions cost less together than one after another (ten conditions on SmolLM2, one CPU
+    thread: 1.84x, benchmarks/decode_together.py; more where a step is bandwidth-bound, as on a GPU). Each
+    condition's answers still equal `generate_answers` under that steering alone."""
     names, out = list(conditions), {}
     per_pass = _conditions_per_decode(body, input_ids.shape, max_new_tokens, len(names))
     for start in range(0, len(names), per_pass):
