@@ -30,8 +30,8 @@ def _report(side_effects):
     return base | ({"side_effects": side_effects} if side_effects is not None else {})
 
 
-def test_each_seeds_side_effects_get_a_row_naming_its_costs_and_a_seed_without_them_says_not_measured():
-    measured = {"a": 0.1, "changed": 0.4, "nll": 1.0}
+def test_each_seeds_side_effects_get_a_row_naming_its_costs_and_a_seed_without_them_says_why():
+    measured = {"changed": 0.4, "nll": 1.0}
     side = {
         "tasks": [{"task": "bbq_disambig", "steered": {"difference": -0.25}}],
         "open_generation": {
@@ -42,10 +42,12 @@ def test_each_seeds_side_effects_get_a_row_naming_its_costs_and_a_seed_without_t
         "served_costs": ["open generation (raw): changed", "bbq_disambig: accuracy"],
         "seconds": 12.0,
     }
-    rows = [seeds.seed_row(0, _report(side)), seeds.seed_row(1, _report(None))]
+    empty = {"nothing": "the export steers nothing: there is no side effect to measure"}
+    rows = [seeds.seed_row(0, _report(side)), seeds.seed_row(1, _report(None)), seeds.seed_row(2, _report(empty))]
     table = seeds.side_effects_table(rows).splitlines()
     assert table[2] == (
         "| 0 | bbq_disambig -0.250 | raw 0.400 (0.100-0.200) | bbq_disambig: accuracy 0.300 -> 0.050 | 2 |"
     )
     assert table[3].startswith("| 1 | not measured |")
+    assert table[4].startswith("| 2 | the export steers nothing"), "an empty steering is said, not left blank"
     assert seeds.side_effects_table([rows[1]]) is None, "no seed measured side effects: no table"

@@ -67,9 +67,12 @@ def seed_row(seed: int, report: dict[str, Any], wall_s: float | None = None) -> 
 
 def side_effects_row(side: dict[str, Any] | None) -> dict[str, Any] | None:
     """One seed's side effects (report.json's "Side effects"): each side task's accuracy change, the share of open
-    continuations changed against the controls' range, and the costs named; None where the pass did not run."""
-    if not side or side.get("nothing"):
+    continuations changed against the controls' range, and the costs named; None where the pass did not run, and
+    {"nothing": why} where the export steers nothing."""
+    if not side:
         return None
+    if side.get("nothing"):
+        return {"nothing": side["nothing"]}
     opened = (side.get("open_generation") or {}).get("measures", {})
     controls = (side.get("open_generation") or {}).get("controls", {})
     changed = {
@@ -97,8 +100,8 @@ def side_effects_table(rows: list[dict[str, Any]]) -> str | None:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         side = r.get("side_effects")
-        if not side:
-            lines.append(f"| {r['seed']} | not measured | | | |")
+        if not side or side.get("nothing"):
+            lines.append(f"| {r['seed']} | {side['nothing'] if side else 'not measured'} | | | |")
             continue
         tasks = ", ".join(f"{name} {d:+.3f}" for name, d in side["tasks"].items()) or "none"
         opened = ", ".join(f"{k} {v['steered']:.3f} ({_range(v['controls'])})" for k, v in side["open_changed"].items())
