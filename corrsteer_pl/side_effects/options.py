@@ -21,9 +21,9 @@ class SideEffectsOptions:
 
     tasks: list[str] = field(default_factory=list)
     """Other tasks whose test items are answered unsteered, steered, under the served policy and with random-feature
-    controls, by registry name (bbq_disambig, gsm8k, harmbench, mmlu, xstest, ...), each from its default source
-    with --data.seed; `offline` stands for those that ship offline (mmlu, bbq_disambig, gsm8k, harmbench) but the
-    target task. Empty: no other task."""
+    controls, by registry name (bbq_disambig, gsm8k, harmbench, mmlu, xstest, ...), split with --data.seed, from the
+    hub when --data.source is hub, else each from its default source; `offline` stands for those that ship offline
+    (mmlu, bbq_disambig, gsm8k, harmbench) but the target task. Empty: no other task."""
     items: int = 100
     """Test items per side task (a seeded subset; all when the split is smaller)."""
     open_generation: bool = False
