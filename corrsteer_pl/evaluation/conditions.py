@@ -25,7 +25,7 @@ from corrsteer_pl.calibration.capture import generate_answers
 from corrsteer_pl.evaluation.judge import Judged, Target, judge
 from corrsteer_pl.models.hooks import LayerFn, LayerHooks, cache_keyword, eos_ids, pad_id, position_ids
 from corrsteer_pl.models.layers import decoder_layers, hidden_size
-from corrsteer_pl.steering.vectors import SteeringVectors
+from corrsteer_pl.steering.vectors import SteeringVectors, adder
 from corrsteer_pl.tasks.choice import ChoiceTokens
 
 Conditions = Mapping[str, SteeringVectors | None]
@@ -142,12 +142,9 @@ def _decoded_together(
 
 def _row_adders(model: nn.Module, steerings: list[SteeringVectors | None], batch_size: int) -> dict[int, LayerFn]:
     """Per steered layer, a hook adding row b * C + j its condition j's vector at generation positions: the same
-    sum, element for element, as `SteeringVectors.apply`'s (a zero vector leaves a row as it is)."""
-    fns = {}
-    for layer, vectors in _stacked_vectors(model, steerings).items():
-        rows = vectors.repeat(batch_size, 1)[:, None]  # (B * C, 1, d)
-        fns[layer] = lambda hidden, mask, rows=rows: hidden + mask.unsqueeze(-1).to(hidden.dtype) * rows
-    return fns
+    sum as `SteeringVectors.apply`'s, with one vector per row (a zero vector leaves a row as it is)."""
+    stacked = _stacked_vectors(model, steerings).items()
+    return {layer: adder(vectors.repeat(batch_size, 1)[:, None], "generation") for layer, vectors in stacked}
 
 
 def _stacked_vectors(model: nn.Module, steerings: list[SteeringVectors | None]) -> dict[int, Tensor]:

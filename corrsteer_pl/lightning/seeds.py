@@ -73,8 +73,8 @@ def side_effects_row(side: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     if side.get("nothing"):
         return {"nothing": side["nothing"]}
-    opened = (side.get("open_generation") or {}).get("measures", {})
-    controls = (side.get("open_generation") or {}).get("controls", {})
+    og = side.get("open_generation") or {}
+    opened, controls = og.get("measures", {}), og.get("controls", {})
     changed = {
         rendering: {
             "steered": m["steered"]["changed"],

@@ -124,7 +124,7 @@ class SteeringVectors:
         fns: dict[int, LayerFn] = {}
         for layer, steer in self.layers.items():
             param = next(modules[layer].parameters())
-            fns[layer] = _adder(steer.vector.to(param.device, param.dtype), self.positions)
+            fns[layer] = adder(steer.vector.to(param.device, param.dtype), self.positions)
         return SteeringHooks(model, fns, self.positions, key)
 
     def attach(self, model: nn.Module) -> LayerHooks:
@@ -312,7 +312,8 @@ def decoder_vector(sae: SAE, features: list[SelectedFeature]) -> Tensor:
         return (sae.decode(codes) - sae.decode(torch.zeros_like(codes)))[0].float().cpu()
 
 
-def _adder(vector: Tensor, positions: PositionPolicy) -> LayerFn:
+def adder(vector: Tensor, positions: PositionPolicy) -> LayerFn:
+    """The hook function that adds `vector` (d,), or one row per batch row (B, 1, d), at the policy's positions."""
     if positions == "all":
         return lambda hidden, mask: hidden + vector
     return lambda hidden, mask: hidden + mask.unsqueeze(-1).to(hidden.dtype) * vector
